@@ -1,0 +1,140 @@
+"""The ITAE configuration: one small frozen dataclass, validated once on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Union
+
+Source = Literal["q", "k", "v"]
+Side = Literal["low", "high"]
+Rows = Literal["cls", "all"]
+Mode = Literal["min", "mask", "scale"]
+Granularity = Literal["token", "head"]
+Threshold = Union[float, tuple[float, ...], Literal["auto"]]
+
+SOURCES = ("q", "k", "v")
+SIDES = ("low", "high")
+ROWS = ("cls", "all")
+MODES = ("min", "mask", "scale")
+GRANULARITIES = ("token", "head")
+CALIBRATION_METHODS = ("otsu", "gmm")
+
+
+def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"ITAEConfig.{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+
+
+def _check_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ITAEConfig.{name} must be a number; got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"ITAEConfig.{name} must be finite; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ITAEConfig:
+    """How artifacts are detected and how the attention to them is engineered.
+
+    source: projection ("q", "k" or "v") whose patch-token L2 norm flags artifacts.
+    threshold: a float, one float per engineered layer, or "auto" (calibrated; see ``itae.calibrate``).
+    side: "low" flags tokens with norm <= threshold (as published), "high" flags norm >= threshold.
+    layers: block indices to engineer; negative indices count from the end.
+    rows: "cls" engineers only the CLS query row (as published); "all" engineers every query row.
+    mode: "min" replaces artifact logits by the row minimum over patch keys (as published);
+        "mask" removes them (-inf); "scale" adds log(alpha) to them.
+    alpha: attenuation factor for mode="scale", in (0, 1].
+    granularity: "token" takes the norm over all heads; "head" flags per head.
+    calibration: how "auto" finds the threshold: "otsu" (default) or "gmm" on log norms.
+    """
+
+    source: Source = "v"
+    threshold: Threshold = "auto"
+    side: Side = "low"
+    layers: tuple[int, ...] = (-1,)
+    rows: Rows = "cls"
+    mode: Mode = "min"
+    alpha: float = 0.1
+    granularity: Granularity = "token"
+    calibration: str = "otsu"
+
+    def __post_init__(self) -> None:
+        _check_choice("source", self.source, SOURCES)
+        _check_choice("side", self.side, SIDES)
+        _check_choice("rows", self.rows, ROWS)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("calibration", self.calibration, CALIBRATION_METHODS)
+
+        layers = self.layers
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        try:
+            layers = tuple(layers)
+        except TypeError:
+            raise TypeError(f"ITAEConfig.layers must be a tuple of ints; got {self.layers!r}") from None
+        if not layers:
+            raise ValueError("ITAEConfig.layers must name at least one block")
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"ITAEConfig.layers must hold ints; got {i!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"ITAEConfig.layers has duplicates: {layers!r}")
+        object.__setattr__(self, "layers", layers)
+
+        threshold = self.threshold
+        if isinstance(threshold, str):
+            if threshold != "auto":
+                raise ValueError(f"ITAEConfig.threshold must be a number, a tuple of numbers or 'auto'; got {threshold!r}")
+        elif isinstance(threshold, (list, tuple)):
+            values = tuple(_check_finite("threshold", t) for t in threshold)
+            if len(values) != len(layers):
+                raise ValueError(
+                    f"ITAEConfig.threshold has {len(values)} values but layers has {len(layers)}; "
+                    "give one threshold per engineered layer, or one number for all"
+                )
+            object.__setattr__(self, "threshold", values)
+        else:
+            object.__setattr__(self, "threshold", _check_finite("threshold", threshold))
+
+        alpha = _check_finite("alpha", self.alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"ITAEConfig.alpha must be in (0, 1]; got {alpha!r}")
+        object.__setattr__(self, "alpha", alpha)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.threshold != "auto"
+
+    def threshold_for(self, position: int) -> float:
+        """The threshold of the ``position``-th engineered layer (position in ``layers``)."""
+        if self.threshold == "auto":
+            raise ValueError("threshold is 'auto': calibrate first (itae.calibrate) or pass a number")
+        if isinstance(self.threshold, tuple):
+            return self.threshold[position]
+        return float(self.threshold)
+
+    def replace(self, **changes: Any) -> ITAEConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        if isinstance(self.threshold, tuple):
+            d["threshold"] = list(self.threshold)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ITAEConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown ITAEConfig field(s): {', '.join(unknown)}")
+        if "layers" in known and isinstance(known["layers"], list):
+            known["layers"] = tuple(known["layers"])
+        if "threshold" in known and isinstance(known["threshold"], list):
+            known["threshold"] = tuple(known["threshold"])
+        return cls(**known)

@@ -1,0 +1,1 @@
+"""The attention engine: pure math, detection, calibration and patching. Knows nothing about files."""

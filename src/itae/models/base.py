@@ -1,0 +1,137 @@
+"""The small typed protocol through which every backend meets the rest of the code.
+
+A backend adapter wraps a model instance and says where its attention lives (``AttentionSite``),
+how many prefix tokens it has, its patch size and its preprocessing. Adding a backend is adding
+one file that builds a ``Backbone``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for a model.
+
+    image_size: side of the square crop fed to the model (a multiple of ``patch_size``).
+    resize_size: shorter side after resizing, before the centre crop.
+    """
+
+    image_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    patch_size: int = 14
+
+    def with_resolution(self, size: int) -> Preprocess:
+        """The same recipe at another resolution, rounded to the nearest multiple of the patch size."""
+        if size < 1:
+            raise ValueError(f"resolution must be positive; got {size}")
+        rounded = max(self.patch_size, int(round(size / self.patch_size)) * self.patch_size)
+        ratio = self.resize_size / self.image_size
+        return Preprocess(
+            image_size=rounded,
+            resize_size=int(round(rounded * ratio)),
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            patch_size=self.patch_size,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttentionSite:
+    """Where one block's self-attention can be observed and engineered, without replacing its forward.
+
+    Either ``qkv`` (a fused linear whose output is (B, T, 3D), ordered q, k, v) or all of ``q``, ``k``,
+    ``v`` (linears with outputs (B, T, D)) are set. ``out_proj`` is the module whose *input* is the
+    attention context (B, T, D) with heads merged: the engine overwrites rows of that input.
+    ``q_norm``/``k_norm`` are per-head modules applied to q and k before the logits (Identity in DINOv2).
+    """
+
+    index: int
+    block: nn.Module
+    attention: nn.Module
+    out_proj: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+    qkv: nn.Module | None = None
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        fused = self.qkv is not None
+        split = all(m is not None for m in (self.q, self.k, self.v))
+        if fused == split:
+            raise ValueError("an AttentionSite needs either a fused qkv linear or all of q, k, v")
+
+
+@dataclass
+class Features:
+    """Normed output tokens of a forward pass, named by meaning."""
+
+    cls: torch.Tensor  # (B, D)
+    patches: torch.Tensor | None = None  # (B, N, D)
+    registers: torch.Tensor | None = None  # (B, R, D)
+
+
+@dataclass
+class Backbone:
+    """A model instance plus everything the rest of ``itae`` needs to know about it.
+
+    Built by the adapters in ``itae.models`` (``adapt(model)``); never subclass a model to make one.
+    """
+
+    model: nn.Module
+    family: str  # "hf", "timm" or "hub"
+    name: str
+    num_register_tokens: int
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    blocks: list[nn.Module]
+    sites: list[AttentionSite]
+    preprocess: Preprocess
+    forward_features_fn: object = field(repr=False, default=None)  # Callable[[Tensor], Features]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_register_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def resolve_layer(self, index: int) -> int:
+        """A block index (negative counts from the end) as a non-negative index, or a clear error."""
+        n = self.num_blocks
+        if not -n <= index < n:
+            raise IndexError(f"block index {index} is out of range for a model with {n} blocks")
+        return index % n
+
+    def forward_features(self, pixel_values: torch.Tensor) -> Features:
+        """Run the model and return its normed CLS, patch and register tokens."""
+        return self.forward_features_fn(pixel_values)  # type: ignore[operator]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
