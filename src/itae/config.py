@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Source = Literal["q", "k", "v"]
 Side = Literal["low", "high"]
 Rows = Literal["cls", "all"]
 Mode = Literal["min", "mask", "scale"]
 Granularity = Literal["token", "head"]
-Threshold = Union[float, tuple[float, ...], Literal["auto"]]
+Threshold = float | tuple[float, ...] | Literal["auto"]
 
 SOURCES = ("q", "k", "v")
 SIDES = ("low", "high")

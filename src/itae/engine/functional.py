@@ -20,6 +20,7 @@ __all__ = [
     "patch_norms",
     "artifact_mask",
     "split_heads",
+    "cls_row_weights",
     "cls_row_attention",
     "engineered_attention",
     "reference_attention",
@@ -113,11 +114,26 @@ def cls_row_attention(
     q_cls: (B, H, 1, d); k, v: (B, H, T, d); mask: (B, N) or (B, H, N). Returns (B, H, 1, d).
     Costs O(T d) per head: the T x T matrix is never formed.
     """
+    probs = cls_row_weights(q_cls, k, mask, num_prefix=num_prefix, mode=mode, alpha=alpha, scale=scale)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def cls_row_weights(
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    num_prefix: int,
+    mode: str = "min",
+    alpha: float = 0.1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax weights (B, H, 1, T) of the CLS query, in float32; engineered unless ``mask`` is None."""
     scale = q_cls.shape[-1] ** -0.5 if scale is None else scale
     logits = torch.matmul(q_cls, k.transpose(-1, -2)).float() * scale  # (B, H, 1, T)
-    logits = _engineer_logits(logits, _key_mask(mask, k.shape[1]), num_prefix, mode, alpha)
-    probs = logits.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    if mask is not None:
+        logits = _engineer_logits(logits, _key_mask(mask, k.shape[1]), num_prefix, mode, alpha)
+    return logits.softmax(dim=-1)
 
 
 def engineered_attention(

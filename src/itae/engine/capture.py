@@ -1,0 +1,96 @@
+"""Observe a block's q, k, v (and its output) through hooks on the model instance.
+
+Hooks are global state on the module instances, so they are only ever installed inside a
+``HookSet`` context, which removes every one of them in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.base import AttentionSite
+from .functional import split_heads
+
+
+class HookSet:
+    """Registers forward / forward-pre hooks and removes all of them on exit, also after an error."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def forward(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@dataclass
+class QKV:
+    """Projections of one forward of one block, each (B, T, D), before any per-head q/k norm."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def get(self, source: str) -> torch.Tensor:
+        return {"q": self.q, "k": self.k, "v": self.v}[source]
+
+    def heads(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, H, T, d) q, k, v as the attention sees them (per-head q/k norms applied)."""
+        q = split_heads(self.q, site.num_heads)
+        k = split_heads(self.k, site.num_heads)
+        v = split_heads(self.v, site.num_heads)
+        if site.q_norm is not None:
+            q = site.q_norm(q)
+        if site.k_norm is not None:
+            k = site.k_norm(k)
+        return q, k, v
+
+
+class QKVCapture:
+    """Keeps the latest q, k, v of a site; ``pop()`` hands them over once."""
+
+    def __init__(self, site: AttentionSite, hooks: HookSet) -> None:
+        self.site = site
+        self._parts: dict[str, torch.Tensor] = {}
+        if site.qkv is not None:
+            hooks.forward(site.qkv, self._on_qkv)
+        else:
+            for name in ("q", "k", "v"):
+                hooks.forward(getattr(site, name), self._on_part(name))
+
+    def _on_qkv(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        # (B, T, 3D) -> three (B, T, D), ordered q, k, v as in the fused layouts
+        q, k, v = output.chunk(3, dim=-1)
+        self._parts = {"q": q, "k": k, "v": v}
+
+    def _on_part(self, name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self._parts[name] = output
+
+        return hook
+
+    def pop(self) -> QKV:
+        parts, self._parts = self._parts, {}
+        missing = {"q", "k", "v"} - set(parts)
+        if missing:
+            raise RuntimeError(
+                f"block {self.site.index}: the attention ran without {sorted(missing)} passing through the "
+                "expected projections; this model's attention layout is not supported"
+            )
+        return QKV(parts["q"], parts["k"], parts["v"])

@@ -1,0 +1,108 @@
+"""Diagnostics: what the artifacts look like inside a model, block by block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ITAEConfig
+from ..models.adapters import adapt
+from ..models.base import Backbone
+from .calibrate import find_threshold
+from .capture import HookSet, QKVCapture
+from .functional import artifact_mask, cls_row_weights, patch_norms
+from .patch import resolve_layers
+
+
+@dataclass
+class LayerDiagnostics:
+    """One block's view of a batch. N patches, T = prefix + N tokens, H heads.
+
+    norms: "q", "k", "v" (projection) and "residual" (block output, before the final norm), each (B, N).
+    cls_attention / cls_attention_itae: CLS-row softmax over all T keys, (B, H, T), prefix keys first,
+        unmodified and after engineering under the config.
+    artifact_mask: (B, N) bool, or (B, H, N) for granularity "head".
+    """
+
+    block: int
+    norms: dict[str, torch.Tensor]
+    cls_attention: torch.Tensor
+    cls_attention_itae: torch.Tensor
+    artifact_mask: torch.Tensor
+    threshold: float
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+    @property
+    def flagged_fraction(self) -> float:
+        return float(self.artifact_mask.float().mean())
+
+    @property
+    def attention_on_artifacts(self) -> torch.Tensor:
+        """(B,) head-mean CLS attention mass on flagged patches, unmodified."""
+        patches = self.cls_attention[:, :, self.num_prefix_tokens :]
+        mask = self.artifact_mask if self.artifact_mask.dim() == 3 else self.artifact_mask[:, None]
+        return (patches * mask).sum(-1).mean(1)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def detect_artifacts(
+    model: nn.Module | Backbone, pixel_values: torch.Tensor, config: ITAEConfig | None = None
+) -> dict[int, LayerDiagnostics]:
+    """Norms, CLS attention and artifact masks of the blocks in ``config.layers`` for one batch.
+
+    The forward is the unmodified model's. With threshold "auto" the threshold is calibrated on this
+    batch's pooled norms (use ``itae.calibrate`` on a sample of the data set for a stable one).
+    """
+    config = ITAEConfig() if config is None else config
+    backbone = adapt(model)
+    layers = resolve_layers(backbone, config)
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")
+    num_prefix = backbone.num_prefix_tokens
+    residual: dict[int, torch.Tensor] = {}
+    captured = {}
+    with HookSet() as hooks:
+        captures = {layer: QKVCapture(backbone.sites[layer], hooks) for layer in layers}
+        for layer in layers:
+            def keep(_m, _i, out, layer=layer):
+                residual[layer] = _first(out)
+            hooks.forward(backbone.blocks[layer], keep)
+        for layer, capture in captures.items():
+            # pop right after each site's attention ran: the pre-hook on out_proj fires in order
+            def take(_m, _a, layer=layer, capture=capture):
+                captured[layer] = capture.pop()
+            hooks.pre(backbone.sites[layer].out_proj, take)
+        backbone.forward_features(pixel_values.to(backbone.device, backbone.dtype))
+
+    h = pixel_values.shape[-2] // backbone.patch_size
+    w = pixel_values.shape[-1] // backbone.patch_size
+    heads_for_norm = backbone.num_heads if config.granularity == "head" else None
+    out: dict[int, LayerDiagnostics] = {}
+    for position, layer in enumerate(layers):
+        site = backbone.sites[layer]
+        qkv = captured[layer]
+        norms = {name: patch_norms(qkv.get(name), num_prefix) for name in ("q", "k", "v")}
+        norms["residual"] = patch_norms(residual[layer], num_prefix)
+        source_norms = patch_norms(qkv.get(config.source), num_prefix, heads_for_norm)
+        if config.is_calibrated:
+            threshold = config.threshold_for(position)
+        else:
+            threshold = find_threshold(source_norms.flatten().cpu().numpy(), config).threshold
+        mask = artifact_mask(source_norms, threshold, config.side)
+        q, k, _ = qkv.heads(site)
+        kw = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=site.scale)
+        before = cls_row_weights(q[:, :, :1], k, None, **kw)[:, :, 0]
+        after = cls_row_weights(q[:, :, :1], k, mask, **kw)[:, :, 0]
+        out[layer] = LayerDiagnostics(
+            block=layer, norms={k_: v_.cpu() for k_, v_ in norms.items()},
+            cls_attention=before.cpu(), cls_attention_itae=after.cpu(), artifact_mask=mask.cpu(),
+            threshold=float(threshold), num_prefix_tokens=num_prefix, grid=(h, w),
+        )
+    return out
