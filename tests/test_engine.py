@@ -314,3 +314,33 @@ def test_config_round_trip():
     assert ITAEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         ITAEConfig.from_dict({"sauce": "v"})
+
+
+# ------------------------------------------------------------------------- fast CLS-only path
+
+
+@pytest.mark.parametrize("source, granularity", [("v", "token"), ("q", "head"), ("k", "token")])
+def test_fast_cls_path_equals_hooked_model(tiny, images, source, granularity):
+    from itae.engine.fast import forward_cls, supports_fast_cls
+
+    backbone = adapt(tiny)
+    with torch.no_grad():
+        plain, none_mask = forward_cls(backbone, images)
+        torch.testing.assert_close(plain, backbone.forward_features(images).cls, atol=1e-5, rtol=1e-5)
+        assert none_mask is None
+        cfg = ITAEConfig(threshold=_median_threshold(tiny, images, source), source=source, granularity=granularity)
+        assert supports_fast_cls(backbone, cfg)
+        with itae.attenuate(tiny, cfg) as state:
+            hooked = backbone.forward_features(images).cls
+        fast, mask = forward_cls(backbone, images, cfg)
+    assert torch.equal(mask, state.last[backbone.num_blocks - 1].artifact_mask)
+    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_cls_path_refuses_other_configs(images):
+    from itae.engine.fast import forward_cls
+
+    backbone = adapt(build_tiny("timm"))
+    for cfg in (ITAEConfig(), ITAEConfig(threshold=1.0, rows="all"), ITAEConfig(threshold=1.0, layers=(0,))):
+        with pytest.raises(ValueError, match="attenuate"):
+            forward_cls(backbone, images, cfg)

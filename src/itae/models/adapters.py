@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionSite, Backbone, Features, Preprocess
+from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess
 
 SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
@@ -104,7 +104,13 @@ def _adapt_hf(model: nn.Module, name: str | None) -> Backbone:
         sites=[_hf_site(i, layer) for i, layer in enumerate(layers)],
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
         forward_features_fn=forward_features,
+        embed_fn=base.embeddings, final_norm=final_norm,
+        parts=[BlockParts(layer.norm1, layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2) for layer in layers],
     )
+
+
+def _timm_style_parts(blocks: list[nn.Module]) -> list[BlockParts]:
+    return [BlockParts(b.norm1, b.ls1, b.norm2, b.mlp, b.ls2) for b in blocks]
 
 
 # ------------------------------------------------------------------------------------------- timm
@@ -142,14 +148,19 @@ def _adapt_timm(model: nn.Module, name: str | None) -> Backbone:
         h = model.forward_features(pixel_values)
         return Features(cls=h[:, 0], patches=h[:, p:], registers=h[:, 1:p])
 
+    def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+        # the steps of timm's VisionTransformer.forward_features before its blocks
+        h = model._pos_embed(model.patch_embed(pixel_values))
+        return model.norm_pre(model.patch_drop(h))
+
     return Backbone(
         model=model, family="timm",
-        name=name or getattr(getattr(model, "pretrained_cfg", None) or {}, "get", lambda *_: None)("hf_hub_id")
-        or type(model).__name__,
+        name=name or (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") or type(model).__name__,
         num_register_tokens=registers, patch_size=patch, embed_dim=int(model.embed_dim),
         num_heads=int(blocks[0].attn.num_heads), blocks=blocks,
         sites=[_fused_qkv_site(i, b, "timm") for i, b in enumerate(blocks)],
         preprocess=preprocess, forward_features_fn=forward_features,
+        embed_fn=embed, final_norm=model.norm, parts=_timm_style_parts(blocks),
     )
 
 
@@ -208,4 +219,5 @@ def _adapt_hub(model: nn.Module, name: str | None) -> Backbone:
         sites=[_fused_qkv_site(i, b, "DINOv2") for i, b in enumerate(blocks)],
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
         forward_features_fn=forward_features,
+        embed_fn=model.prepare_tokens_with_masks, final_norm=model.norm, parts=_timm_style_parts(blocks),
     )

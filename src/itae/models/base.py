@@ -82,6 +82,18 @@ class AttentionSite:
 
 
 @dataclass
+class BlockParts:
+    """The pre-norm transformer block around the attention: x + ls1(attn(norm1(x))), then
+    x + ls2(mlp(norm2(x))). Lets a caller run a block for chosen rows only."""
+
+    norm1: nn.Module
+    ls1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
+
+
+@dataclass
 class Features:
     """Normed output tokens of a forward pass, named by meaning."""
 
@@ -108,6 +120,9 @@ class Backbone:
     sites: list[AttentionSite]
     preprocess: Preprocess
     forward_features_fn: object = field(repr=False, default=None)  # Callable[[Tensor], Features]
+    embed_fn: object = field(repr=False, default=None)  # Callable[[Tensor], Tensor]: pixels -> (B, T, D) tokens
+    final_norm: nn.Module | None = field(repr=False, default=None)
+    parts: list[BlockParts] = field(repr=False, default_factory=list)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -123,6 +138,10 @@ class Backbone:
         if not -n <= index < n:
             raise IndexError(f"block index {index} is out of range for a model with {n} blocks")
         return index % n
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, prefix tokens and position embedding: (B, 3, H, W) -> (B, T, D)."""
+        return self.embed_fn(pixel_values)  # type: ignore[operator]
 
     def forward_features(self, pixel_values: torch.Tensor) -> Features:
         """Run the model and return its normed CLS, patch and register tokens."""
