@@ -120,7 +120,7 @@ def test_fast_path_equals_reference(rows, mode, granularity, images):
         with itae.attenuate(model, cfg) as state:
             # observers registered after the engine's hooks see what the engine did
             qkv_module = site.qkv if site.qkv is not None else None
-            def keep(name):
+            def keep(name, got=got):
                 def hook(_m, *args):
                     got[name] = args[-1] if name != "ctx" else args[0][0].clone()
                 return hook  # returns None: observes, never replaces
