@@ -1,0 +1,179 @@
+"""Images per second of the model alone: unmodified, ITAE through hooks, and the fast CLS-only path.
+
+Random weights, DINOv2-shaped models (S/B/L/g at patch 14), random pixels, one process.
+Variants (all in the same run, interleaved, median of repeats):
+  hf-eager      HF Dinov2Model with eager attention (what editing attention maps in eager mode costs)
+  hf-sdpa       HF Dinov2Model with SDPA: the plain baseline people write
+  hooked        the same model inside itae.attenuate (the general engine), full forward
+  fast          itae's CLS-only path without ITAE (same pipeline, no change)
+  fast-itae     itae's CLS-only path with ITAE (the published setting)
+  *-compiled    the same under torch.compile
+
+  python benchmarks/bench_engine.py --device cpu --size s --batch 16
+  python benchmarks/bench_engine.py --device cuda --size l --batch 256 --dtype bf16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import itae
+from itae import ITAEConfig
+from itae.engine.fast import forward_cls
+
+SIZES = {  # hidden, layers, heads, mlp hidden (DINOv2 ViT-S/B/L/g at patch 14)
+    "s": (384, 12, 6, 1536),
+    "b": (768, 12, 12, 3072),
+    "l": (1024, 24, 16, 4096),
+    "g": (1536, 40, 24, 6144),  # SwiGLU 2 x 4096 in + 4096 out: the same FLOPs as a 6144 MLP
+}
+
+
+def flops_per_image(size: str, resolution: int, patch: int = 14, registers: int = 0) -> float:
+    """Multiply-adds x 2 of the matrix products (projections, attention, MLP, patch embedding)."""
+    d, layers, _, mlp = SIZES[size]
+    n = (resolution // patch) ** 2
+    t = n + 1 + registers
+    per_layer = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * mlp
+    return layers * per_layer + 2 * n * 3 * patch * patch * d
+
+
+def build_hf(size: str, attn: str, dtype: torch.dtype, device: str):
+    from transformers import Dinov2Config, Dinov2Model
+
+    d, layers, heads, _ = SIZES[size]
+    cfg = Dinov2Config(
+        hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=4,
+        patch_size=14, image_size=518, use_swiglu_ffn=size == "g",
+    )
+    torch.manual_seed(0)
+    model = Dinov2Model(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model.to(device=device, dtype=dtype)
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of a large square matrix product: the chip's practical ceiling."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        times.append(_timed(lambda: a @ b, device))
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", choices=sorted(SIZES), default="s")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="add torch.compile variants")
+    ap.add_argument("--variants", default="hf-eager,hf-sdpa,hooked,fast,fast-itae")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    sdpa_model = build_hf(args.size, "sdpa", dtype, device)
+    backbone = itae.adapt(sdpa_model)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device, dtype=dtype)
+
+    # a threshold that flags about 2% of patches on this input, so ITAE really changes rows
+    with torch.no_grad():
+        diag = itae.detect_artifacts(sdpa_model, x[: min(8, args.batch)], ITAEConfig(threshold=1.0))
+    v = diag[backbone.num_blocks - 1].norms["v"].flatten()
+    cfg = ITAEConfig(threshold=float(torch.quantile(v.float(), 0.02)))
+
+    variants: dict[str, callable] = {}
+    wanted = args.variants.split(",")
+    if "hf-eager" in wanted:
+        eager = build_hf(args.size, "eager", dtype, device)
+        variants["hf-eager"] = lambda: eager(pixel_values=x).pooler_output
+    if "hf-sdpa" in wanted:
+        variants["hf-sdpa"] = lambda: sdpa_model(pixel_values=x).pooler_output
+    if "hooked" in wanted:
+        def hooked():
+            with itae.attenuate(sdpa_model, cfg):
+                return sdpa_model(pixel_values=x).pooler_output
+        variants["hooked"] = hooked
+    if "fast" in wanted:
+        variants["fast"] = lambda: forward_cls(backbone, x)[0]
+    if "fast-itae" in wanted:
+        variants["fast-itae"] = lambda: forward_cls(backbone, x, cfg)[0]
+    if args.compile:
+        compiled_hf = torch.compile(lambda inp: sdpa_model(pixel_values=inp).pooler_output)
+        compiled_fast = torch.compile(lambda inp: forward_cls(backbone, inp)[0])
+        compiled_itae = torch.compile(lambda inp: forward_cls(backbone, inp, cfg)[0])
+        variants["hf-sdpa-compiled"] = lambda: compiled_hf(x)
+        variants["fast-compiled"] = lambda: compiled_fast(x)
+        variants["fast-itae-compiled"] = lambda: compiled_itae(x)
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            for _ in range(args.warmup):
+                fn()
+        for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+            for name, fn in variants.items():
+                times[name].append(_timed(fn, device))
+
+    rate = matmul_rate(device, dtype if device == "cuda" else torch.float32)
+    flops = flops_per_image(args.size, args.resolution)
+    env = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "itae": itae.__version__,
+        "size": args.size, "batch": args.batch, "resolution": args.resolution, "dtype": args.dtype,
+        "gflop_per_image": flops / 1e9, "matmul_tflops": rate,
+    }
+    print(json.dumps(env))
+    rows = []
+    print(f"{'variant':<22}{'img/s':>10}{'ms/batch':>11}{'TFLOP/s':>10}{'of matmul':>11}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ips = args.batch / med
+        tf = ips * flops / 1e12
+        rows.append({"variant": name, "img_per_s": ips, "ms_per_batch": 1e3 * med, "tflops": tf, "spread": (max(ts) - min(ts)) / med})
+        print(f"{name:<22}{ips:>10.1f}{1e3 * med:>11.2f}{tf:>10.2f}{100 * tf / rate:>10.1f}%")
+    by = {r["variant"]: r["img_per_s"] for r in rows}
+    for base, test in (("hf-sdpa", "hooked"), ("fast", "fast-itae"), ("fast-compiled", "fast-itae-compiled")):
+        if base in by and test in by:
+            print(f"ITAE overhead {test} vs {base}: {100 * (by[base] / by[test] - 1):+.2f}%")
+    if "hf-sdpa" in by and "fast-itae-compiled" in by:
+        print(f"fast-itae-compiled vs plain HF SDPA: {by['fast-itae-compiled'] / by['hf-sdpa']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
