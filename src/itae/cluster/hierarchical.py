@@ -1,0 +1,148 @@
+"""Agglomerative (hierarchical) and density-based (HDBSCAN) clusterers, scikit-learn style.
+
+Both are deterministic (no seed) and need the data in memory with pairwise work that grows like n^2,
+so they are meant for up to tens of thousands of images; use k-means beyond that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
+
+from itae.cluster import _arrays
+
+
+class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
+    """Bottom-up hierarchical clustering into `n_clusters` (:class:`sklearn.cluster.AgglomerativeClustering`).
+
+    Parameters
+    ----------
+    n_clusters : number of clusters k (1 <= k <= n_samples).
+    linkage : "ward" (default), "complete", "average" or "single".
+    metric : distance for non-ward linkages ("euclidean", "cosine", ...); ward needs "euclidean".
+    spherical : L2-normalise the inputs first (then ward on unit vectors ranks pairs like cosine).
+    max_samples : refuse larger inputs, because the merge tree needs O(n^2) memory and time.
+
+    Attributes
+    ----------
+    labels_ : (n,) int64. cluster_centers_ : (k, d) float32 member means (unit norm when spherical).
+    distances_ : (n,) float32 distance of each row to its cluster mean. n_clusters_ : k.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        linkage: str = "ward",
+        metric: str = "euclidean",
+        spherical: bool = False,
+        max_samples: int = 20_000,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.linkage = linkage
+        self.metric = metric
+        self.spherical = spherical
+        self.max_samples = max_samples
+
+    def fit(self, X: np.ndarray, y: object = None) -> AgglomerativeClusterer:
+        """Cluster the rows of X, shape (n, d)."""
+        from sklearn.cluster import AgglomerativeClustering
+
+        x = _arrays.as_embeddings(X)
+        n = x.shape[0]
+        k = _arrays.check_n_clusters(self.n_clusters, n)
+        if self.linkage not in ("ward", "complete", "average", "single"):
+            raise ValueError(
+                f"linkage must be 'ward', 'complete', 'average' or 'single'; got {self.linkage!r}"
+            )
+        if self.linkage == "ward" and self.metric != "euclidean":
+            raise ValueError(
+                f"ward linkage needs metric='euclidean', got {self.metric!r}; use spherical=True for cosine"
+            )
+        if n > self.max_samples:
+            raise ValueError(
+                f"agglomerative clustering of {n} samples needs O(n^2) memory (limit max_samples={self.max_samples}); "
+                "use KMeansClusterer (method='kmeans') for large inputs, or raise max_samples"
+            )
+        _arrays.check_embeddings(x, spherical=self.spherical)
+        data = _arrays.as_float32(x, spherical=self.spherical)
+        if k == 1:  # scikit-learn needs at least two clusters to build a tree for
+            labels = np.zeros(n, dtype=np.int64)
+        else:
+            model = AgglomerativeClustering(n_clusters=k, linkage=self.linkage, metric=self.metric)
+            labels = model.fit_predict(data).astype(np.int64)
+        self.labels_ = labels
+        self.cluster_centers_ = _arrays.member_means(data, labels, k, spherical=self.spherical)
+        self.distances_ = _arrays.distances_to(data, labels, self.cluster_centers_, spherical=self.spherical)
+        self.n_clusters_ = k
+        self.n_features_in_ = x.shape[1]
+        return self
+
+
+class HDBSCANClusterer(ClusterMixin, BaseEstimator):
+    """Density-based clustering that finds the number of clusters itself (:class:`sklearn.cluster.HDBSCAN`).
+
+    Points in no dense region get the label **-1 (noise)**; it is kept in `labels_`, is not counted in
+    `n_clusters_`, has no centre, and its distance is NaN. The metrics treat -1 as one more cluster.
+
+    Parameters
+    ----------
+    min_cluster_size : smallest group that counts as a cluster.
+    min_samples : neighbourhood size for core distances; None means min_cluster_size.
+    cluster_selection_epsilon : merge clusters closer than this.
+    metric : distance passed to scikit-learn.
+    spherical : L2-normalise the inputs first.
+
+    Attributes
+    ----------
+    labels_ : (n,) int64 in -1..k-1. cluster_centers_ : (k, d) float32 member means of clusters 0..k-1.
+    distances_ : (n,) float32 (NaN for noise). n_clusters_ : k, noise excluded. noise_fraction_ : share of -1.
+    """
+
+    def __init__(
+        self,
+        min_cluster_size: int = 5,
+        *,
+        min_samples: int | None = None,
+        cluster_selection_epsilon: float = 0.0,
+        metric: str = "euclidean",
+        spherical: bool = False,
+    ) -> None:
+        self.min_cluster_size = min_cluster_size
+        self.min_samples = min_samples
+        self.cluster_selection_epsilon = cluster_selection_epsilon
+        self.metric = metric
+        self.spherical = spherical
+
+    def fit(self, X: np.ndarray, y: object = None) -> HDBSCANClusterer:
+        """Cluster the rows of X, shape (n, d)."""
+        from sklearn.cluster import HDBSCAN
+
+        x = _arrays.as_embeddings(X)
+        n = x.shape[0]
+        if isinstance(self.min_cluster_size, bool) or not isinstance(
+            self.min_cluster_size, (int, np.integer)
+        ):
+            raise TypeError(f"min_cluster_size must be an integer, got {self.min_cluster_size!r}")
+        if not 2 <= self.min_cluster_size <= n:
+            raise ValueError(
+                f"min_cluster_size must be between 2 and the number of samples ({n}); got {self.min_cluster_size}"
+            )
+        _arrays.check_embeddings(x, spherical=self.spherical)
+        data = _arrays.as_float32(x, spherical=self.spherical)
+        model = HDBSCAN(
+            min_cluster_size=int(self.min_cluster_size),
+            min_samples=self.min_samples,
+            cluster_selection_epsilon=self.cluster_selection_epsilon,
+            metric=self.metric,
+            copy=True,  # HDBSCAN may otherwise modify the array in place, and `data` can be the caller's
+        )
+        labels = model.fit_predict(data).astype(np.int64)
+        k = int(labels.max()) + 1 if labels.size else 0
+        self.labels_ = labels
+        self.cluster_centers_ = _arrays.member_means(data, labels, k, spherical=self.spherical)
+        self.distances_ = _arrays.distances_to(data, labels, self.cluster_centers_, spherical=self.spherical)
+        self.n_clusters_ = k
+        self.noise_fraction_ = float(np.mean(labels == -1))
+        self.n_features_in_ = x.shape[1]
+        return self

@@ -1,0 +1,198 @@
+"""Scores against hand-computed cases, brute force and scikit-learn; streaming equals one-shot."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+import itae
+from itae.metrics import (
+    ContingencyAccumulator,
+    ari,
+    cluster_acc,
+    confusion,
+    evaluate,
+    nmi,
+    purity,
+    scores_from_table,
+    summarize,
+)
+
+
+def _brute_force_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Best accuracy over every one-to-one map from clusters to classes (small label sets only)."""
+    classes, clusters = np.unique(y_true), np.unique(y_pred)
+    best = 0
+    if len(clusters) <= len(classes):
+        maps = (dict(zip(clusters, perm)) for perm in itertools.permutations(classes, len(clusters)))
+    else:  # more clusters than classes: each class gets one cluster, the rest map to nothing
+        maps = (dict(zip(perm, classes)) for perm in itertools.permutations(clusters, len(classes)))
+    for mapping in maps:
+        hits = sum(1 for t, p in zip(y_true, y_pred) if mapping.get(p, None) == t)
+        best = max(best, hits)
+    return best / len(y_true)
+
+
+def test_hand_computed_more_clusters_than_classes():
+    y_true = [0, 0, 0, 0, 1, 1, 1, 1]
+    y_pred = [0, 0, 1, 1, 2, 2, 2, 3]
+    # Class 0 takes one of its two 2-point clusters, class 1 takes cluster 2 (3 points): 5 of 8.
+    assert cluster_acc(y_true, y_pred) == pytest.approx(5 / 8)
+    # Every cluster is pure.
+    assert purity(y_true, y_pred) == pytest.approx(1.0)
+
+
+def test_hand_computed_fewer_clusters_than_classes():
+    y_true = [0, 1, 2, 2]
+    y_pred = [0, 0, 0, 0]
+    assert cluster_acc(y_true, y_pred) == pytest.approx(0.5)
+    assert purity(y_true, y_pred) == pytest.approx(0.5)
+    assert nmi(y_true, y_pred) == 0.0
+    assert ari(y_true, y_pred) == 0.0
+
+
+def test_hand_computed_nmi_and_ari():
+    y_true = [0, 0, 1, 1]
+    y_pred = [0, 0, 0, 1]
+    # MI = 1/2 ln(4/3) + 1/4 ln(2/3) + 1/4 ln 2; H(true) = ln 2; H(pred) = -(3/4 ln 3/4 + 1/4 ln 1/4).
+    mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    h_true = math.log(2)
+    h_pred = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    expected_nmi = mi / ((h_true + h_pred) / 2)
+    # Pairs: same-same 1, expected 2 * 3 / 6 = 1, max (2 + 3) / 2 -> ARI = (1 - 1) / (2.5 - 1) = 0.
+    result = evaluate(y_true, y_pred)
+    assert result["nmi"] == pytest.approx(expected_nmi, abs=1e-12)
+    assert nmi(y_true, y_pred) == pytest.approx(expected_nmi, abs=1e-12)
+    assert result["ari"] == pytest.approx(0.0, abs=1e-12)
+    assert result["acc"] == pytest.approx(3 / 4)
+    assert result["purity"] == pytest.approx(3 / 4)
+    assert (result["n_images"], result["n_classes"], result["n_clusters"]) == (4, 2, 2)
+
+
+def test_perfect_and_permuted_labelling_scores_one():
+    y_true = np.repeat(np.arange(5), 7)
+    y_pred = (y_true + 3) % 5  # a relabelling
+    result = evaluate(y_true, y_pred)
+    for key in ("acc", "nmi", "ari", "purity"):
+        assert result[key] == pytest.approx(1.0)
+
+
+def test_random_labelings_match_sklearn_and_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n = int(rng.integers(1, 40))
+        y_true = rng.integers(0, int(rng.integers(1, 5)), n)
+        y_pred = rng.integers(0, int(rng.integers(1, 6)), n)
+        result = evaluate(y_true, y_pred)
+        assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+        assert result["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+        assert result["acc"] == pytest.approx(_brute_force_acc(y_true, y_pred), abs=1e-12)
+        assert cluster_acc(y_true, y_pred) == pytest.approx(result["acc"], abs=1e-12)
+        assert purity(y_true, y_pred) == pytest.approx(result["purity"], abs=1e-12)
+        assert nmi(y_true, y_pred) == pytest.approx(result["nmi"], abs=1e-12)
+        assert ari(y_true, y_pred) == pytest.approx(result["ari"], abs=1e-12)
+
+
+def test_large_labelling_ari_does_not_overflow():
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 3, 300_000)
+    y_pred = np.where(rng.random(300_000) < 0.7, y_true, rng.integers(0, 3, 300_000))
+    result = evaluate(y_true, y_pred)
+    assert result["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+    assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+
+
+def test_string_labels_equal_integer_labels():
+    names = np.array(["cat", "dog", "ship"])
+    rng = np.random.default_rng(2)
+    y_true = rng.integers(0, 3, 50)
+    y_pred = rng.integers(0, 4, 50)
+    as_ints = evaluate(y_true, y_pred)
+    as_strings = evaluate(names[y_true], [f"c{p}" for p in y_pred])
+    assert as_strings == pytest.approx(as_ints)
+
+
+def test_noise_label_is_its_own_cluster():
+    y_true = [0, 0, 0, 1, 1, 1]
+    y_pred = [5, 5, -1, 7, 7, -1]
+    result = evaluate(y_true, y_pred)
+    assert result["n_clusters"] == 3
+    # Each class is matched to its 2-point cluster, so -1 stays unmatched and both noise points are wrong.
+    assert result["acc"] == pytest.approx(4 / 6)
+    # If the noise is the best match for a class, it counts for it (at most one class).
+    assert evaluate([0, 0, 1, 1, 1], [-1, -1, 7, 7, -1])["acc"] == pytest.approx(4 / 5)
+    assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred))
+
+
+def test_confusion_orders_rows_and_columns_by_label():
+    table, classes, clusters = confusion(["b", "a", "a", "b"], [2, 1, 2, 2])
+    assert classes.tolist() == ["a", "b"]
+    assert clusters.tolist() == [1, 2]
+    np.testing.assert_array_equal(table, [[1, 1], [0, 2]])
+    assert scores_from_table(table) == evaluate(["b", "a", "a", "b"], [2, 1, 2, 2])
+
+
+def test_accumulator_equals_one_shot_on_random_chunks():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        n = int(rng.integers(50, 2000))
+        y_true = rng.integers(0, int(rng.integers(2, 12)), n)
+        y_pred = rng.integers(-1, int(rng.integers(2, 15)), n)
+        # Labels sorted so that later chunks introduce classes and clusters the earlier ones never saw.
+        order = np.argsort(y_true, kind="stable")
+        y_true, y_pred = y_true[order], y_pred[order]
+        acc = ContingencyAccumulator()
+        edges = np.sort(rng.choice(np.arange(1, n), size=5, replace=False))
+        for t, p in zip(np.split(y_true, edges), np.split(y_pred, edges)):
+            acc.update(t, p)
+        assert acc.n_samples == n
+        assert acc.result() == pytest.approx(evaluate(y_true, y_pred), abs=1e-12)
+        assert acc.result()["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+        assert acc.result()["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+
+
+def test_accumulator_reports_table_in_first_appearance_order():
+    acc = ContingencyAccumulator().update(["x", "y"], [1, 1]).update(["z"], [0])
+    assert acc.classes == ["x", "y", "z"]
+    assert acc.clusters == [1, 0]
+    np.testing.assert_array_equal(acc.table.toarray(), [[1, 0], [1, 0], [0, 1]])
+
+
+def test_summarize_mean_and_sample_std():
+    runs = [{"acc": 0.5, "nmi": 0.2, "tag": "a"}, {"acc": 0.7, "nmi": 0.4, "tag": "b"}]
+    summary = summarize(runs)
+    assert summary["n_runs"] == 2
+    assert summary["acc"]["mean"] == pytest.approx(0.6)
+    assert summary["acc"]["std"] == pytest.approx(math.sqrt(0.02))  # ddof=1
+    assert summarize(runs, ddof=0)["acc"]["std"] == pytest.approx(0.1)
+    assert "tag" not in summary
+    single = summarize(runs[:1])
+    assert single["nmi"] == {"mean": 0.2, "std": 0.0}
+
+
+def test_itae_evaluate_is_exported():
+    assert itae.evaluate([0, 1], [1, 0])["acc"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("y_true", "y_pred", "message"),
+    [
+        ([0, 1, 2], [0, 1], "must match"),
+        ([[0, 1]], [[0, 1]], "1-D"),
+        ([], [], "empty"),
+    ],
+)
+def test_bad_labels_raise_value_error(y_true, y_pred, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(y_true, y_pred)
+
+
+def test_summarize_and_accumulator_refuse_nothing():
+    with pytest.raises(ValueError, match="at least one run"):
+        summarize([])
+    with pytest.raises(ValueError, match="no labels"):
+        ContingencyAccumulator().result()
