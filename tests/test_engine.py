@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,3 +345,23 @@ def test_fast_cls_path_refuses_other_configs(images):
     for cfg in (ITAEConfig(), ITAEConfig(threshold=1.0, rows="all"), ITAEConfig(threshold=1.0, layers=(0,))):
         with pytest.raises(ValueError, match="attenuate"):
             forward_cls(backbone, images, cfg)
+
+
+def test_calibration_splits_rare_modes_only():
+    from itae.engine.calibrate import find_threshold
+
+    rng = np.random.default_rng(0)
+    bulk = rng.lognormal(mean=3.0, sigma=0.1, size=5000)
+    rare = rng.lognormal(mean=0.0, sigma=0.1, size=100)  # 2% artifacts, decades below
+    split = find_threshold(np.concatenate([bulk, rare]), ITAEConfig())
+    assert split.bimodal and rare.max() < split.threshold < bulk.min()
+    assert split.flagged_fraction == pytest.approx(100 / 5100)
+    high = find_threshold(np.concatenate([bulk, np.exp(6.0) * np.ones(50)]), ITAEConfig(side="high"))
+    assert high.bimodal and high.flagged_fraction == pytest.approx(50 / 5050)
+    # a balanced two-mode mixture (e.g. two kinds of images) is not an artifact mode
+    balanced = find_threshold(np.concatenate([bulk, rng.lognormal(0.0, 0.1, 5000)]), ITAEConfig())
+    assert not balanced.bimodal and balanced.flagged_fraction == 0.0
+    unimodal = find_threshold(bulk, ITAEConfig())
+    assert not unimodal.bimodal and unimodal.flagged_fraction == 0.0
+    gmm = find_threshold(np.concatenate([bulk, rare]), ITAEConfig(calibration="gmm"))
+    assert gmm.bimodal and rare.max() < gmm.threshold < bulk.min()

@@ -1,0 +1,371 @@
+"""``itae``: the command line, a thin layer over the Python API.
+
+  itae run DATA -k K -o OUT       embed, cluster, score and report in one go
+  itae embed DATA -o STORE        embeddings only (ITAE on by default; --no-itae for the baseline)
+  itae cluster STORE -k K -o OUT  cluster a finished embedding store
+  itae evaluate OUT               score OUT/assignments.csv against its labels
+  itae inspect IMAGE... -o OUT    artifact diagnostics figures
+  itae bench [--quick] -o OUT     the benchmark grid
+
+Errors are one readable line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
+
+
+def _threshold(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be 'auto', a number or comma-separated numbers; got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _k_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k-range must look like 2:20; got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------- options
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default="facebook/dinov2-base",
+                   help="HF id, timm name, hub name (dinov2_vitb14) or local path (default: %(default)s)")
+    g.add_argument("--arch", help="architecture of a bare .safetensors/.pth checkpoint (e.g. dinov2_vitb14)")
+    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="model weights dtype")
+    g.add_argument("--resolution", type=int, help="input size, rounded to the patch size (default: the model's)")
+
+
+def _add_itae(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ITAE (on by default)")
+    g.add_argument("--no-itae", action="store_true", help="the unmodified model (baseline)")
+    g.add_argument("--source", choices=["q", "k", "v"], default="v", help="projection whose patch norms flag artifacts")
+    g.add_argument("--threshold", type=_threshold, default="auto",
+                   help="'auto' (calibrated on the data, label-free), a number, or one per layer")
+    g.add_argument("--side", choices=["low", "high"], default="low", help="flag norms at or below / above the threshold")
+    g.add_argument("--layers", type=_int_list, default=(-1,), help="blocks to engineer, e.g. -1 or -2,-1")
+    g.add_argument("--rows", choices=["cls", "all"], default="cls", help="query rows engineered")
+    g.add_argument("--mode", choices=["min", "mask", "scale"], default="min", help="how artifact logits change")
+    g.add_argument("--alpha", type=float, default=0.1, help="factor for --mode scale")
+    g.add_argument("--granularity", choices=["token", "head"], default="token", help="norm over all heads or per head")
+    g.add_argument("--calibration", choices=["otsu", "gmm"], default="otsu", help="how 'auto' splits the norms")
+    g.add_argument("--calibration-images", type=int, default=512, help="images used to calibrate 'auto'")
+
+
+def _add_data(p: argparse.ArgumentParser, *, labels_default: str = "none") -> None:
+    g = p.add_argument_group("images")
+    g.add_argument("--labels", choices=["none", "from-folders", "column"], default=labels_default,
+                   help="where labels come from (default: %(default)s)")
+    g.add_argument("--split", help="split of a HF data set")
+    g.add_argument("--image-column", default="image", help="image column of a HF data set")
+    g.add_argument("--label-column", default="label", help="label column of a HF data set or CSV list")
+
+
+def _add_embed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embedding")
+    g.add_argument("--feature", choices=["cls", "mean", "cls+mean"], default="cls", help="what to keep per image")
+    g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, help="decoding workers (default: spare cores, at most 8)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing store")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> None:
+    g = p.add_argument_group("clustering")
+    g.add_argument("-k", "--k", type=int, required=k_required,
+                   help="number of clusters (omit to choose it automatically by silhouette)")
+    g.add_argument("--method", choices=["kmeans", "agglomerative", "hdbscan"], default="kmeans")
+    g.add_argument("--seeds", type=_int_list, default=(0,), help="k-means seeds, e.g. 0,1,2 (scores: mean and std)")
+    g.add_argument("--spherical", action="store_true", help="cosine k-means on normalised embeddings")
+    g.add_argument("--k-range", type=_k_range, default=(2, 20), help="range for automatic k, e.g. 2:20")
+
+
+def _itae_config(args: argparse.Namespace):
+    from itae.config import ITAEConfig
+
+    if args.no_itae:
+        return None
+    return ITAEConfig(
+        source=args.source, threshold=args.threshold, side=args.side, layers=tuple(args.layers), rows=args.rows,
+        mode=args.mode, alpha=args.alpha, granularity=args.granularity, calibration=args.calibration,
+    )
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from itae.data.extract import embed, resolve_device, resolve_precision
+    from itae.models.loading import load_backbone
+
+    cfg = _itae_config(args)
+    if args.engine == "ray":
+        from itae.distributed import embed_ray
+
+        store = embed_ray(
+            args.data, args.model, out=args.out, itae=cfg, feature=args.feature, normalize=args.normalize,
+            batch_size=args.batch_size, precision=args.precision, resolution=args.resolution,
+            labels=args.labels, address=args.ray_address, num_actors=args.ray_actors,
+            calibration_images=args.calibration_images, overwrite=args.overwrite,
+        )
+    else:
+        device = resolve_device(args.device)
+        backbone = load_backbone(args.model, arch=args.arch, device=device, dtype=resolve_precision(args.precision),
+                                 resolution=args.resolution)
+        store = embed(
+            args.data, backbone, out=args.out, itae=cfg, feature=args.feature, normalize=args.normalize,
+            batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
+            calibration_images=args.calibration_images, labels=args.labels, split=args.split,
+            image_column=args.image_column, label_column=args.label_column, progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    print(f"embedded {len(store)} images ({len(store.errors)} skipped) into {store.path}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from itae.pipeline import cluster_store
+
+    result = cluster_store(args.store, args.k, out=args.out or args.store, method=args.method, seeds=args.seeds,
+                           spherical=args.spherical, **({"k_range": args.k_range} if args.k is None else {}))
+    print(f"{result.k} clusters; assignments in {Path(args.out or args.store) / 'assignments.csv'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from itae.pipeline import evaluate_assignments
+
+    metrics = evaluate_assignments(args.assignments)
+    print(json.dumps({k: metrics[k] for k in ("acc", "nmi", "ari", "purity", "n_images", "n_clusters")}, indent=1))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from itae.pipeline import run
+
+    record = run(
+        args.data, args.k, args.out, model=args.model, arch=args.arch, itae=_itae_config(args), labels=args.labels,
+        feature=args.feature, normalize=args.normalize, method=args.method, seeds=args.seeds,
+        spherical=args.spherical, device=args.device, precision=args.precision, resolution=args.resolution,
+        batch_size=args.batch_size, num_workers=args.workers, calibration_images=args.calibration_images,
+        report=not args.no_report, progress=not args.no_progress, split=args.split,
+        image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
+        cluster_options={"k_range": args.k_range} if args.k is None else None,
+    )
+    m = record["metrics"]
+    line = f"{record['n_images']} images -> {record['clustering']['k']} clusters"
+    if m:
+        line += f"; ACC {100 * m['acc']:.2f}  NMI {100 * m['nmi']:.2f}  ARI {100 * m['ari']:.2f}"
+    print(line)
+    print(f"outputs in {args.out}" + ("" if args.no_report else f" (open {Path(args.out) / 'report.html'})"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from itae.data.decode import build_transform, load_rgb
+    from itae.data.extract import resolve_device
+    from itae.engine.detect import detect_artifacts
+    from itae.models.loading import load_backbone
+    from itae.report.figures import images_from_pixel_values, write_inspection
+
+    cfg = _itae_config(args)
+    if cfg is None:
+        raise ValueError("inspect shows ITAE's diagnostics; drop --no-itae")
+    backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)
+    transform = build_transform(backbone.preprocess)
+    x = torch.stack([transform(load_rgb(p)) for p in args.images])
+    diag = detect_artifacts(backbone, x, cfg)
+    images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
+    paths = write_inspection(images, [Path(p).name for p in args.images], diag, args.out, source=cfg.source)
+    for layer, d in diag.items():
+        print(f"block {layer}: threshold {d.threshold:.4g}, {100 * d.flagged_fraction:.2f}% of patches flagged, "
+              f"CLS attention on them {100 * float(d.attention_on_artifacts.mean()):.1f}% before ITAE")
+    print(f"{len(paths)} figures in {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from itae.bench import run_bench
+
+    if not args.quick and not args.spec:
+        raise ValueError("give a grid spec (--spec grid.json) or --quick")
+    results = run_bench(args.spec, args.out, quick=args.quick, data=args.data, progress=not args.no_progress)
+    print(f"results in {Path(args.out) / 'results.md'}")
+    del results
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itae",
+        description="Cluster images with DINOv2 embeddings improved by Inference-Time Attention Engineering (ITAE).",
+        epilog="Every option can also come from --config FILE (JSON, or TOML on Python 3.11+), keys as option names.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('itae').__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log calibration and progress details")
+    parser.add_argument("--config", help="a JSON/TOML file of option defaults (command-line flags win)")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="embed, cluster, score and report", description="Embed DATA, cluster it into K "
+                       "groups, score against labels when known, and write OUT/ (assignments.csv, metrics.json, "
+                       "errors.csv, run.json, report.html, embeddings/).")
+    p.add_argument("data", help="folder, .txt/.csv list, WebDataset .tar shards, or HF data set (id or saved folder)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    _add_cluster(p)
+    _add_model(p)
+    _add_itae(p)
+    _add_data(p)
+    _add_embed(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("embed", help="embed images into a resumable store")
+    p.add_argument("data", help="folder, .txt/.csv list, WebDataset .tar shards, or HF data set")
+    p.add_argument("-o", "--out", required=True, help="store folder")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="local process or Ray Data")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--ray-actors", type=int, default=1, help="model replicas (one per GPU)")
+    _add_model(p)
+    _add_itae(p)
+    _add_data(p)
+    _add_embed(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("cluster", help="cluster a finished embedding store")
+    p.add_argument("store", help="store folder written by itae embed")
+    p.add_argument("-o", "--out", help="where assignments.csv goes (default: the store folder)")
+    _add_cluster(p)
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("evaluate", help="score assignments.csv against its labels")
+    p.add_argument("assignments", help="assignments.csv, or the folder holding it")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="figures of the artifacts and of the CLS attention before/after ITAE")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("-o", "--out", required=True, help="folder for the PNG figures")
+    _add_model(p)
+    _add_itae(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds")
+    p.add_argument("--spec", help="grid spec (JSON)")
+    p.add_argument("--quick", action="store_true", help="offline preset: the planted-artifact demo on a local folder")
+    p.add_argument("--data", help="labelled image folder for --quick (default: generated images)")
+    p.add_argument("-o", "--out", required=True, help="output folder (results.csv, results.md, report.html)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {path!r} not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError("TOML config files need Python 3.11+; use JSON") from None
+        data = tomllib.loads(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if not args.config:
+        return args
+    defaults = _load_config_file(args.config)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen subcommand's parser
+    known = {a.dest for a in sub._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+    for key in ("layers", "seeds"):
+        if isinstance(defaults.get(key), list):
+            defaults[key] = tuple(defaults[key])
+    if isinstance(defaults.get("threshold"), list):
+        defaults["threshold"] = tuple(float(v) for v in defaults["threshold"])
+    if isinstance(defaults.get("k_range"), list):
+        defaults["k_range"] = tuple(defaults["k_range"])
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        text = str(e.args[0])
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _apply_config(parser, argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"itae: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("itae: interrupted (an embedding run resumes where it stopped when started again)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, RuntimeError, IndexError, KeyError, ImportError) as e:
+        if args.traceback:
+            raise
+        print(f"itae: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

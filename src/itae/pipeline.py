@@ -1,0 +1,318 @@
+"""From images to scored clusters: the steps behind ``itae run``, as a Python API.
+
+``run`` = ``itae.embed`` (into ``OUT/embeddings``) -> ``cluster_store`` (``OUT/assignments.csv``) ->
+``evaluate_assignments`` (``OUT/metrics.json``, when labels are known) -> report (``OUT/report.html``),
+with ``OUT/errors.csv`` and ``OUT/run.json`` (resolved configuration, versions, timings).
+Every file is written whole or not at all (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ITAEConfig
+from .data.store import EmbeddingStore, atomic_write_text, library_versions
+
+log = logging.getLogger("itae")
+
+ASSIGNMENTS = "assignments.csv"
+METRICS = "metrics.json"
+RUN = "run.json"
+REPORT = "report.html"
+STORE_DIR = "embeddings"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and prove it writable, before any work is done."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".itae-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def check_k(k: int | None, n: int | None = None) -> None:
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an integer; got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}")
+    if n is not None and k > n:
+        raise ValueError(f"k={k} is larger than the number of images ({n})")
+
+
+# --------------------------------------------------------------------------------------- cluster
+
+
+def cluster_store(
+    store: str | os.PathLike | EmbeddingStore,
+    k: int | None,
+    *,
+    out: str | os.PathLike,
+    method: str = "kmeans",
+    seeds: Sequence[int] = (0,),
+    spherical: bool = False,
+    **kw: Any,
+):
+    """Cluster the embeddings of a finished store; write ``out/assignments.csv``; return the ClusterResult.
+
+    assignments.csv: ``path, cluster, label, distance`` (label empty when unknown; distance to the
+    cluster's centroid), plus ``cluster_seed<S>`` columns when several seeds ran.
+    """
+    from .cluster import cluster
+
+    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    out = check_output_dir(out)
+    emb = store.embeddings(mmap=True)
+    check_k(k, emb.shape[0])
+    result = cluster(emb, k, method=method, seeds=tuple(seeds), spherical=spherical, **kw)
+    labels = store.labels
+    extra_seeds = [s for s in result.per_seed_labels if len(result.per_seed_labels) > 1]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "cluster", "label", "distance", *[f"cluster_seed{s}" for s in extra_seeds]])
+    for i, ident in enumerate(store.ids):
+        d = result.distances[i]
+        writer.writerow([
+            ident, int(result.labels[i]), "" if labels is None else labels[i],
+            "" if not np.isfinite(d) else f"{float(d):.6g}",
+            *[int(result.per_seed_labels[s][i]) for s in extra_seeds],
+        ])
+    atomic_write_text(out / ASSIGNMENTS, buf.getvalue())
+    return result
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+def read_assignments(path: str | os.PathLike) -> dict[str, Any]:
+    """Columns of an assignments.csv: ids, clusters, labels (None if absent), per-seed clusters."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ASSIGNMENTS
+    if not path.is_file():
+        raise FileNotFoundError(f"no assignments file at {str(path)!r}; run itae cluster first")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no assignments")
+    seeds = {int(c[len("cluster_seed"):]): [int(r[c]) for r in rows] for c in rows[0] if c.startswith("cluster_seed")}
+    labels = [r["label"] for r in rows]
+    return {
+        "ids": [r["path"] for r in rows],
+        "clusters": np.array([int(r["cluster"]) for r in rows]),
+        "labels": None if all(v == "" for v in labels) else labels,
+        "per_seed": {s: np.array(v) for s, v in seeds.items()},
+    }
+
+
+def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Score an assignments.csv against its labels; write ``metrics.json`` beside it (or in ``out``).
+
+    With several seeds, ``acc``/``nmi``/``ari``/``purity`` are those of the first seed's run and
+    ``mean``/``std`` summarise all seeds.
+    """
+    from .metrics import evaluate, summarize
+
+    path = Path(assignments)
+    data = read_assignments(path)
+    if data["labels"] is None:
+        raise ValueError("the assignments have no labels to score against (embed with labels, e.g. --labels from-folders)")
+    missing = sum(1 for v in data["labels"] if v == "")
+    if missing:
+        raise ValueError(f"{missing} of {len(data['labels'])} images have no label; scores need every label")
+    metrics: dict[str, Any] = dict(evaluate(data["labels"], data["clusters"]))
+    if data["per_seed"]:
+        runs = [dict(evaluate(data["labels"], labels), seed=s) for s, labels in data["per_seed"].items()]
+        metrics["seeds"] = runs
+        metrics.update({k: v for k, v in summarize(runs).items() if k in ("mean", "std", "n_runs")})
+    folder = Path(out) if out is not None else (path if path.is_dir() else path.parent)
+    _write_json(folder / METRICS, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, n_images: int = 4) -> list[Path]:
+    """Artifact diagnostics of the first few decodable images, for the report."""
+    import torch
+
+    from .data.decode import DecodeError, build_transform, load_rgb
+    from .engine.detect import detect_artifacts
+    from .report.figures import images_from_pixel_values, write_inspection
+
+    transform = build_transform(backbone.preprocess)
+    pixels, names = [], []
+    for i in range(len(source)):
+        try:
+            pixels.append(transform(load_rgb(source.read(i))))
+        except (DecodeError, OSError):
+            continue
+        names.append(Path(source.ids[i]).name)
+        if len(pixels) == n_images:
+            break
+    if not pixels:
+        return []
+    x = torch.stack(pixels)
+    cfg = config if config is not None else ITAEConfig()
+    diag = detect_artifacts(backbone, x, cfg)
+    images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
+    paths = write_inspection(images, names, diag, folder, source=cfg.source)
+    return [p for p in paths if p.name == "grid.png"]
+
+
+def run(
+    data: str | os.PathLike,
+    k: int | None,
+    out: str | os.PathLike,
+    *,
+    model: str = "facebook/dinov2-base",
+    arch: str | None = None,
+    itae: ITAEConfig | None = ITAEConfig(),
+    labels: str = "none",
+    feature: str = "cls",
+    normalize: bool = False,
+    method: str = "kmeans",
+    seeds: Sequence[int] = (0,),
+    spherical: bool = False,
+    device: str = "auto",
+    precision: str = "fp32",
+    resolution: int | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    calibration_images: int = 512,
+    report: bool = True,
+    progress: bool = True,
+    split: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    overwrite: bool = False,
+    cluster_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed ``data``, cluster it into ``k`` groups (None: chosen automatically), score it when labels are
+    known, and write everything under ``out``. Returns the run record (also ``out/run.json``)."""
+    from .data.extract import embed, resolve_device, resolve_precision
+    from .data.sources import open_source
+    from .models.loading import load_backbone
+
+    check_k(k)
+    out = check_output_dir(out)
+    source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split)
+    check_k(k, len(source))
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    backbone = load_backbone(model, arch=arch, device=dev, dtype=resolve_precision(precision), resolution=resolution)
+    timings["load_model_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    store = embed(
+        source, backbone, out=out / STORE_DIR, itae=itae, feature=feature, normalize=normalize,
+        batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
+        calibration_images=calibration_images, progress=progress, overwrite=overwrite,
+    )
+    timings["embed_s"] = time.perf_counter() - t0
+    shutil.copyfile(store.path / "errors.csv", out / "errors.csv.tmp")
+    os.replace(out / "errors.csv.tmp", out / "errors.csv")
+    n = len(store)
+    check_k(k, n)
+
+    t0 = time.perf_counter()
+    result = cluster_store(store, k, out=out, method=method, seeds=seeds, spherical=spherical, **(cluster_options or {}))
+    timings["cluster_s"] = time.perf_counter() - t0
+
+    metrics = None
+    if store.labels is not None:
+        t0 = time.perf_counter()
+        metrics = evaluate_assignments(out / ASSIGNMENTS)
+        timings["evaluate_s"] = time.perf_counter() - t0
+
+    resolved_itae = store.itae_config
+    record: dict[str, Any] = {
+        "data": str(data),
+        "out": str(out),
+        "model": backbone.name,
+        "itae": None if resolved_itae is None else resolved_itae.to_dict(),
+        "embedding": {"feature": feature, "normalize": normalize, "precision": precision, "device": str(dev),
+                      "batch_size": batch_size, "preprocess": backbone.preprocess.to_dict()},
+        "clustering": {"method": method, "k": result.k, "k_requested": k, "seeds": list(seeds),
+                       "spherical": spherical, "params": result.params, "k_scores": result.k_scores},
+        "n_images": n,
+        "n_errors": len(store.errors),
+        "metrics": metrics,
+        "versions": {**library_versions(), "python": platform.python_version()},
+        "timings": timings,
+    }
+
+    if report:
+        t0 = time.perf_counter()
+        write_run_report(out, store, source, result, metrics, record, backbone=backbone)
+        timings["report_s"] = time.perf_counter() - t0
+    timings["images_per_s_embed"] = n / timings["embed_s"] if timings["embed_s"] > 0 else None
+    _write_json(out / RUN, record)
+    return record
+
+
+def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, record, *, backbone=None) -> Path:
+    """``out/report.html`` for a finished run (diagnostics included when the backbone is given)."""
+    from .data.decode import DecodeError, load_rgb
+    from .report.html import write_report
+
+    index = {ident: i for i, ident in enumerate(source.ids)}
+
+    def thumbnail(ident: str):
+        try:
+            return load_rgb(source.read(index[ident]))
+        except (DecodeError, OSError, KeyError):
+            return None
+
+    pngs: list[Path] = []
+    if backbone is not None:
+        try:
+            pngs = _diagnostic_pngs(backbone, source, store.itae_config, out / "inspect")
+        except Exception as e:  # diagnostics are a bonus: a report without them beats no report
+            log.warning("itae: artifact diagnostics skipped: %s", e)
+    config = {k: v for k, v in record.items() if k not in ("metrics", "versions", "timings")}
+    config["versions"] = record["versions"]
+    return write_report(
+        out / REPORT, title=f"itae run: {Path(str(record['data'])).name or record['data']}", metrics=metrics,
+        config=_jsonable(config), ids=store.ids, cluster_labels=result.labels, true_labels=store.labels,
+        embeddings=store.embeddings(mmap=True), centroid_distances=result.distances, thumbnails=thumbnail,
+        diagnostics_pngs=[("CLS attention before and after ITAE", p) for p in pngs],
+    )
