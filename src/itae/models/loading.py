@@ -1,0 +1,456 @@
+"""Models by name: ``load_backbone("facebook/dinov2-base")`` returns a ready ``Backbone``.
+
+Accepted names (see ``KNOWN_MODELS``):
+
+- Hugging Face ids: ``facebook/dinov2-{small,base,large,giant}``, ``facebook/dinov2-with-registers-*``
+  (and any other HF id or ``save_pretrained`` folder of a DINOv2 model);
+- timm names: ``timm/vit_{small,base,large,giant}_patch14_dinov2.lvd142m`` and ``..._reg4_...``
+  (with or without the ``timm/`` prefix and the ``.lvd142m`` tag);
+- official torch.hub names: ``dinov2_vits14``, ``dinov2_vitb14_reg``, ...;
+- local files: a ``.safetensors`` or ``.pth`` state dict plus an architecture name, given as ``arch=`` or
+  stored with the file (see ``write_checkpoint``).
+
+Weights are read only through safetensors or ``torch.load(weights_only=True)``. Nothing is downloaded when
+``HF_HUB_OFFLINE=1``; a model that is neither cached nor downloadable raises a one-line ``ModelLoadError``
+that says how to pass a local path instead.
+
+Checkpoint files written by ``write_checkpoint`` describe their model: safetensors files in their metadata
+(key ``"itae"``, a JSON object), ``.pth`` files in a sidecar ``<file>.json``; the object holds ``family``
+(``"hub"`` or ``"timm"``), ``arch`` (a hub or timm name) and optional ``model_kwargs`` (constructor overrides,
+e.g. the size of a tiny test model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapt
+from .base import Backbone
+
+DEFAULT_MODEL = "facebook/dinov2-base"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_METADATA_KEY = "itae"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """What a known name stands for: the loading family, the official architecture and its registers."""
+
+    family: str  # "hf", "timm" or "hub"
+    arch: str  # official hub architecture name without the register suffix, e.g. "dinov2_vitb14"
+    registers: int
+
+
+def _known_models() -> dict[str, KnownModel]:
+    sizes = (("small", "s"), ("base", "b"), ("large", "l"), ("giant", "g"))
+    known: dict[str, KnownModel] = {}
+    for size, letter in sizes:
+        arch = f"dinov2_vit{letter}14"
+        known[f"facebook/dinov2-{size}"] = KnownModel("hf", arch, 0)
+        known[f"facebook/dinov2-with-registers-{size}"] = KnownModel("hf", arch, 4)
+        known[f"timm/vit_{size}_patch14_dinov2.lvd142m"] = KnownModel("timm", arch, 0)
+        known[f"timm/vit_{size}_patch14_reg4_dinov2.lvd142m"] = KnownModel("timm", arch, 4)
+        known[arch] = KnownModel("hub", arch, 0)
+        known[f"{arch}_reg"] = KnownModel("hub", arch, 4)
+    return known
+
+
+KNOWN_MODELS: dict[str, KnownModel] = _known_models()
+
+
+def _aliases() -> dict[str, str]:
+    """Spellings people use -> the canonical name in ``KNOWN_MODELS``."""
+    aliases = {}
+    for name, known in KNOWN_MODELS.items():
+        aliases[name.lower()] = name
+        if known.family == "timm":
+            bare = name.removeprefix("timm/")
+            aliases[bare] = name
+            aliases[bare.split(".")[0]] = name
+    return aliases
+
+
+_ALIASES = _aliases()
+
+
+def canonical_name(name: str) -> str | None:
+    """The ``KNOWN_MODELS`` key that ``name`` stands for, or None."""
+    return _ALIASES.get(name.strip().lower())
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    arch: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    resolution: int | None = None,
+    attn_implementation: str | None = None,
+) -> Backbone:
+    """Load a DINOv2 backbone by name or path, with its own preprocessing.
+
+    ``arch`` names the architecture of a bare checkpoint file (a hub name such as ``dinov2_vitb14`` for
+    official-format weights, or a timm name such as ``vit_base_patch14_dinov2`` for timm-format ones).
+    ``resolution`` overrides the input size (rounded to a multiple of the patch size).
+    ``attn_implementation`` is passed to HF models (default ``"sdpa"``).
+    """
+    name = str(name_or_path).strip()
+    if not name:
+        raise ModelLoadError("empty model name; pass a model name such as facebook/dinov2-base or a local path")
+    path = Path(name).expanduser()
+    if arch is not None or path.exists() or _looks_like_path(name):
+        model, label = _load_local(path, arch, attn_implementation), str(path)
+    else:
+        canonical = canonical_name(name)
+        known = KNOWN_MODELS.get(canonical) if canonical else None
+        if known is not None:
+            label = canonical
+            model = _load_known(canonical, known, attn_implementation)
+        elif name.startswith("timm/") or _is_timm_name(name):
+            label = name
+            model = _load_timm_by_name(name, hint_arch="dinov2_vitb14")
+        elif name.count("/") == 1 and not name.startswith(("/", ".")):
+            label = name
+            model = _load_hf(name, attn_implementation, known=False)
+        else:
+            raise ModelLoadError(
+                f"unknown model {name!r}; use a Hugging Face id (facebook/dinov2-base, "
+                "facebook/dinov2-with-registers-base, ...), a timm name (timm/vit_base_patch14_dinov2.lvd142m, "
+                "timm/vit_base_patch14_reg4_dinov2.lvd142m, ...), a torch.hub name (dinov2_vitb14, "
+                "dinov2_vitb14_reg, ...) or a local path"
+            )
+    model = model.to(device=device, dtype=dtype).eval()
+    backbone = adapt(model, name=label)
+    if resolution is not None:
+        backbone.preprocess = backbone.preprocess.with_resolution(int(resolution))
+    return backbone
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file read with
+    ``torch.load(weights_only=True)`` (a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no such checkpoint file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"{path}: unsupported checkpoint format {suffix!r}; expected .safetensors or .pth")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"{path}: holds objects other than tensors, which are not unpickled (weights_only=True); "
+            "save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors"
+        ) from None
+    if isinstance(obj, dict) and not _all_tensors(obj):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict) and _all_tensors(obj[key]):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not _all_tensors(obj):
+        raise ModelLoadError(f"{path}: not a state dict (a mapping from parameter names to tensors)")
+    return obj
+
+
+def write_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    path: str | Path,
+    *,
+    family: str,
+    arch: str,
+    model_kwargs: dict | None = None,
+) -> Path:
+    """Save a state dict that ``load_backbone(path)`` can load without ``arch=``.
+
+    ``family`` is ``"hub"`` (official key names; ``arch`` a hub name or ``model_kwargs`` for ``build_dinov2``)
+    or ``"timm"`` (timm key names; ``arch`` a timm model name, ``model_kwargs`` passed to ``create_model``).
+    A ``.safetensors`` path keeps the description in its metadata; a ``.pth`` path gets a ``<file>.json``.
+    """
+    if family not in ("hub", "timm"):
+        raise ValueError(f"family must be 'hub' or 'timm' for a checkpoint file; got {family!r}")
+    path = Path(path)
+    spec = {"family": family, "arch": arch, "model_kwargs": dict(model_kwargs or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(spec)})
+    elif path.suffix.lower() in (".pth", ".pt"):
+        torch.save(tensors, path)
+        _sidecar(path).write_text(json.dumps(spec, indent=2) + "\n")
+    else:
+        raise ValueError(f"checkpoint path must end in .safetensors or .pth; got {path.name}")
+    return path
+
+
+def read_checkpoint_spec(path: str | Path) -> dict | None:
+    """The ``{"family", "arch", "model_kwargs"}`` description stored with a checkpoint, or None."""
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        return _validate_spec(json.loads(sidecar.read_text()), sidecar)
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if _METADATA_KEY in meta:
+            return _validate_spec(json.loads(meta[_METADATA_KEY]), path)
+    return None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _validate_spec(spec: object, where: Path) -> dict:
+    if not isinstance(spec, dict) or spec.get("family") not in ("hub", "timm") or not spec.get("arch"):
+        raise ModelLoadError(f"{where}: the stored model description needs family 'hub' or 'timm' and an arch")
+    return {"family": spec["family"], "arch": spec["arch"], "model_kwargs": dict(spec.get("model_kwargs") or {})}
+
+
+def _all_tensors(d: dict) -> bool:
+    return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a file or folder even though it does not exist (a hub id has exactly one '/')."""
+    if name.startswith(("/", "./", "../", "~")) or name.lower().endswith(CHECKPOINT_SUFFIXES):
+        return True
+    return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _is_timm_name(name: str) -> bool:
+    try:
+        from timm.models import is_model
+    except ImportError:  # timm is a dependency, but keep the error about the name, not the import
+        return False
+    return bool(is_model(name))
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _offline() -> bool:
+    """Offline mode, read at call time (huggingface_hub reads it once, at import)."""
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hf_cache_dir() -> str:
+    """The Hugging Face hub cache, from the environment at call time (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return os.path.join(home, "hub")
+
+
+def _not_available(name: str, arch: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{name} is not available offline (not cached and could not be downloaded); download it once with "
+        f"network, or pass a local path: itae --model /path/to/folder or --model weights.safetensors --arch {arch}"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# -------------------------------------------------------------------------------------- by family
+
+
+def _load_known(name: str, known: KnownModel, attn_implementation: str | None) -> nn.Module:
+    hint = known.arch + ("_reg" if known.registers else "")
+    if known.family == "hf":
+        return _load_hf(name, attn_implementation, known=True, hint_arch=hint)
+    if known.family == "timm":
+        return _load_timm_by_name(name, hint_arch=hint)
+    return _load_hub_by_name(name)
+
+
+def _load_hf(name_or_dir: str, attn_implementation: str | None, *, known: bool, hint_arch: str = "dinov2_vitb14"):
+    from transformers import AutoModel
+
+    local = Path(name_or_dir).is_dir()
+    kwargs: dict = {"attn_implementation": attn_implementation or "sdpa"}
+    if not local:
+        kwargs.update(cache_dir=_hf_cache_dir(), local_files_only=_offline())
+    try:
+        return AutoModel.from_pretrained(name_or_dir, **kwargs)
+    except OSError as err:
+        if local:
+            raise ModelLoadError(f"{name_or_dir}: not a loadable save_pretrained folder ({_first_line(err)})") from None
+        if known or _offline():
+            raise _not_available(name_or_dir, hint_arch) from None
+        raise ModelLoadError(
+            f"could not load {name_or_dir!r} from the Hugging Face Hub ({_first_line(err)}); check the id, "
+            "or pass a local path"
+        ) from None
+
+
+def _load_timm_by_name(name: str, *, hint_arch: str) -> nn.Module:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    model_name = name.removeprefix("timm/")
+    if not timm.models.is_model(model_name):
+        raise ModelLoadError(f"unknown timm model {model_name!r}; see timm.list_models('*dinov2*')")
+    cfg = get_pretrained_cfg(model_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        raise ModelLoadError(f"timm model {model_name!r} has no pretrained weights on the Hugging Face Hub; "
+                             "pass a local checkpoint with --arch")
+    weights = _hf_file(hub_id, ("model.safetensors", "pytorch_model.bin"))
+    if weights is None:
+        raise _not_available(name, hint_arch)
+    return _create_timm(model_name, weights, {})
+
+
+def _hf_file(repo_id: str, filenames: tuple[str, ...]) -> str | None:
+    """The first of ``filenames`` found in the hub cache; else the first downloaded (unless offline); else None."""
+    from huggingface_hub import hf_hub_download
+
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename, cache_dir=_hf_cache_dir(), local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached: try the next name
+            continue
+    if _offline():
+        return None
+    try:
+        # only the first name online: each failed attempt costs the hub client's retries when there is no network
+        return hf_hub_download(repo_id, filenames[0], cache_dir=_hf_cache_dir())
+    except Exception:  # noqa: BLE001 - no network, missing file, auth...: reported as one line by the caller
+        return None
+
+
+def _create_timm(arch: str, weights: str | Path, model_kwargs: dict) -> nn.Module:
+    import timm
+
+    # dynamic_img_size: DINOv2 timm configs fix 518 px; this lets any multiple of the patch size through,
+    # resampling the position embeddings per forward.
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **model_kwargs}
+    try:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    except RuntimeError as err:  # strict loading: names or shapes do not match the architecture
+        raise ModelLoadError(f"{weights}: does not match timm architecture {arch} ({_first_line(err)})") from None
+
+
+def _load_hub_by_name(name: str) -> nn.Module:
+    from .dinov2_arch import checkpoint_filename, checkpoint_url, hub_model
+
+    hub_dir = Path(torch.hub.get_dir())
+    checkpoint = hub_dir / "checkpoints" / checkpoint_filename(name)
+    if not checkpoint.is_file():
+        if _offline():
+            raise _not_available(name, name)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(checkpoint_url(name), str(checkpoint.with_suffix(".part")), progress=True)
+        except Exception:  # noqa: BLE001 - no network, proxy, HTTP error...: one readable line
+            raise _not_available(name, name) from None
+        checkpoint.with_suffix(".part").replace(checkpoint)
+    code = hub_dir / "facebookresearch_dinov2_main"
+    if (code / "hubconf.py").is_file():
+        # the official code is cached: build its model (without it fetching weights) and load them here
+        model = torch.hub.load(str(code), name, source="local", pretrained=False)
+        state_dict = read_state_dict(checkpoint)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise ModelLoadError(f"{checkpoint}: does not match {name} ({_first_line(err)})") from None
+        return model
+    try:
+        return hub_model(name, weights=checkpoint)
+    except ModelLoadError:
+        raise
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+
+
+def _load_local(path: Path, arch: str | None, attn_implementation: str | None) -> nn.Module:
+    if not path.exists():
+        raise ModelLoadError(f"no such file or folder: {path}")
+    if path.is_dir():
+        if arch is not None:
+            raise ModelLoadError(f"{path}: arch applies to checkpoint files; a folder is loaded from its config.json")
+        return _load_folder(path, attn_implementation)
+    spec = _spec_for(path, arch)
+    if spec["family"] == "timm":
+        return _create_timm(spec["arch"], path, spec["model_kwargs"])
+    from .dinov2_arch import build_dinov2, hub_model
+
+    try:
+        if spec["model_kwargs"]:
+            return build_dinov2(**spec["model_kwargs"], weights=path)
+        return hub_model(spec["arch"], weights=path)
+    except ModelLoadError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(str(err)) from None
+
+
+def _load_folder(path: Path, attn_implementation: str | None) -> nn.Module:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: a model folder needs a config.json (a save_pretrained folder); "
+                             "for a checkpoint file pass the file itself")
+    return _load_hf(str(path), attn_implementation, known=False)
+
+
+def _spec_for(path: Path, arch: str | None) -> dict:
+    """How to build the model of a checkpoint file: from ``arch`` if given, else from what is stored with it."""
+    if arch is None:
+        spec = read_checkpoint_spec(path)
+        if spec is None:
+            raise ModelLoadError(
+                f"{path}: checkpoint without an architecture name; pass one, e.g. "
+                "itae --model weights.pth --arch dinov2_vitb14 (or load_backbone(path, arch='dinov2_vitb14'))"
+            )
+        return spec
+    from .dinov2_arch import HUB_MODELS
+
+    arch = arch.strip()
+    canonical = canonical_name(arch)
+    if arch in HUB_MODELS:
+        return {"family": "hub", "arch": arch, "model_kwargs": {}}
+    if canonical is not None and KNOWN_MODELS[canonical].family == "timm":
+        return {"family": "timm", "arch": canonical.removeprefix("timm/"), "model_kwargs": {}}
+    if _is_timm_name(arch.removeprefix("timm/")):
+        return {"family": "timm", "arch": arch.removeprefix("timm/"), "model_kwargs": {}}
+    raise ModelLoadError(
+        f"unknown architecture {arch!r} for a checkpoint file; use a torch.hub name for official weights "
+        "(dinov2_vits14, dinov2_vitb14_reg, ...) or a timm name for timm weights (vit_base_patch14_dinov2, ...); "
+        "Hugging Face models load from their save_pretrained folder"
+    )

@@ -1,0 +1,187 @@
+"""Tiny random-weight DINOv2 models in the three families, for tests and the offline demo.
+
+``tiny_model(family, seed=s)`` builds one network and wraps it as an HF ``Dinov2Model`` /
+``Dinov2WithRegistersModel``, a timm ``VisionTransformer`` or the official ``DinoVisionTransformer``.
+For the same arguments the three hold the same weights (the official-layout weights are drawn once from
+the seed and converted), so at the native ``img_size`` they compute the same function; at other sizes they
+differ only by each family's position-embedding interpolation.
+
+Choices that differ from each family's pretrained constructor, on purpose:
+
+- layer scale starts at 1.0 (HF and the official hub code do so; timm's DINOv2 entries start at 1e-5), so
+  the random blocks change the tokens and attention engineering has a visible effect;
+- the timm model is built with ``dynamic_img_size=True`` (timm's DINOv2 entries are fixed-size), as
+  ``load_backbone`` builds timm models, so every family accepts any multiple of the patch size.
+
+``save_tiny`` writes a model where ``load_backbone`` reads it: HF as a ``save_pretrained`` folder, hub and
+timm as a ``.safetensors`` (or ``.pth``) file that names its architecture (see ``loading.write_checkpoint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FAMILIES = ("hf", "timm", "hub")
+
+
+def tiny_model(
+    family: str,
+    *,
+    registers: int = 0,
+    depth: int = 2,
+    embed_dim: int = 32,
+    num_heads: int = 4,
+    patch_size: int = 14,
+    img_size: int = 56,
+    seed: int = 0,
+) -> nn.Module:
+    """A small random DINOv2 model of ``family`` ("hf", "timm" or "hub"), deterministic for ``seed``, in eval mode."""
+    _check(family, registers, embed_dim, num_heads, img_size, patch_size)
+    kwargs = _hub_kwargs(registers, depth, embed_dim, num_heads, patch_size, img_size)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        reference = _build_hub(kwargs)
+        if family == "hub":
+            return reference.eval()
+        state = reference.state_dict()
+        if family == "timm":
+            model = _build_timm(_timm_arch(registers), _timm_kwargs(registers, depth, embed_dim, num_heads,
+                                                                   patch_size, img_size))
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            # timm's own converter for official DINOv2 checkpoints (drops mask_token, folds the CLS position
+            # into cls_token for register models, which timm builds without a class position)
+            model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
+            return model.eval()
+        model = _build_hf(registers, depth, embed_dim, num_heads, patch_size, img_size)
+        model.load_state_dict(_hub_to_hf(state), strict=True)
+        return model.eval()
+
+
+def save_tiny(
+    family: str,
+    path: str | Path,
+    *,
+    registers: int = 0,
+    depth: int = 2,
+    embed_dim: int = 32,
+    num_heads: int = 4,
+    patch_size: int = 14,
+    img_size: int = 56,
+    seed: int = 0,
+) -> Path:
+    """Write ``tiny_model(...)`` where ``load_backbone(path)`` loads it; returns ``path``.
+
+    HF: ``path`` is a folder (``save_pretrained``). hub/timm: ``path`` ends in ``.safetensors`` (architecture in
+    the metadata) or ``.pth`` (architecture in ``<path>.json``).
+    """
+    from .loading import write_checkpoint
+
+    model = tiny_model(family, registers=registers, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                       patch_size=patch_size, img_size=img_size, seed=seed)
+    path = Path(path)
+    if family == "hf":
+        model.save_pretrained(str(path))
+        return path
+    if family == "hub":
+        arch = "dinov2_vits14_reg" if registers else "dinov2_vits14"
+        model_kwargs = _hub_kwargs(registers, depth, embed_dim, num_heads, patch_size, img_size)
+    else:
+        arch = _timm_arch(registers)
+        model_kwargs = _timm_kwargs(registers, depth, embed_dim, num_heads, patch_size, img_size)
+        model_kwargs.pop("dynamic_img_size")  # the loader sets it
+        model_kwargs.pop("num_classes")
+    return write_checkpoint(model.state_dict(), path, family=family, arch=arch, model_kwargs=model_kwargs)
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+
+def _check(family: str, registers: int, embed_dim: int, num_heads: int, img_size: int, patch_size: int) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    if registers < 0:
+        raise ValueError(f"registers must be >= 0; got {registers}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+
+
+def _hub_kwargs(registers: int, depth: int, embed_dim: int, num_heads: int, patch_size: int, img_size: int) -> dict:
+    return {"arch": "vit_small", "depth": depth, "embed_dim": embed_dim, "num_heads": num_heads,
+            "patch_size": patch_size, "img_size": img_size, "num_register_tokens": registers}
+
+
+def _build_hub(kwargs: dict) -> nn.Module:
+    from .dinov2_arch import build_dinov2
+
+    return build_dinov2(**kwargs)
+
+
+def _timm_arch(registers: int) -> str:
+    return "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+
+
+def _timm_kwargs(registers: int, depth: int, embed_dim: int, num_heads: int, patch_size: int, img_size: int) -> dict:
+    kwargs = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
+              "num_heads": num_heads, "init_values": 1.0, "num_classes": 0, "dynamic_img_size": True}
+    if registers:
+        # as timm's *_reg4_dinov2 entries: register tokens and no position embedding on the prefix tokens
+        kwargs.update(reg_tokens=registers, no_embed_class=True)
+    return kwargs
+
+
+def _build_timm(arch: str, kwargs: dict) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def _build_hf(registers: int, depth: int, embed_dim: int, num_heads: int, patch_size: int, img_size: int) -> nn.Module:
+    common = {"hidden_size": embed_dim, "num_hidden_layers": depth, "num_attention_heads": num_heads,
+              "mlp_ratio": 4, "image_size": img_size, "patch_size": patch_size, "layerscale_value": 1.0,
+              "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}
+    if registers:
+        from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+        return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(**common))
+
+
+def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2 key names -> HF transformers (5.x) ``Dinov2Model`` key names."""
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": state["mask_token"],
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    if "register_tokens" in state:
+        out["embeddings.register_tokens"] = state["register_tokens"]
+    renames = {"attn.proj": "attention.o_proj", "ls1.gamma": "layer_scale1.lambda1",
+               "ls2.gamma": "layer_scale2.lambda1"}
+    for key, value in state.items():
+        if not key.startswith("blocks."):
+            continue
+        _, index, rest = key.split(".", 2)
+        prefix = f"encoder.layer.{index}."
+        if rest.startswith("attn.qkv."):
+            kind = rest.rsplit(".", 1)[1]  # weight (3D, D) or bias (3D,), rows ordered q, k, v
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+                out[f"{prefix}attention.{name}.{kind}"] = part
+            continue
+        for old, new in renames.items():
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        out[prefix + rest] = value
+    return out
