@@ -1,1 +1,36 @@
+"""Images in, embeddings out: sources, robust decoding, batched extraction and the embedding store."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ImageRecord": "itae.data.sources",
+    "ImageSource": "itae.data.sources",
+    "open_source": "itae.data.sources",
+    "DecodeError": "itae.data.decode",
+    "load_rgb": "itae.data.decode",
+    "build_transform": "itae.data.decode",
+    "ImageDataset": "itae.data.dataset",
+    "EmbeddingStore": "itae.data.store",
+    "StoreError": "itae.data.store",
+    "embed": "itae.data.extract",
+    "embed_batches": "itae.data.extract",
+    "pool_features": "itae.data.extract",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'itae.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,91 @@
+"""A torch Dataset over an ``ImageSource`` that never raises on a bad file, and its collate.
+
+Items are ``(index, tensor, None)`` or ``(index, None, reason)``; ``collate_images`` stacks the good ones
+and passes the failures on, so a DataLoader with workers keeps going through corrupt files. Indices
+travel with the tensors so order survives batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .decode import DecodeError, PreprocessTransform, load_rgb
+from .sources import ImageSource
+
+Item = tuple[int, "torch.Tensor | None", "str | None"]
+
+
+class ImageDataset(Dataset):
+    """``source[i]`` decoded and preprocessed; a failure is returned as data, not raised."""
+
+    def __init__(self, source: ImageSource, transform: PreprocessTransform, *, max_pixels: int | None = None) -> None:
+        self.source = source
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            payload = self.source.read(index)
+            image = load_rgb(payload, max_pixels=self.max_pixels)
+            return index, self.transform(image), None
+        except DecodeError as e:
+            return index, None, e.reason
+        except FileNotFoundError:
+            return index, None, "file not found"
+        except OSError as e:
+            return index, None, f"cannot read: {e}"
+        except Exception as e:  # one strange file must not end a million-image run
+            return index, None, f"failed: {type(e).__name__}: {e}"
+
+
+def collate_images(items: Sequence[Item]) -> dict:
+    """Stack decoded items; failures go to ``failed_index``/``failed_reason``.
+
+    Returns a dict (pin_memory-friendly): ``index`` (B,) int64, ``pixels`` (B, 3, S, S) float32 or None
+    when every item failed, ``failed_index`` list[int], ``failed_reason`` list[str].
+    """
+    good = [(i, x) for i, x, reason in items if reason is None]
+    bad = [(i, reason) for i, _, reason in items if reason is not None]
+    return {
+        "index": torch.tensor([i for i, _ in good], dtype=torch.int64),
+        "pixels": torch.stack([x for _, x in good]) if good else None,
+        "failed_index": [i for i, _ in bad],
+        "failed_reason": [r for _, r in bad],
+    }
+
+
+class ChunkBatchSampler(Sampler[list[int]]):
+    """Batches of record indices that never cross a chunk boundary, for the chunks still to compute.
+
+    Keeping batches inside chunks makes every chunk's batches the same in a fresh and a resumed run, so
+    a resumed store is identical to an uninterrupted one.
+    """
+
+    def __init__(self, num_records: int, chunk_size: int, batch_size: int, chunks: Sequence[int]) -> None:
+        self.num_records = num_records
+        self.chunk_size = chunk_size
+        self.batch_size = batch_size
+        self.chunks = list(chunks)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in self.chunks:
+            start = k * self.chunk_size
+            stop = min(start + self.chunk_size, self.num_records)
+            for b in range(start, stop, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        n = 0
+        for k in self.chunks:
+            size = min(self.chunk_size, self.num_records - k * self.chunk_size)
+            n += -(-size // self.batch_size)
+        return n
+
+
+__all__ = ["ChunkBatchSampler", "ImageDataset", "collate_images"]

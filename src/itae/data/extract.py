@@ -1,0 +1,519 @@
+"""Batched embedding extraction into an ``EmbeddingStore``, with ITAE on by default.
+
+Images are decoded in DataLoader workers, sent to the device in pinned memory when it is CUDA, run
+through the model in the requested dtype, pooled (``cls``, ``mean`` of patches, or ``cls+mean``) and
+written to the store chunk by chunk as they come: memory does not grow with the number of images. An
+interrupted run resumes at the first missing chunk and ends with a store identical to an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from itae.config import ITAEConfig
+from itae.models.base import Backbone, Features, Preprocess
+
+from .dataset import ChunkBatchSampler, ImageDataset, collate_images
+from .decode import build_transform
+from .sources import ImageSource, LabelMode, open_source
+from .store import (
+    ERRORS,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    EmbeddingStore,
+    StoreError,
+    StoreWriter,
+    clear_store_files,
+    foreign_files,
+    library_versions,
+    prepare_output,
+    read_manifest,
+    remove_chunks,
+    setting_differences,
+    write_errors_csv,
+)
+
+logger = logging.getLogger("itae.data")
+
+Feature = Literal["cls", "mean", "cls+mean"]
+Precision = Literal["fp32", "bf16", "fp16"]
+FEATURES = ("cls", "mean", "cls+mean")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------ small pieces
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; an explicit device must be available."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='auto' or 'cpu'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' was asked for but MPS is not available; use device='auto' or 'cpu'")
+    return dev
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def default_num_workers() -> int:
+    """One decoding worker per spare CPU core, at most 8 (the main process runs the model)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def pool_features(features: Features, feature: Feature = "cls", normalize: bool = False) -> torch.Tensor:
+    """(B, D) float32 image embeddings from a forward's normed tokens; (B, 2D) for ``cls+mean``."""
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
+    parts = []
+    if feature in ("cls", "cls+mean"):
+        parts.append(features.cls.float())
+    if feature in ("mean", "cls+mean"):
+        if features.patches is None or features.patches.shape[1] == 0:
+            raise ValueError(f"feature={feature!r} needs patch tokens, but the model returned none")
+        parts.append(features.patches.float().mean(dim=1))  # (B, N, D) -> (B, D)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if normalize:
+        out = torch.nn.functional.normalize(out, dim=1)
+    return out
+
+
+def embed_batches(
+    backbone: Backbone,
+    batches: Iterable[torch.Tensor],
+    *,
+    feature: Feature = "cls",
+    normalize: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Embed already preprocessed batches (B, 3, S, S) with ``backbone`` as it is (wrap the call in
+    ``itae.attenuate`` for ITAE); yields (B, D) float32 tensors on the backbone's device."""
+    device, dtype = backbone.device, backbone.dtype
+    with torch.inference_mode():
+        for x in batches:
+            x = x.to(device, non_blocking=True).to(dtype)
+            yield pool_features(backbone.forward_features(x), feature, normalize)
+
+
+def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.device, dtype: torch.dtype,
+          resolution: int | None) -> tuple[Backbone, Preprocess]:
+    """The backbone on ``device`` in ``dtype`` and the preprocessing at the asked resolution."""
+    if isinstance(backbone, (str, os.PathLike)):
+        from itae.models.loading import load_backbone
+
+        bb = load_backbone(os.fspath(backbone), device=device, dtype=dtype, resolution=resolution)
+        return bb, bb.preprocess  # load_backbone already applied the resolution
+    from itae.models.adapters import adapt
+
+    bb = adapt(backbone)
+    # Real low-precision weights, not autocast: half the memory traffic on GPU.
+    bb.model.to(device=device, dtype=dtype)
+    bb.model.eval()
+    return bb, bb.preprocess.with_resolution(resolution) if resolution else bb.preprocess
+
+
+# ---------------------------------------------------------------------------------------- embed
+
+
+def embed(
+    source: str | os.PathLike | ImageSource,
+    backbone: str | Backbone | nn.Module = "facebook/dinov2-base",
+    *,
+    out: str | os.PathLike,
+    itae: ITAEConfig | None = ITAEConfig(),
+    feature: Feature = "cls",
+    normalize: bool = False,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device = "auto",
+    precision: Precision = "fp32",
+    resolution: int | None = None,
+    calibration_images: int = 512,
+    chunk_size: int = 4096,
+    labels: LabelMode = "none",
+    image_column: str = "image",
+    label_column: str = "label",
+    split: str | None = None,
+    max_pixels: int | None = None,
+    fast_cls: bool = True,
+    progress: bool = True,
+    resume: bool = True,
+    overwrite: bool = False,
+) -> EmbeddingStore:
+    """Embed every image of ``source`` with ``backbone`` (ITAE on unless ``itae=None``) into a store at ``out``.
+
+    source: a folder, a .txt/.csv list, WebDataset shards, a HF data set (see ``open_source``; ``labels``,
+        ``image_column``, ``label_column`` and ``split`` are passed to it), or an ``ImageSource``.
+    backbone: a model name or path (``itae.load_backbone``), a ``Backbone``, or a supported model instance
+        (moved to ``device`` and the precision's dtype in place).
+    itae: the ITAE configuration; a threshold of "auto" is calibrated first on the first
+        ``calibration_images`` decodable images of the source (in source order), and the resolved
+        thresholds are stored in the manifest and reused on resume. None embeds with the unmodified model.
+    feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
+    normalize: L2-normalise each stored embedding.
+    num_workers: decoding workers (default: one per spare core, at most 8).
+    device: "auto" (cuda, mps, cpu), or a device name. precision: "fp32", "bf16" or "fp16" model weights.
+    resolution: crop size fed to the model (rounded to the patch size); default: the model's own.
+    max_pixels: refuse images larger than this as decompression bombs (default: PIL's limit).
+    fast_cls: for feature="cls", run the last block for the CLS row only (``itae.engine.fast``) where the
+        config allows it (ITAE off, or CLS rows of the last block only); False always runs the full model.
+    resume: continue (or return) a store at ``out`` made with the same settings; overwrite: start afresh.
+
+    Images that cannot be decoded are skipped and listed in ``out/errors.csv``. Returns the finished store.
+    """
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
+    dtype = resolve_precision(precision)
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("calibration_images", calibration_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if num_workers is None:
+        num_workers = default_num_workers()
+    elif num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0; got {num_workers}")
+    if itae is not None and not isinstance(itae, ITAEConfig):
+        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+
+    # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
+    src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split)
+    out_dir = prepare_output(out)
+    existing = read_manifest(out_dir)
+    if existing is not None and not overwrite and not resume:
+        raise StoreError(
+            f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
+            "overwrite=True to replace it"
+        )
+    dev = resolve_device(device)
+    bb, preprocess = _load(backbone, dev, dtype, resolution)
+    transform = build_transform(preprocess)
+    dim = bb.embed_dim * (2 if feature == "cls+mean" else 1)
+
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "model": bb.name or (backbone if isinstance(backbone, str) else type(bb.model).__name__),
+        "feature": feature,
+        "normalize": bool(normalize),
+        "precision": precision,
+        "dtype": "float32",
+        "dim": dim,
+        "preprocess": _jsonable(preprocess.to_dict()),
+        "itae_requested": None if itae is None else itae.to_dict(),
+        "calibration_images": calibration_images if itae is not None and not itae.is_calibrated else None,
+        "itae": None,
+        "calibration": None,
+        "chunk_size": chunk_size,
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "labels": labels,
+            "has_labels": src.has_labels,
+            "num_records": len(src),
+            "fingerprint": src.fingerprint(),
+        },
+        "versions": library_versions(),
+    }
+    loader_kw = dict(num_workers=num_workers, device=dev, max_pixels=max_pixels)
+
+    if existing is not None and not overwrite:
+        diffs = setting_differences(existing, manifest)
+        if diffs:
+            detail = "; ".join(f"{d}: store has {_get(existing, d)!r}, asked {_get(manifest, d)!r}" for d in diffs)
+            raise StoreError(
+                f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another folder, the "
+                "same settings, or overwrite=True"
+            )
+        if existing.get("versions") != manifest["versions"]:
+            logger.warning("resuming a store written with other library versions: %s", existing.get("versions"))
+        if existing.get("complete"):
+            remove_chunks(out_dir)  # leftovers of a run killed while cleaning up
+            logger.info("store at %s is already complete", out_dir)
+            return EmbeddingStore(out_dir)
+        manifest = existing
+        run_cfg = None if existing["itae"] is None else ITAEConfig.from_dict(existing["itae"])
+    else:
+        if existing is not None:
+            clear_store_files(out_dir)
+        others = foreign_files(out_dir)
+        if others:
+            raise StoreError(
+                f"output folder {str(out_dir)!r} is not empty and holds no itae store (e.g. {others[0]!r}); "
+                "choose an empty or new folder"
+            )
+        clear_store_files(out_dir)  # stale chunks or errors.csv of a run that never wrote its manifest
+        run_cfg = itae
+        if itae is not None and not itae.is_calibrated:
+            run_cfg, manifest["calibration"] = _calibrate(
+                bb, src, transform, itae, calibration_images, batch_size, out_dir, **loader_kw
+            )
+        manifest["itae"] = None if run_cfg is None else run_cfg.to_dict()
+
+    writer = StoreWriter(out_dir, manifest)
+    writer.begin()
+    done = set(writer.committed_chunks())
+    todo = [k for k in range(writer.num_chunks) if k not in done]
+    if todo:
+        _extract(bb, src, transform, writer, todo, run_cfg, feature, normalize, batch_size, progress, fast_cls,
+                 **loader_kw)
+
+    errors = writer.error_rows()
+    num_failed = len(errors)
+    if num_failed == len(src):  # keep only errors.csv: no store that looks usable
+        write_errors_csv(out_dir, errors)
+        remove_chunks(out_dir)
+        (out_dir / MANIFEST).unlink()
+        raise ValueError(_all_failed_message(src, out_dir, errors[0]))
+    store = writer.finalize()
+    logger.info("embedded %d of %d images into %s (%d failed, see %s)", len(store), len(src), out_dir,
+                num_failed, ERRORS)
+    return store
+
+
+def _get(manifest: dict[str, Any], dotted: str) -> Any:
+    value: Any = manifest
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _loader(
+    src: ImageSource, transform, batch_sampler, *, num_workers: int, device: torch.device, max_pixels: int | None
+) -> DataLoader:
+    return DataLoader(
+        ImageDataset(src, transform, max_pixels=max_pixels),
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def _to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Copy in the loader's float32 (pinned, asynchronous), cast on the device.
+    return pixels.to(device, non_blocking=True).to(dtype)
+
+
+def _calibrate(
+    bb: Backbone,
+    src: ImageSource,
+    transform,
+    itae: ITAEConfig,
+    count: int,
+    batch_size: int,
+    out_dir: Path,
+    *,
+    num_workers: int,
+    device: torch.device,
+    max_pixels: int | None,
+) -> tuple[ITAEConfig, dict[str, Any]]:
+    """Resolve an "auto" threshold on the first ``count`` decodable images, in source order."""
+    from itae.engine.calibrate import calibrate
+
+    sampler = [list(range(b, min(b + batch_size, len(src)))) for b in range(0, len(src), batch_size)]
+    loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels)
+    used = 0
+    failures: list[tuple[int, str]] = []
+
+    def batches() -> Iterator[torch.Tensor]:
+        nonlocal used
+        for batch in loader:
+            failures.extend(zip(batch["failed_index"], batch["failed_reason"], strict=True))
+            if batch["pixels"] is None:
+                continue
+            x = batch["pixels"][: count - used]
+            used += len(x)
+            yield _to_device(x, device, bb.dtype)
+            if used >= count:
+                return
+
+    with torch.inference_mode():
+        gen = batches()
+        first = next(gen, None)
+        if first is None:  # nothing decodes: say so, list why, write nothing else
+            rows = [(i, src.ids[i], r) for i, r in failures]
+            write_errors_csv(out_dir, rows)
+            raise ValueError(_all_failed_message(src, out_dir, rows[0] if rows else None))
+
+        def chained() -> Iterator[torch.Tensor]:
+            yield first
+            yield from gen
+
+        cal = calibrate(bb, chained(), itae)
+    logger.info("ITAE calibration (first %d decodable images of the source): %s", used, cal.summary())
+    record = {
+        "images": used,
+        "thresholds": {str(k): float(v) for k, v in cal.thresholds.items()},
+        "flagged_fraction": {str(k): float(v) for k, v in cal.flagged_fraction.items()},
+        "bimodal": {str(k): bool(v) for k, v in getattr(cal, "bimodal", {}).items()},
+    }
+    return cal.config, record
+
+
+def _all_failed_message(src: ImageSource, out_dir: Path, example: tuple[int, str, str] | None) -> str:
+    hint = f" (e.g. {example[1]!r}: {example[2]})" if example else ""
+    return (
+        f"none of the {len(src)} images of {src.spec!r} could be decoded{hint}; reasons are listed in "
+        f"{str(out_dir / ERRORS)!r}; no embeddings were written"
+    )
+
+
+class _ChunkBuffer:
+    """What one chunk has gathered so far; committed when all its records are accounted for."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seen = 0
+        self.index: list[np.ndarray] = []
+        self.embeddings: list[np.ndarray] = []
+        self.failed: list[tuple[int, str]] = []
+
+
+def _extract(
+    bb: Backbone,
+    src: ImageSource,
+    transform,
+    writer: StoreWriter,
+    todo: list[int],
+    cfg: ITAEConfig | None,
+    feature: Feature,
+    normalize: bool,
+    batch_size: int,
+    progress: bool,
+    fast_cls: bool,
+    *,
+    num_workers: int,
+    device: torch.device,
+    max_pixels: int | None,
+) -> None:
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from itae.engine.fast import forward_cls, supports_fast_cls
+
+    sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo)
+    loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels)
+    remaining = sum(writer.chunk_bounds(k)[1] - writer.chunk_bounds(k)[0] for k in todo)
+    bar = tqdm(total=len(src), initial=len(src) - remaining, unit="img", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, desc="embedding")
+    fast = fast_cls and feature == "cls" and supports_fast_cls(bb, cfg)
+    if cfg is not None and not fast:
+        from itae.engine.patch import attenuate
+
+        context = attenuate(bb, cfg)  # entered once around the whole loop
+    else:
+        context = nullcontext()
+    logger.info("extracting %d images with %s", remaining,
+                "the CLS-only fast path" if fast else "ITAE hooks" if cfg is not None else "the unmodified model")
+    buffers: dict[int, _ChunkBuffer] = {}
+    processed = failed = 0
+    t0 = time.perf_counter()
+    try:
+        with context, torch.inference_mode():
+            for batch in loader:
+                indices = batch["index"]
+                all_idx = indices.tolist() + list(batch["failed_index"])
+                k = min(all_idx) // writer.chunk_size
+                start, stop = writer.chunk_bounds(k)
+                buf = buffers.setdefault(k, _ChunkBuffer(stop - start))
+                if batch["pixels"] is not None:
+                    x = _to_device(batch["pixels"], bb.device, bb.dtype)
+                    if fast:
+                        features = Features(cls=forward_cls(bb, x, cfg)[0])
+                    else:
+                        features = bb.forward_features(x)
+                    emb = pool_features(features, feature, normalize)  # (B, D) float32
+                    _check_finite(emb, indices, src)
+                    if emb.shape[1] != writer.dim:
+                        raise RuntimeError(f"the model gave {emb.shape[1]}-d embeddings, expected {writer.dim}")
+                    buf.index.append(indices.numpy())
+                    buf.embeddings.append(emb.cpu().numpy())
+                buf.failed.extend(zip(batch["failed_index"], batch["failed_reason"], strict=True))
+                buf.seen += len(all_idx)
+                processed += len(all_idx)
+                failed += len(batch["failed_index"])
+                if buf.seen == buf.size:
+                    _commit(writer, k, buffers.pop(k), src)
+                bar.update(len(all_idx))
+                rate = processed / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(img_s=f"{rate:.1f}", failed=failed, refresh=False)
+    finally:
+        bar.close()
+    if buffers:
+        raise RuntimeError(f"extraction ended with unfinished chunks {sorted(buffers)}")
+
+
+def _check_finite(emb: torch.Tensor, indices: torch.Tensor, src: ImageSource) -> None:
+    ok = torch.isfinite(emb).all(dim=1)
+    if bool(ok.all()):
+        return
+    bad = [int(i) for i in indices[~ok.cpu()].tolist()]
+    names = ", ".join(repr(src.ids[i]) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise ValueError(
+        f"non-finite (NaN or inf) embedding for image {names}; refusing to write it. Committed chunks are "
+        "kept and a rerun resumes; with fp16 this is usually an overflow, so try precision='bf16' or 'fp32'"
+    )
+
+
+def _commit(writer: StoreWriter, k: int, buf: _ChunkBuffer, src: ImageSource) -> None:
+    if buf.index:
+        index = np.concatenate(buf.index)
+        emb = np.concatenate(buf.embeddings, axis=0)
+    else:
+        index = np.zeros(0, dtype=np.int64)
+        emb = np.zeros((0, writer.dim), dtype=np.float32)
+    order = np.argsort(index, kind="stable")
+    index, emb = index[order], emb[order]
+    labels = src.labels
+    failed = sorted(buf.failed)
+    writer.write_chunk(
+        k,
+        index=index,
+        ids=[src.ids[i] for i in index.tolist()],
+        labels=[labels[i] if labels is not None else "" for i in index.tolist()],
+        embeddings=emb,
+        failed_index=[i for i, _ in failed],
+        failed_ids=[src.ids[i] for i, _ in failed],
+        failed_reason=[r for _, r in failed],
+    )
+
+
+__all__ = ["embed", "embed_batches", "default_num_workers", "pool_features", "resolve_device", "resolve_precision"]

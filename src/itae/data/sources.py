@@ -1,0 +1,516 @@
+"""Where images come from: a folder, a list of paths, WebDataset tar shards, or a HF ``datasets`` data set.
+
+Every source is an ``ImageSource``: a fixed, sorted, stable sequence of records, each with a string id
+(relative path, ``<shard>#<key>``, or ``<dataset>:<split>:<row>``) and an optional label. Only ids and
+labels are held in memory; image bytes are read one record at a time by ``read`` (in DataLoader
+workers), so sources are picklable and cheap to send to worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+LabelMode = Literal["none", "from-folders", "column"]
+LABEL_MODES = ("none", "from-folders", "column")
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".avif"}
+)
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WDS_LABEL_EXTENSIONS = ("cls", "txt", "json")
+
+# An image's payload, as ``itae.data.decode.load_rgb`` accepts it: a file path, raw bytes, or an
+# already decoded PIL image (HF data sets without raw bytes).
+Payload = Any
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a source: its position, stable id and label (None when the source has none)."""
+
+    index: int
+    id: str
+    label: str | None
+
+
+class ImageSource:
+    """A sorted, stable sequence of images. Subclasses fill ``ids``/``labels`` and implement ``read``."""
+
+    kind: str = "source"
+
+    def __init__(self, spec: str, ids: list[str], labels: list[str] | None) -> None:
+        if labels is not None and len(labels) != len(ids):
+            raise ValueError(f"{len(labels)} labels for {len(ids)} images")
+        self.spec = spec
+        self.ids = ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> ImageRecord:
+        return ImageRecord(index, self.ids[index], None if self.labels is None else self.labels[index])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, {len(self)} images)"
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def read(self, index: int) -> Payload:
+        """The payload of record ``index`` (a path, bytes or a PIL image); may raise OSError."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 over the ordered ids and labels: a resumed run must see exactly the same records."""
+        h = hashlib.sha256()
+        for i, ident in enumerate(self.ids):
+            label = "" if self.labels is None else self.labels[i]
+            h.update(ident.encode("utf-8", "surrogateescape"))
+            h.update(b"\t")
+            h.update(label.encode("utf-8", "surrogateescape"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ folder
+
+
+class FolderSource(ImageSource):
+    """Every image file under ``root`` (recursive, hidden entries skipped), sorted by relative path."""
+
+    kind = "folder"
+
+    def __init__(self, root: str | Path, *, labels: LabelMode = "none", spec: str | None = None) -> None:
+        self.root = Path(root)
+        rel = _scan_images(self.root)
+        if not rel:
+            raise ValueError(
+                f"no images found in folder {str(self.root)!r} (looked recursively for "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to a folder that holds images"
+            )
+        label_list = None
+        if labels == "from-folders":
+            top = [r for r in rel if "/" not in r]
+            if top:
+                raise ValueError(
+                    f"labels='from-folders' takes each image's label from its immediate subfolder, but "
+                    f"{len(top)} image(s) lie directly in {str(self.root)!r} (e.g. {top[0]!r}); "
+                    "move them into class folders or use labels='none'"
+                )
+            label_list = [r.split("/", 1)[0] for r in rel]
+        elif labels == "column":
+            raise ValueError("labels='column' needs a CSV list or a data set; for a folder use labels='from-folders'")
+        super().__init__(spec or str(root), rel, label_list)
+
+    def read(self, index: int) -> Payload:
+        return self.root / self.ids[index]
+
+
+def _scan_images(root: Path) -> list[str]:
+    """Relative posix paths of image files under ``root``, sorted; hidden files and folders skipped."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            found.append((base / name).as_posix())
+    found.sort()
+    return found
+
+
+# -------------------------------------------------------------------------------------- path list
+
+
+class ListSource(ImageSource):
+    """A text file with one path per line, or a CSV with a ``path`` column and an optional label column.
+
+    Relative paths are relative to the list's folder. Blank lines and lines starting with ``#`` in a text
+    list are skipped. A listed file that does not exist is not an error here: it is reported at decode
+    time and lands in ``errors.csv`` like any other unreadable image.
+    """
+
+    kind = "list"
+
+    def __init__(
+        self, list_path: str | Path, *, labels: LabelMode = "none", label_column: str = "label", spec: str | None = None
+    ) -> None:
+        self.list_path = Path(list_path)
+        self.base = self.list_path.parent
+        if self.list_path.suffix.lower() == ".csv":
+            paths, label_list = self._read_csv(labels, label_column)
+        else:
+            if labels != "none":
+                raise ValueError(
+                    f"labels={labels!r} needs a label column: use a .csv list with a header "
+                    f"'path,{label_column}', or labels='none'"
+                )
+            paths, label_list = self._read_text(), None
+        if not paths:
+            raise ValueError(f"the list {str(self.list_path)!r} names no images; give one path per line")
+        super().__init__(spec or str(list_path), paths, label_list)
+
+    def _read_text(self) -> list[str]:
+        with open(self.list_path, encoding="utf-8") as f:
+            return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+
+    def _read_csv(self, labels: LabelMode, label_column: str) -> tuple[list[str], list[str] | None]:
+        with open(self.list_path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "path" not in header:
+                raise ValueError(
+                    f"the CSV list {str(self.list_path)!r} needs a header row with a 'path' column "
+                    f"(and optionally '{label_column}'); found columns {header}"
+                )
+            if labels == "column" and label_column not in header:
+                raise ValueError(
+                    f"labels='column' but the CSV list {str(self.list_path)!r} has no {label_column!r} column; "
+                    f"columns are {header}"
+                )
+            if labels == "from-folders":
+                raise ValueError("labels='from-folders' applies to folders; for a CSV list use labels='column'")
+            paths: list[str] = []
+            label_list: list[str] | None = [] if labels == "column" else None
+            for line_no, row in enumerate(reader, start=2):
+                path = (row.get("path") or "").strip()
+                if not path:
+                    raise ValueError(f"{str(self.list_path)!r} line {line_no}: empty path")
+                paths.append(path)
+                if label_list is not None:
+                    label_list.append((row.get(label_column) or "").strip())
+        return paths, label_list
+
+    def read(self, index: int) -> Payload:
+        return self.base / self.ids[index]
+
+
+# ------------------------------------------------------------------------------------- WebDataset
+
+
+@dataclass(frozen=True)
+class _TarMember:
+    shard: int
+    offset: int
+    size: int
+
+
+class WebDatasetSource(ImageSource):
+    """Local WebDataset tar shards: members grouped by key (the name up to the first dot of the basename).
+
+    Each sample's image is its first member with extension jpg, jpeg, png or webp; its label (when asked)
+    comes from a ``.cls``, ``.txt`` or ``.json`` member (a JSON object gives its ``label_column`` key).
+    Samples without an image member are skipped. Ids are ``<shard file name>#<key>``.
+    """
+
+    kind = "webdataset"
+
+    def __init__(
+        self, shards: list[Path], *, labels: LabelMode = "none", label_column: str = "label", spec: str | None = None
+    ) -> None:
+        if labels == "from-folders":
+            raise ValueError("labels='from-folders' applies to folders; for WebDataset shards use labels='column'")
+        self.shards = [Path(s) for s in shards]
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("WebDataset shards must have distinct file names (ids are '<shard>#<key>')")
+        ids: list[str] = []
+        members: list[_TarMember] = []
+        label_list: list[str] | None = [] if labels == "column" else None
+        missing_label = None
+        for s, shard in enumerate(self.shards):
+            for key, image, label in _scan_shard(shard, label_column if label_list is not None else None):
+                ids.append(f"{shard.name}#{key}")
+                members.append(_TarMember(s, image.offset_data, image.size))
+                if label_list is not None:
+                    if label is None and missing_label is None:
+                        missing_label = ids[-1]
+                    label_list.append(label or "")
+        if not ids:
+            raise ValueError(
+                f"no images found in the WebDataset shard(s) {spec or names}; each sample needs a member "
+                f"with extension {', '.join(WDS_IMAGE_EXTENSIONS)}"
+            )
+        if missing_label is not None:
+            raise ValueError(
+                f"labels='column' but sample {missing_label!r} has no .cls/.txt/.json member "
+                f"(or its JSON has no {label_column!r} key); use labels='none'"
+            )
+        self._members = members
+        super().__init__(spec or ",".join(map(str, self.shards)), ids, label_list)
+
+    def read(self, index: int) -> Payload:
+        m = self._members[index]
+        with open(self.shards[m.shard], "rb") as f:
+            f.seek(m.offset)
+            data = f.read(m.size)
+        if len(data) != m.size:
+            raise OSError(f"shard {self.shards[m.shard].name} ends early: read {len(data)} of {m.size} bytes")
+        return data
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename; ext = the rest, lower case."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def _scan_shard(shard: Path, label_column: str | None):
+    """Yield (key, image TarInfo, label or None) per sample of one shard, in the shard's member order."""
+    try:
+        tar = tarfile.open(shard, "r:")  # plain tar only: random access needs uncompressed members
+    except (OSError, tarfile.TarError) as e:
+        raise ValueError(f"cannot read WebDataset shard {str(shard)!r}: {e} (an uncompressed .tar is needed)") from e
+    with tar:
+        order: dict[str, None] = {}  # keys in order of first appearance
+        images: dict[str, tarfile.TarInfo] = {}
+        label_members: dict[str, tarfile.TarInfo] = {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = _split_key(info.name)
+            order.setdefault(key, None)
+            if ext in WDS_IMAGE_EXTENSIONS and key not in images:
+                images[key] = info
+            elif ext in WDS_LABEL_EXTENSIONS and label_column is not None:
+                # Prefer .cls over .txt over .json when a sample has several.
+                prev = label_members.get(key)
+                if prev is None or _label_rank(ext) < _label_rank(_split_key(prev.name)[1]):
+                    label_members[key] = info
+        for key in order:
+            if key not in images:
+                continue
+            label = None
+            if label_column is not None and key in label_members:
+                label = _read_label(tar, label_members[key], label_column)
+            yield key, images[key], label
+
+
+def _label_rank(ext: str) -> int:
+    return WDS_LABEL_EXTENSIONS.index(ext) if ext in WDS_LABEL_EXTENSIONS else len(WDS_LABEL_EXTENSIONS)
+
+
+def _read_label(tar: tarfile.TarFile, info: tarfile.TarInfo, label_column: str) -> str | None:
+    f = tar.extractfile(info)
+    if f is None:
+        return None
+    text = f.read().decode("utf-8", "replace").strip()
+    if info.name.lower().endswith(".json"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(value, dict):
+            value = value.get(label_column)
+        return None if value is None else str(value)
+    return text
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand WebDataset-style braces: ``a-{000..002}.tar`` and ``{x,y}.tar``; zero padding is kept."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        options = body.split(",")
+    return [x for opt in options for x in expand_braces(head + opt + tail)]
+
+
+# ------------------------------------------------------------------------------------ HF datasets
+
+
+class HFDatasetSource(ImageSource):
+    """A HF ``datasets`` data set: a folder written by ``save_to_disk`` or a hub id (``hf:`` prefix allowed).
+
+    The image column is read undecoded (raw bytes) where it is a ``datasets.Image`` feature, so decoding
+    goes through ``itae``'s robust decoder. A ``ClassLabel`` label column gives its class names.
+    """
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        labels: LabelMode = "none",
+        image_column: str = "image",
+        label_column: str = "label",
+        split: str | None = None,
+    ) -> None:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError(
+                "reading a HF data set needs the 'datasets' package: pip install 'itae[datasets]'"
+            ) from e
+        if labels == "from-folders":
+            raise ValueError("labels='from-folders' applies to folders; for a HF data set use labels='column'")
+        name = spec[3:] if spec.startswith("hf:") else spec
+        local = Path(name)
+        if local.is_dir():
+            data = datasets.load_from_disk(str(local))
+            shown = local.name
+        else:
+            try:
+                data = datasets.load_dataset(name, split=split)
+            except Exception as e:  # the library raises many types; the user needs one clear line
+                raise ValueError(
+                    f"{spec!r} is neither an image folder, a list, WebDataset shards nor a loadable HF data set: {e}"
+                ) from e
+            shown = name
+        if isinstance(data, datasets.DatasetDict):
+            splits = list(data)
+            if split is None:
+                if len(splits) != 1:
+                    raise ValueError(f"the data set {spec!r} has splits {splits}; choose one with split=...")
+                split = splits[0]
+            if split not in data:
+                raise ValueError(f"the data set {spec!r} has no split {split!r}; splits are {splits}")
+            data = data[split]
+        split = split or (str(data.split) if getattr(data, "split", None) else "train")
+        columns = list(data.column_names)
+        if image_column not in columns:
+            raise ValueError(f"the data set {spec!r} has no image column {image_column!r}; columns are {columns}")
+        label_list = None
+        if labels == "column":
+            if label_column not in columns:
+                raise ValueError(f"the data set {spec!r} has no label column {label_column!r}; columns are {columns}")
+            feature = data.features[label_column]
+            raw = data[label_column] if len(data) else []
+            if isinstance(feature, datasets.ClassLabel):
+                label_list = [feature.int2str(int(v)) for v in raw]
+            else:
+                label_list = ["" if v is None else str(v) for v in raw]
+        if len(data) == 0:
+            raise ValueError(f"the data set {spec!r} (split {split!r}) is empty")
+        images = data.select_columns([image_column])
+        if isinstance(images.features[image_column], datasets.Image):
+            images = images.cast_column(image_column, datasets.Image(decode=False))
+        self._data = images
+        self._column = image_column
+        ids = [f"{shown}:{split}:{i}" for i in range(len(data))]
+        super().__init__(spec, ids, label_list)
+
+    def read(self, index: int) -> Payload:
+        value = self._data[index][self._column]
+        if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
+            if value.get("bytes") is not None:
+                return value["bytes"]
+            if value.get("path"):
+                return Path(value["path"])
+            raise OSError("the data set row has neither image bytes nor a path")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str):
+            return Path(value)
+        return value  # e.g. a PIL image
+
+
+# ---------------------------------------------------------------------------------------- factory
+
+
+def open_source(
+    spec: str | os.PathLike | ImageSource,
+    *,
+    labels: LabelMode = "none",
+    image_column: str = "image",
+    label_column: str = "label",
+    split: str | None = None,
+) -> ImageSource:
+    """Recognise ``spec`` and open it as an ``ImageSource``.
+
+    - a folder of images (recursive); ``labels="from-folders"`` labels each by its immediate subfolder;
+    - a ``.txt`` list of paths, or a ``.csv`` list with header ``path[,label]`` (``labels="column"``);
+    - WebDataset: a ``.tar`` shard, a brace pattern (``shards-{000..009}.tar``), a glob, or a folder
+      holding ``.tar`` files and no images;
+    - a HF data set: a folder written by ``save_to_disk``, or a hub id (``owner/name`` or ``hf:name``),
+      with ``image_column``, ``label_column`` and ``split``.
+    """
+    if isinstance(spec, ImageSource):
+        return spec
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {', '.join(map(repr, LABEL_MODES))}; got {labels!r}")
+    text = os.fspath(spec)
+    if not text:
+        raise ValueError("empty image source; give a folder, a list file, tar shards or a data set")
+    hf_kw: dict[str, Any] = dict(labels=labels, image_column=image_column, label_column=label_column, split=split)
+    if text.startswith("hf:"):
+        return HFDatasetSource(text, **hf_kw)
+    path = Path(text)
+    if path.is_dir():
+        if _is_saved_hf_dataset(path):
+            return HFDatasetSource(text, **hf_kw)
+        if not _scan_has_images(path):
+            shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".tar")
+            if shards:
+                return WebDatasetSource(shards, labels=labels, label_column=label_column, spec=text)
+        return FolderSource(path, labels=labels, spec=text)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".tar":
+            return WebDatasetSource([path], labels=labels, label_column=label_column, spec=text)
+        if suffix in (".txt", ".csv", ".lst"):
+            return ListSource(path, labels=labels, label_column=label_column, spec=text)
+        raise ValueError(
+            f"{text!r} is a file of unknown kind; give a folder, a .txt/.csv list of paths or a .tar shard"
+        )
+    if any(c in text for c in "{*?["):
+        matches = sorted({p for pat in expand_braces(text) for p in glob.glob(pat)})
+        missing = [p for p in expand_braces(text) if not any(c in p for c in "*?[") and not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"shard pattern {text!r}: {len(missing)} shard(s) missing, e.g. {missing[0]!r}")
+        tars = [Path(p) for p in matches if p.lower().endswith(".tar")]
+        if not tars:
+            raise FileNotFoundError(f"the pattern {text!r} matches no .tar shards")
+        return WebDatasetSource(tars, labels=labels, label_column=label_column, spec=text)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not path.suffix:
+        return HFDatasetSource(text, **hf_kw)
+    raise FileNotFoundError(f"image source {text!r} does not exist; give a folder, a list file, tar shards or a data set")
+
+
+def _is_saved_hf_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def _scan_has_images(root: Path) -> bool:
+    for _, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS for n in filenames):
+            return True
+    return False
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "LABEL_MODES", "FolderSource", "HFDatasetSource", "ImageRecord", "ImageSource",
+    "ListSource", "WebDatasetSource", "expand_braces", "open_source",
+]

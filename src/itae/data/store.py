@@ -1,0 +1,489 @@
+"""The embedding store: a folder that extraction fills chunk by chunk and that later stages read.
+
+Layout while a run is in progress::
+
+    manifest.json        settings, versions, source fingerprint; "complete": false
+    chunk-00000.npz      records [0, chunk_size): their embeddings, ids, labels, and the failures
+    chunk-00001.npz      ...
+    errors.csv           index,id,reason for every image that could not be decoded (committed chunks)
+
+and once finished (the chunks are consolidated, then removed)::
+
+    manifest.json        "complete": true, plus counts and file names
+    embeddings.npy       (N, D) float32, memory-mappable, rows in source order
+    records.csv          index,id,label of each row (index = position in the source)
+    errors.csv
+
+Chunk ``k`` always covers source records ``[k * chunk_size, (k + 1) * chunk_size)``, whatever failed in
+it, so a resumed run recomputes exactly the missing chunks and ends with a store identical to an
+uninterrupted run's. Every file is written to a temporary name in the same folder, fsynced, and moved
+into place with ``os.replace``: a file is either absent or complete, even after kill -9.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+FORMAT = "itae-embeddings"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+RECORDS = "records.csv"
+ERRORS = "errors.csv"
+CHUNK_PREFIX = "chunk-"
+TMP_PREFIX = ".tmp-"
+_CHUNK_KEYS = (
+    "start", "stop", "index", "ids", "labels", "embeddings", "failed_index", "failed_ids", "failed_reason",
+)
+# Manifest keys that define the result: a resumed run must agree on all of them.
+SETTING_KEYS = ("format_version", "model", "feature", "normalize", "precision", "preprocess", "itae_requested",
+                "calibration_images", "chunk_size", "dim")
+SOURCE_SETTING_KEYS = ("kind", "num_records", "fingerprint", "has_labels")
+
+
+class StoreError(ValueError):
+    """An output folder or store that cannot be used as asked."""
+
+
+# ------------------------------------------------------------------------------------- atomic I/O
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed .npz (readable by ``np.load``) with fixed timestamps, so equal data gives equal bytes."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arr, order="C"), allow_pickle=False)
+            z.writestr(info, buf.getvalue())
+
+
+def _csv_text(header: list[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _str_array(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages that shape the embeddings, for the manifest."""
+    out = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for dist in ("itae", "torch", "transformers", "timm", "numpy", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def chunk_name(k: int) -> str:
+    return f"{CHUNK_PREFIX}{k:05d}.npz"
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+class EmbeddingStore:
+    """Read an embedding store folder (see the module docstring for the layout).
+
+    ``embeddings()`` (N, D), ``ids``, ``labels`` and ``indices`` are aligned row by row, in source order;
+    images that failed to decode have no row and are listed by ``errors``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no embedding store at {str(self.path)!r} (no {MANIFEST}); run itae.embed first")
+        with open(manifest, encoding="utf-8") as f:
+            self.manifest: dict[str, Any] = json.load(f)
+        if self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{str(manifest)!r} is not an itae embedding store manifest")
+        if int(self.manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise StoreError(
+                f"the store at {str(self.path)!r} has format version {self.manifest['format_version']}, newer "
+                f"than this itae understands ({FORMAT_VERSION}); upgrade itae"
+            )
+        self._records: tuple[np.ndarray, list[str], list[str]] | None = None
+
+    def __repr__(self) -> str:
+        state = f"{len(self)} x {self.dim}" if self.is_complete else "incomplete"
+        return f"EmbeddingStore({str(self.path)!r}, {state})"
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def num_records(self) -> int:
+        """Images in the source, decoded or not."""
+        return int(self.manifest["source"]["num_records"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["model"])
+
+    @property
+    def itae_config(self):
+        """The ``ITAEConfig`` used (thresholds resolved), or None for the baseline."""
+        from itae.config import ITAEConfig
+
+        d = self.manifest.get("itae")
+        return None if d is None else ITAEConfig.from_dict(d)
+
+    def _require_complete(self) -> None:
+        if not self.is_complete:
+            raise StoreError(
+                f"the store at {str(self.path)!r} is incomplete (the run was interrupted); run itae.embed again "
+                "with the same settings to resume it"
+            )
+
+    def __len__(self) -> int:
+        self._require_complete()
+        return int(self.manifest["num_embedded"])
+
+    def embeddings(self, mmap: bool = True) -> np.ndarray:
+        """(N, D) float32 in source order; memory-mapped read-only unless ``mmap=False``."""
+        self._require_complete()
+        return np.load(self.path / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def _load_records(self) -> tuple[np.ndarray, list[str], list[str]]:
+        if self._records is None:
+            self._require_complete()
+            index: list[int] = []
+            ids: list[str] = []
+            labels: list[str] = []
+            with open(self.path / RECORDS, encoding="utf-8", newline="") as f:
+                reader = csv.reader(f)
+                next(reader)
+                for row in reader:
+                    index.append(int(row[0]))
+                    ids.append(row[1])
+                    labels.append(row[2])
+            self._records = (np.asarray(index, dtype=np.int64), ids, labels)
+        return self._records
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(N,) position of each row in the source."""
+        return self._load_records()[0]
+
+    @property
+    def ids(self) -> list[str]:
+        return self._load_records()[1]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Row labels, or None when the source was read without labels."""
+        if not self.manifest["source"].get("has_labels"):
+            return None
+        return self._load_records()[2]
+
+    @property
+    def errors(self) -> list[tuple[int, str, str]]:
+        """(index, id, reason) of every image that could not be decoded."""
+        p = self.path / ERRORS
+        if not p.is_file():
+            return []
+        with open(p, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            return [(int(r[0]), r[1], r[2]) for r in reader]
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+def prepare_output(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that files can be written in it, or raise a clear error."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"output {str(out)!r} exists and is not a folder; give a folder path for the store")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StoreError(f"cannot create output folder {str(out)!r}: a parent is a file") from None
+    except OSError as e:
+        raise StoreError(f"cannot create output folder {str(out)!r}: {e.strerror or e}") from None
+    if not os.access(out, os.R_OK | os.X_OK):
+        raise StoreError(f"output folder {str(out)!r} is not readable; fix its permissions or choose another")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StoreError(
+            f"cannot write in output folder {str(out)!r}: {e.strerror or e}; fix its permissions or choose another"
+        ) from None
+    return out
+
+
+def _is_store_file(name: str) -> bool:
+    return (
+        name in (MANIFEST, EMBEDDINGS, RECORDS, ERRORS)
+        or name.startswith(TMP_PREFIX)
+        or (name.startswith(CHUNK_PREFIX) and name.endswith(".npz"))
+    )
+
+
+def clear_store_files(out: Path) -> None:
+    """Remove this module's files from ``out`` (never anything else)."""
+    for p in out.iterdir():
+        if p.is_file() and _is_store_file(p.name):
+            p.unlink()
+    _fsync_dir(out)
+
+
+def foreign_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if not _is_store_file(p.name))
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    p = out / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"cannot read {str(p)!r}: {e}; pass overwrite=True to start this store again") from None
+
+
+def setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of result-defining settings on which two manifests disagree."""
+    diffs = [k for k in SETTING_KEYS if old.get(k) != new.get(k)]
+    old_src, new_src = old.get("source", {}), new.get("source", {})
+    diffs += [f"source.{k}" for k in SOURCE_SETTING_KEYS if old_src.get(k) != new_src.get(k)]
+    return diffs
+
+
+class StoreWriter:
+    """Fills a store folder: ``begin`` writes the manifest, ``write_chunk`` commits chunks, ``finalize``."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any]) -> None:
+        self.out = out
+        self.manifest = manifest
+        self.chunk_size = int(manifest["chunk_size"])
+        self.num_records = int(manifest["source"]["num_records"])
+        self.num_chunks = -(-self.num_records // self.chunk_size)
+        self.dim = int(manifest["dim"])
+        # Failures of the committed chunks, by chunk: errors.csv is rewritten from memory, not from disk.
+        self._errors: dict[int, list[tuple[int, str, str]]] | None = None
+
+    def begin(self) -> None:
+        atomic_write_text(self.out / MANIFEST, _manifest_text(self.manifest))
+
+    def chunk_bounds(self, k: int) -> tuple[int, int]:
+        start = k * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_records)
+
+    def _load_chunk(self, k: int) -> dict[str, np.ndarray] | None:
+        """A committed chunk's arrays, or None (a malformed file is removed and will be recomputed)."""
+        p = self.out / chunk_name(k)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {key: z[key] for key in _CHUNK_KEYS}
+            start, stop = self.chunk_bounds(k)
+            emb = arrays["embeddings"]
+            ok = (
+                int(arrays["start"]) == start and int(arrays["stop"]) == stop
+                and emb.ndim == 2 and emb.shape[1] == self.dim and emb.shape[0] == len(arrays["index"])
+                and len(arrays["index"]) + len(arrays["failed_index"]) == stop - start
+            )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable: recompute it
+            ok = False
+        if not ok:
+            p.unlink()
+            return None
+        return arrays
+
+    def committed_chunks(self) -> list[int]:
+        """Validate the chunk files on disk (removing malformed ones) and list the committed chunks."""
+        self._errors = {}
+        done = []
+        for k in range(self.num_chunks):
+            a = self._load_chunk(k)
+            if a is not None:
+                done.append(k)
+                self._errors[k] = _failures(a)
+        return done
+
+    def _iter_chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        for k in range(self.num_chunks):
+            arrays = self._load_chunk(k)
+            if arrays is not None:
+                yield arrays
+
+    def write_chunk(
+        self,
+        k: int,
+        index: np.ndarray,
+        ids: list[str],
+        labels: list[str],
+        embeddings: np.ndarray,
+        failed_index: list[int],
+        failed_ids: list[str],
+        failed_reason: list[str],
+    ) -> None:
+        """Commit chunk ``k`` atomically, then refresh ``errors.csv`` from all committed chunks."""
+        start, stop = self.chunk_bounds(k)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(index), self.dim)
+        arrays = {
+            "start": np.asarray(start, dtype=np.int64),
+            "stop": np.asarray(stop, dtype=np.int64),
+            "index": np.asarray(index, dtype=np.int64),
+            "ids": _str_array(ids),
+            "labels": _str_array(labels),
+            "embeddings": embeddings,
+            "failed_index": np.asarray(failed_index, dtype=np.int64),
+            "failed_ids": _str_array(failed_ids),
+            "failed_reason": _str_array(failed_reason),
+        }
+        if self._errors is None:
+            self.committed_chunks()
+        atomic_write(self.out / chunk_name(k), lambda f: _write_npz(f, arrays))
+        self._errors[k] = _failures(arrays)  # type: ignore[index]
+        self.write_errors()
+
+    def error_rows(self) -> list[tuple[int, str, str]]:
+        """(index, id, reason) of the failures in the committed chunks, in source order."""
+        if self._errors is None:
+            self.committed_chunks()
+        return [row for k in sorted(self._errors) for row in self._errors[k]]  # type: ignore[union-attr]
+
+    def write_errors(self) -> int:
+        """Rewrite ``errors.csv`` for the committed chunks; returns the number of errors."""
+        rows = self.error_rows()
+        write_errors_csv(self.out, rows)
+        return len(rows)
+
+    def finalize(self) -> EmbeddingStore:
+        """Consolidate the chunks into ``embeddings.npy`` + ``records.csv``, mark complete, drop the chunks."""
+        done = self.committed_chunks() if self._errors is None else list(self._errors)
+        missing = sorted(set(range(self.num_chunks)) - set(done))
+        if missing:
+            raise StoreError(f"cannot finalize {str(self.out)!r}: chunk(s) {missing[:5]} missing")
+        num_failed = self.write_errors()
+        num_embedded = self.num_records - num_failed
+        if num_embedded == 0:
+            raise StoreError(f"no embeddings to write in {str(self.out)!r}")
+
+        # Stream chunk by chunk into a memory-mapped file: memory stays at one chunk.
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{EMBEDDINGS}.", dir=self.out)
+        os.close(fd)
+        try:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_embedded, self.dim))
+            rows = []
+            row = 0
+            for a in self._iter_chunks():
+                n = len(a["index"])
+                mm[row : row + n] = a["embeddings"]
+                row += n
+                rows.extend(zip(a["index"].tolist(), a["ids"].tolist(), a["labels"].tolist(), strict=True))
+            if row != num_embedded:
+                raise StoreError(f"chunks of {str(self.out)!r} hold {row} rows, expected {num_embedded}")
+            mm.flush()
+            del mm
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.out / EMBEDDINGS)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        atomic_write_text(self.out / RECORDS, _csv_text(["index", "id", "label"], rows))
+        manifest = dict(self.manifest)
+        manifest.update(
+            complete=True, num_embedded=num_embedded, num_failed=num_failed,
+            files={"embeddings": EMBEDDINGS, "records": RECORDS, "errors": ERRORS},
+        )
+        atomic_write_text(self.out / MANIFEST, _manifest_text(manifest))
+        self.manifest = manifest
+        remove_chunks(self.out)
+        return EmbeddingStore(self.out)
+
+
+def write_errors_csv(out: Path, rows: list[tuple[int, str, str]]) -> None:
+    """Write ``errors.csv`` (index,id,reason) atomically."""
+    atomic_write_text(out / ERRORS, _csv_text(["index", "id", "reason"], rows))
+
+
+def _failures(arrays: dict[str, np.ndarray]) -> list[tuple[int, str, str]]:
+    a = arrays
+    return list(zip(a["failed_index"].tolist(), a["failed_ids"].tolist(), a["failed_reason"].tolist(), strict=True))
+
+
+def remove_chunks(out: Path) -> None:
+    for p in out.glob(f"{CHUNK_PREFIX}*.npz"):
+        p.unlink()
+    _fsync_dir(out)
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+
+
+__all__ = [
+    "EmbeddingStore", "StoreError", "StoreWriter", "atomic_write", "atomic_write_text", "chunk_name",
+    "clear_store_files", "foreign_files", "library_versions", "prepare_output", "read_manifest",
+    "remove_chunks", "setting_differences", "write_errors_csv",
+]
