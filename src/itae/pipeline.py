@@ -159,7 +159,11 @@ def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLi
     if data["per_seed"]:
         runs = [dict(evaluate(data["labels"], labels), seed=s) for s, labels in data["per_seed"].items()]
         metrics["seeds"] = runs
-        metrics.update({k: v for k, v in summarize(runs).items() if k in ("mean", "std", "n_runs")})
+        summary = summarize(runs)
+        scores = ("acc", "nmi", "ari", "purity")
+        metrics["n_runs"] = summary["n_runs"]
+        metrics["mean"] = {k: summary[k]["mean"] for k in scores}
+        metrics["std"] = {k: summary[k]["std"] for k in scores}
     folder = Path(out) if out is not None else (path if path.is_dir() else path.parent)
     _write_json(folder / METRICS, metrics)
     return metrics

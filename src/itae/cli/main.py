@@ -117,8 +117,20 @@ def _itae_config(args: argparse.Namespace):
     )
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, loads_models: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if loads_models and not verbose:
+        # the hub libraries' own weight-loading bars would bury our single progress bar and error line
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.command in ("run", "embed", "inspect", "bench"))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

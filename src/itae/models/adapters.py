@@ -169,11 +169,11 @@ def _timm_preprocess(model: nn.Module, patch: int) -> Preprocess:
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     interpolation = cfg.get("interpolation", "bicubic")
-    crop_pct = float(cfg.get("crop_pct", 0.875) or 0.875)
-    # DINOv2 timm configs default to 518 px; the paper's protocol and ours use 224.
+    # timm's DINOv2 configs describe 518 px with crop_pct 1.0; the DINOv2 evaluation recipe (and the
+    # HF and hub adapters) resize to 256 and centre-crop 224, so the same weights see the same pixels.
     size = 224
     return Preprocess(
-        image_size=size, resize_size=int(round(size / crop_pct)), interpolation=interpolation,
+        image_size=size, resize_size=256, interpolation=interpolation,
         mean=mean, std=std, patch_size=patch,
     )
 

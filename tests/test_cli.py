@@ -1,0 +1,152 @@
+"""The command line end to end, on a tiny local model and generated images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from itae.cli.main import main
+from itae.models.tiny import save_tiny
+
+COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = save_tiny("hf", root / "tiny-hf")
+    rng = np.random.default_rng(0)
+    data = root / "images"
+    for c, color in enumerate(COLORS):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            a = np.clip(np.array(color) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(data / f"class{c}" / f"{i:02d}.png")
+    (data / "class0" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    return {"root": root, "model": str(model), "data": str(data)}
+
+
+def _run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+COMMON = ("--resolution", "56", "--no-progress", "--workers", "0", "--device", "cpu")
+
+
+def test_run_writes_every_output(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = _run("run", assets["data"], "-k", 3, "-o", out, "--model", assets["model"], "--labels", "from-folders",
+              "--seeds", "0,1", *COMMON)
+    assert rc == 0, capsys.readouterr().err
+    for name in ("assignments.csv", "metrics.json", "errors.csv", "run.json", "report.html"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 24 and metrics["n_clusters"] == 3
+    assert {"acc", "nmi", "ari", "purity", "mean", "std"} <= set(metrics)
+    assert metrics["acc"] > 0.9  # three flat colours: any sane embedding separates them
+    rows = list(csv.DictReader(open(out / "assignments.csv")))
+    assert len(rows) == 24 and {"path", "cluster", "label", "distance", "cluster_seed1"} <= set(rows[0])
+    assert all(r["label"] == r["path"].split("/")[0] for r in rows)
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert [e["id"] for e in errors] == ["class0/broken.jpg"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["itae"]["source"] == "v" and isinstance(run["itae"]["threshold"], list)
+    assert {"torch", "itae"} <= set(run["versions"]) and run["timings"]["embed_s"] > 0
+    # cluster + evaluate again from the store, as separate commands
+    assert _run("cluster", out / "embeddings", "-k", 3, "-o", tmp_path / "again") == 0
+    assert _run("evaluate", tmp_path / "again") == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["acc"] == pytest.approx(metrics["acc"])
+
+
+def test_baseline_and_config_file(assets, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": assets["model"], "labels": "from-folders", "resolution": 56,
+                               "no_progress": True, "workers": 0, "device": "cpu", "no_itae": True}))
+    out = tmp_path / "base"
+    assert _run("--config", cfg, "run", assets["data"], "-k", 3, "-o", out, "--no-report") == 0
+    assert json.loads((out / "run.json").read_text())["itae"] is None
+    assert not (out / "report.html").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"modle": "x"}))
+    assert _run("--config", bad, "run", assets["data"], "-k", 3, "-o", out) != 0
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("empty", "no images"),
+        ("corrupt", "could be decoded"),
+        ("k0", "at least 1"),
+        ("k_too_big", "larger than the number of images"),
+        ("unknown_model", "model"),
+        ("unwritable", "not writable"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(assets, tmp_path, capsys, case, expected):
+    data, k, model, out = assets["data"], 3, assets["model"], tmp_path / "out"
+    if case == "empty":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif case == "corrupt":
+        data = tmp_path / "corrupt"
+        (data / "a").mkdir(parents=True)
+        for i in range(3):
+            (data / "a" / f"{i}.png").write_bytes(b"\x89PNG broken")
+    elif case == "k0":
+        k = 0
+    elif case == "k_too_big":
+        k = 1000
+    elif case == "unknown_model":
+        model = "no-such-model-anywhere"
+    elif case == "unwritable":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        out = blocker / "out"
+    rc = _run("run", data, "-k", k, "-o", out, "--model", model, "--labels", "from-folders", *COMMON)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("itae: error:") and len(err.splitlines()) == 1, err
+    assert expected.lower() in err.lower(), err
+    if case in ("k0", "k_too_big", "unknown_model"):
+        assert not (out / "assignments.csv").exists() and not (out / "metrics.json").exists()
+
+
+def test_nan_embedding_is_refused(assets, tmp_path, capsys):
+    import torch
+
+    from itae.models.loading import load_backbone
+
+    backbone = load_backbone(assets["model"])
+    with torch.no_grad():
+        backbone.model.base_model.layernorm.weight.fill_(float("nan"))
+    backbone.model.save_pretrained(tmp_path / "nan-model")
+    rc = _run("run", assets["data"], "-k", 3, "-o", tmp_path / "out", "--model", tmp_path / "nan-model",
+              "--no-itae", *COMMON)
+    err = capsys.readouterr().err
+    assert rc != 0 and "nan" in err.lower()
+    assert not (tmp_path / "out" / "assignments.csv").exists()
+
+
+def test_inspect_writes_figures(assets, tmp_path):
+    images = sorted(Path(assets["data"]).glob("class1/*.png"))[:2]
+    rc = _run("inspect", *images, "-o", tmp_path / "fig", "--model", assets["model"], "--resolution", 56,
+              "--threshold", "0.5")
+    assert rc == 0
+    pngs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
+    assert "grid.png" in pngs and len(pngs) >= 7
+    assert Image.open(tmp_path / "fig" / "grid.png").size[0] > 200
+
+
+def test_help_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("run", "embed", "cluster", "evaluate", "inspect", "bench"))
+    assert main([]) != 0
