@@ -1,0 +1,487 @@
+"""Diagnostic figures for `itae inspect`: norm histograms, artifact maps and CLS attention maps.
+
+Every function takes plain arrays or tensors plus the fields of ``itae.engine`` LayerDiagnostics
+(``norms``, ``cls_attention``, ``cls_attention_itae``, ``artifact_mask``, ``threshold``,
+``num_prefix_tokens``, ``grid``), so any object carrying those attributes works.
+
+Figures are built with the object-oriented matplotlib API on an Agg canvas: nothing here touches
+pyplot's global state or the process-wide backend, at import or at call time.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+NORM_KEYS = ("q", "k", "v", "residual")
+_FLAG_COLOR = "#d62728"
+_KEPT_COLOR = "#4c72b0"
+
+
+class LayerDiagnosticsLike(Protocol):
+    """The fields of ``itae.engine`` LayerDiagnostics that the figures read."""
+
+    norms: Mapping[str, Any]  # "q", "k", "v", "residual" -> (B, N)
+    cls_attention: Any  # (B, H, T)
+    cls_attention_itae: Any  # (B, H, T)
+    artifact_mask: Any  # (B, N) bool
+    threshold: float
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor (any device/dtype) or array-like as a numpy array."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().to("cpu")
+        if x.dtype.is_floating_point:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def image_array(image: Any) -> np.ndarray:
+    """A PIL image or array as an (H, W, 3) uint8 array.
+
+    Accepts (H, W), (H, W, 1|3|4), and channel-first (3, H, W) arrays; float arrays are taken to be in [0, 1].
+    """
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    arr = to_numpy(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.max(initial=0.0) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return arr
+
+
+def images_from_pixel_values(
+    pixel_values: Any, mean: Sequence[float], std: Sequence[float]
+) -> list[np.ndarray]:
+    """Undo the model's normalisation: (B, 3, H, W) pixel values -> B arrays (H, W, 3) uint8.
+
+    Use it to draw overlays on exactly the crop the model saw.
+    """
+    x = to_numpy(pixel_values).astype(np.float64)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"pixel_values must have shape (B, 3, H, W); got {x.shape}")
+    m = np.asarray(mean, dtype=np.float64).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1)
+    x = np.clip((x * s + m) * 255.0, 0, 255)
+    return [np.rint(im).astype(np.uint8).transpose(1, 2, 0) for im in x]  # (3, H, W) -> (H, W, 3)
+
+
+def _grid_of(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is None:
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"{n} patch values do not form a square grid; pass grid=(rows, cols)")
+        return side, side
+    rows, cols = int(grid[0]), int(grid[1])
+    if rows * cols != n:
+        raise ValueError(f"grid {rows}x{cols} does not match {n} patch values")
+    return rows, cols
+
+
+def patch_grid(values: Any, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-patch values (N,) or (h, w) as an (h, w) array."""
+    arr = to_numpy(values)
+    if arr.ndim == 2:
+        if grid is not None and tuple(arr.shape) != (int(grid[0]), int(grid[1])):
+            raise ValueError(f"patch map has shape {arr.shape}, expected grid {tuple(grid)}")
+        return arr
+    if arr.ndim != 1:
+        raise ValueError(f"patch values must be (N,) or (h, w); got shape {arr.shape}")
+    return arr.reshape(_grid_of(arr.shape[0], grid))  # (N,) -> (h, w), row-major like the patch sequence
+
+
+def cls_patch_attention(cls_attention: Any, num_prefix: int, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Head-mean CLS attention on the patch tokens: (H, T) -> (h, w)."""
+    att = to_numpy(cls_attention).astype(np.float64)
+    if att.ndim == 1:
+        att = att[None]
+    if att.ndim != 2:
+        raise ValueError(f"cls_attention must be (H, T) for one image; got shape {att.shape}")
+    if not 0 <= num_prefix < att.shape[1]:
+        raise ValueError(f"num_prefix={num_prefix} is out of range for {att.shape[1]} tokens")
+    return patch_grid(att.mean(axis=0)[num_prefix:], grid)
+
+
+def figure_to_png(fig: Figure, *, dpi: int = 100) -> bytes:
+    """Render a figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")  # constrained layout already fits the figure
+    return buf.getvalue()
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # attaches an Agg canvas to this figure only
+    return fig
+
+
+def _hide_ticks(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_image(ax: Axes, image: np.ndarray, *, dim: bool = False) -> None:
+    shown = image
+    if dim:  # a grey, faded photo under a heat map keeps the map readable
+        grey = image.astype(np.float64).mean(axis=-1, keepdims=True)
+        shown = np.repeat(grey * 0.6 + 255 * 0.4, 3, axis=-1).astype(np.uint8)
+    ax.imshow(shown, interpolation="bilinear")
+    _hide_ticks(ax)
+
+
+def _draw_mask(ax: Axes, image: np.ndarray, mask_hw: np.ndarray) -> None:
+    from matplotlib.colors import ListedColormap
+
+    h, w = image.shape[:2]
+    _draw_image(ax, image)
+    overlay = np.ma.masked_where(~mask_hw, np.ones(mask_hw.shape))
+    ax.imshow(
+        overlay, cmap=ListedColormap([_FLAG_COLOR]), alpha=0.55, vmin=0, vmax=1,
+        extent=(0, w, h, 0), interpolation="nearest",
+    )
+    # A white outline keeps single flagged patches visible on red or busy parts of the image.
+    rows, cols = mask_hw.shape
+    ph, pw = h / rows, w / cols
+    from matplotlib.patches import Rectangle
+
+    for r, c in zip(*np.nonzero(mask_hw), strict=True):
+        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="white", linewidth=1.0))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+
+
+def _draw_attention(ax: Axes, image: np.ndarray, att_hw: np.ndarray, vmax: float) -> Any:
+    h, w = image.shape[:2]
+    _draw_image(ax, image, dim=True)
+    im = ax.imshow(
+        att_hw, cmap="inferno", alpha=0.75, vmin=0.0, vmax=vmax, extent=(0, w, h, 0), interpolation="nearest"
+    )
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    return im
+
+
+def _flagged_mass(cls_attention: Any, mask: np.ndarray | None, num_prefix: int) -> float | None:
+    """Share of the head-mean CLS attention row that lands on flagged patch tokens."""
+    if mask is None:
+        return None
+    att = to_numpy(cls_attention).astype(np.float64)
+    att = att.mean(axis=0) if att.ndim == 2 else att
+    patches = att[num_prefix:]
+    return float(patches[mask.reshape(-1).astype(bool)].sum())
+
+
+def _draw_norm_hist(
+    ax: Axes, norms: np.ndarray, mask: np.ndarray | None, *, title: str, threshold: float | None = None
+) -> None:
+    norms = np.asarray(norms, dtype=np.float64).reshape(-1)
+    norms = norms[np.isfinite(norms)]
+    positive = norms[norms > 0]
+    if positive.size == 0:
+        ax.text(0.5, 0.5, "no positive norms", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+        return
+    lo, hi = float(positive.min()), float(positive.max())
+    if threshold is not None and threshold > 0:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo * 1.0001:
+        lo, hi = lo / 1.5, hi * 1.5
+    bins = np.geomspace(lo * 0.98, hi * 1.02, 41)
+    values = np.clip(norms, bins[0], None)
+    flagged = np.zeros(values.shape, dtype=bool)
+    if mask is not None:
+        flagged = mask.reshape(-1).astype(bool)[: values.size]
+    # Step patches rather than ax.hist: one artist per series instead of one rectangle per bin.
+    kept_counts, _ = np.histogram(values[~flagged], bins=bins)
+    ax.stairs(kept_counts, bins, fill=True, color=_KEPT_COLOR, label="kept")
+    if flagged.any():
+        flag_counts, _ = np.histogram(values[flagged], bins=bins)
+        ax.stairs(kept_counts + flag_counts, bins, baseline=kept_counts, fill=True, color=_FLAG_COLOR,
+                  label="flagged")
+    ax.set_xscale("log")
+    _log_ticks(ax)
+    if threshold is not None and np.isfinite(threshold) and threshold > 0:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.3g}")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.set_ylabel("patches", fontsize=8)
+
+
+def _log_ticks(ax: Axes) -> None:
+    """Plain-number labels at 1, 2, 5 x 10^k; matplotlib's default labels minor ticks in a narrow range
+    with overlapping mathtext."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    if lo > 0 and hi / lo < 8:  # within one decade a log locator has too few ticks; space them evenly
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _pick(diag: LayerDiagnosticsLike, name: str, image_index: int) -> np.ndarray:
+    arr = to_numpy(getattr(diag, name))
+    if image_index >= arr.shape[0] or image_index < -arr.shape[0]:
+        raise IndexError(f"image_index {image_index} is out of range for a batch of {arr.shape[0]}")
+    return arr[image_index]
+
+
+def _check_source(source: str) -> None:
+    if source not in ("q", "k", "v"):
+        raise ValueError(f"source must be 'q', 'k' or 'v'; got {source!r}")
+
+
+def norm_histograms(
+    diag: LayerDiagnosticsLike, image_index: int = 0, *, source: str = "v", title: str | None = None
+) -> Figure:
+    """Four log-x histograms of patch norms (q, k, v, residual) for one image of a block.
+
+    Flagged patches are stacked in red on every panel; the threshold is drawn on the ``source`` panel.
+    """
+    _check_source(source)
+    mask = _pick(diag, "artifact_mask", image_index).astype(bool)
+    fig = _new_figure(10.0, 2.6)
+    axes = fig.subplots(1, 4)
+    for ax, key in zip(axes, NORM_KEYS, strict=True):
+        if key not in diag.norms:
+            ax.set_axis_off()
+            ax.set_title(f"{key}: not recorded", fontsize=9)
+            continue
+        norms = to_numpy(diag.norms[key])[image_index]
+        is_source = key == source
+        label = "residual stream" if key == "residual" else f"{key} projection"
+        _draw_norm_hist(
+            ax, norms, mask, title=label + (" (detector)" if is_source else ""),
+            threshold=float(diag.threshold) if is_source else None,
+        )
+        ax.set_xlabel("L2 norm (log)", fontsize=8)
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    n_flag, n = int(mask.sum()), mask.size
+    fig.suptitle(title or f"Patch norms: {n_flag} of {n} patches flagged ({100.0 * n_flag / max(n, 1):.1f}%)",
+                 fontsize=10)
+    return fig
+
+
+def artifact_map(
+    image: Any, mask: Any, grid: tuple[int, int] | None = None, *, title: str | None = None
+) -> Figure:
+    """The image with its flagged patches (mask (N,) or (h, w)) drawn over it in red."""
+    img = image_array(image)
+    mask_hw = patch_grid(mask, grid).astype(bool)
+    fig = _new_figure(4.0, 4.0 * img.shape[0] / img.shape[1] + 0.4)
+    ax = fig.subplots()
+    _draw_mask(ax, img, mask_hw)
+    n_flag = int(mask_hw.sum())
+    ax.set_title(title or f"artifacts: {n_flag} of {mask_hw.size} patches", fontsize=10)
+    return fig
+
+
+def attention_maps(
+    image: Any,
+    cls_attention_before: Any,
+    cls_attention_after: Any,
+    num_prefix: int,
+    grid: tuple[int, int] | None = None,
+    *,
+    artifact_mask: Any = None,
+    title: str | None = None,
+) -> Figure:
+    """CLS attention over the patches (head mean, (H, T) each) before and after ITAE, on one colour scale.
+
+    With ``artifact_mask`` ((N,) or (h, w)) the titles give the attention mass on the flagged tokens.
+    """
+    img = image_array(image)
+    before = cls_patch_attention(cls_attention_before, num_prefix, grid)
+    after = cls_patch_attention(cls_attention_after, num_prefix, before.shape)
+    mask = None if artifact_mask is None else patch_grid(artifact_mask, before.shape).astype(bool)
+    vmax = float(max(before.max(), after.max(), 1e-12))
+    fig = _new_figure(8.6, 3.0 * img.shape[0] / img.shape[1] + 0.6)
+    axes = fig.subplots(1, 3)
+    if mask is not None:
+        _draw_mask(axes[0], img, mask)
+        axes[0].set_title(f"flagged: {int(mask.sum())} of {mask.size}", fontsize=9)
+    else:
+        _draw_image(axes[0], img)
+        axes[0].set_title("image", fontsize=9)
+    im = None
+    for ax, att, raw, name in (
+        (axes[1], before, cls_attention_before, "before ITAE"),
+        (axes[2], after, cls_attention_after, "after ITAE"),
+    ):
+        im = _draw_attention(ax, img, att, vmax)
+        mass = _flagged_mass(raw, mask, num_prefix)
+        ax.set_title(name if mass is None else f"{name}: {100.0 * mass:.1f}% on flagged", fontsize=9)
+    fig.colorbar(im, ax=axes[1:], shrink=0.8, label="CLS attention (head mean)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _source_norms(diag: LayerDiagnosticsLike, source: str, image_index: int) -> np.ndarray:
+    key = source if source in diag.norms else next(iter(diag.norms))
+    return to_numpy(diag.norms[key])[image_index]
+
+
+def inspect_grid(
+    images: Sequence[Any],
+    diagnostics: Mapping[int, LayerDiagnosticsLike],
+    *,
+    layer: int | None = None,
+    names: Sequence[str] | None = None,
+    source: str = "v",
+    max_images: int = 8,
+) -> Figure:
+    """A paper-style grid for one block: one row per image; columns image, artifact map,
+    CLS attention before, CLS attention after, and the ``source`` norm histogram with its threshold.
+
+    ``layer`` defaults to the last block in ``diagnostics``. Shows at most ``max_images`` rows.
+    """
+    _check_source(source)
+    if not diagnostics:
+        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+    layer = max(diagnostics) if layer is None else layer
+    if layer not in diagnostics:
+        raise ValueError(f"block {layer} is not in diagnostics (have {sorted(diagnostics)})")
+    diag = diagnostics[layer]
+    n = min(len(images), max_images)
+    if n == 0:
+        raise ValueError("no images to draw")
+    first = image_array(images[0])
+    aspect = first.shape[0] / first.shape[1]
+    fig = _new_figure(12.5, n * 2.4 * aspect + 0.6)
+    axes = np.atleast_2d(fig.subplots(n, 5))
+    headers = ("image", "artifact map", "CLS attention, before", "CLS attention, after", f"{source} norms")
+    for col, header in enumerate(headers):
+        axes[0, col].annotate(
+            header, xy=(0.5, 1.12), xycoords="axes fraction", ha="center", va="bottom", fontsize=10,
+            fontweight="bold",
+        )
+    for i in range(n):
+        img = image_array(images[i])
+        mask = _pick(diag, "artifact_mask", i).astype(bool)
+        mask_hw = patch_grid(mask, diag.grid)
+        before = cls_patch_attention(_pick(diag, "cls_attention", i), diag.num_prefix_tokens, diag.grid)
+        after = cls_patch_attention(_pick(diag, "cls_attention_itae", i), diag.num_prefix_tokens, diag.grid)
+        vmax = float(max(before.max(), after.max(), 1e-12))
+        _draw_image(axes[i, 0], img)
+        if names is not None and i < len(names):
+            axes[i, 0].set_ylabel(_short(str(names[i]), 22), fontsize=8)
+        _draw_mask(axes[i, 1], img, mask_hw)
+        axes[i, 1].set_title(f"{int(mask.sum())} of {mask.size} flagged", fontsize=8)
+        for col, att, key in ((2, before, "cls_attention"), (3, after, "cls_attention_itae")):
+            _draw_attention(axes[i, col], img, att, vmax)
+            mass = _flagged_mass(_pick(diag, key, i), mask, diag.num_prefix_tokens)
+            axes[i, col].set_title(f"{100.0 * mass:.1f}% on flagged", fontsize=8)
+        _draw_norm_hist(
+            axes[i, 4], _source_norms(diag, source, i), mask, title=f"threshold {float(diag.threshold):.3g}",
+            threshold=float(diag.threshold),
+        )
+    fig.suptitle(f"Block {layer}: artifact detection from {source} norms", fontsize=11)
+    return fig
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def safe_stem(name: str, limit: int = 60) -> str:
+    """A file-system-safe stem from an arbitrary image name (path parts and odd characters removed)."""
+    stem = Path(str(name).replace("\\", "/")).stem or "image"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    return stem[:limit]
+
+
+def write_inspection(
+    images: Sequence[Any],
+    names: Sequence[str],
+    diagnostics: Mapping[int, LayerDiagnosticsLike],
+    out_dir: str | Path,
+    *,
+    source: str = "v",
+    dpi: int = 110,
+    max_grid_images: int = 8,
+) -> list[Path]:
+    """Write the inspection figures of a batch and return their paths.
+
+    For image i and block L: ``{i:03d}_{name}_block{L}_norms.png``, ``..._artifacts.png`` and
+    ``..._attention.png``; then one ``grid_block{L}.png`` per block and ``grid.png`` (the last block).
+    ``images`` are the crops the model saw (see ``images_from_pixel_values``), in batch order.
+    """
+    _check_source(source)
+    if len(images) != len(names):
+        raise ValueError(f"got {len(images)} images but {len(names)} names")
+    if not diagnostics:
+        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+    for layer, diag in diagnostics.items():
+        batch = to_numpy(diag.artifact_mask).shape[0]
+        if batch != len(images):
+            raise ValueError(f"diagnostics of block {layer} hold {batch} images but {len(images)} were given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig: Figure, filename: str) -> None:
+        path = out / filename
+        fig.savefig(path, dpi=dpi, facecolor="white")
+        written.append(path)
+
+    for i, (image, name) in enumerate(zip(images, names, strict=True)):
+        stem = f"{i:03d}_{safe_stem(name)}"
+        for layer in sorted(diagnostics):
+            diag = diagnostics[layer]
+            mask = _pick(diag, "artifact_mask", i).astype(bool)
+            label = f"{_short(str(name), 40)}, block {layer}"
+            save(norm_histograms(diag, i, source=source, title=f"{label}: patch norms"), f"{stem}_block{layer}_norms.png")
+            save(artifact_map(image, mask, diag.grid, title=f"{label}: {int(mask.sum())} flagged"),
+                 f"{stem}_block{layer}_artifacts.png")
+            save(
+                attention_maps(
+                    image, _pick(diag, "cls_attention", i), _pick(diag, "cls_attention_itae", i),
+                    diag.num_prefix_tokens, diag.grid, artifact_mask=mask, title=f"{label}: CLS attention",
+                ),
+                f"{stem}_block{layer}_attention.png",
+            )
+    for layer in sorted(diagnostics):
+        fig = inspect_grid(images, diagnostics, layer=layer, names=names, source=source, max_images=max_grid_images)
+        save(fig, f"grid_block{layer}.png")
+    last = max(diagnostics)
+    grid_path = out / "grid.png"
+    grid_path.write_bytes((out / f"grid_block{last}.png").read_bytes())
+    written.append(grid_path)
+    return written

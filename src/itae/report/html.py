@@ -1,0 +1,657 @@
+"""`report.html`: one self-contained page per run (metrics, confusion, 2-D map, gallery, diagnostics, config).
+
+The page needs no network and no JavaScript: CSS is inline, images are base64 data URIs, the 2-D map is
+one PNG. Everything drawn is sampled and capped, so a run over 100,000 images still gives a page of a
+few MB that opens fast; the page says what was sampled. Every string that comes from data (ids,
+labels, config values, metric names) goes through ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itae.report.figures import figure_to_png, image_array
+
+SECTION_IDS = ("metrics", "confusion", "map", "gallery", "diagnostics", "config")
+MAP_METHODS = ("auto", "umap", "tsne", "pca")
+
+Thumbnails = Callable[[str], Any] | Mapping[str, Any]
+PngLike = bytes | str | Path
+
+
+_DOT = " \u00b7 "
+
+
+def _e(value: Any) -> str:
+    """Escape any value for HTML text and attribute context."""
+    return html.escape(str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return _e(value)
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return _e(v)
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.2f}"
+    return _e(value)
+
+
+def _data_uri(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        mime = "image/png"
+    elif data[:3] == b"\xff\xd8\xff":
+        mime = "image/jpeg"
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        mime = "image/webp"
+    else:
+        raise ValueError("diagnostic images must be PNG, JPEG or WebP bytes")
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _short(text: str, limit: int) -> str:
+    """Keep the end of long ids (the file name is the informative part)."""
+    return text if len(text) <= limit else "\u2026" + text[-(limit - 1):]
+
+
+def _as_label_array(labels: Sequence[Any]) -> np.ndarray:
+    """Labels as int64 when they are all integers (sorted numerically), else as strings."""
+    arr = np.asarray(list(labels), dtype=object)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr):
+        return arr.astype(np.int64)
+    return arr.astype(str)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2-D map
+
+
+@dataclass(frozen=True)
+class EmbeddingMap:
+    """2-D coordinates of a sample of the points: coords (m, 2) for the rows ``index`` (m,)."""
+
+    coords: np.ndarray
+    index: np.ndarray
+    method: str
+    description: str
+
+
+def embedding_map(
+    embeddings: np.ndarray,
+    *,
+    max_points: int = 20000,
+    method: str = "auto",
+    seed: int = 0,
+    tsne_max_points: int = 5000,
+) -> EmbeddingMap:
+    """Project a uniform sample of the embeddings (n, D) to 2-D.
+
+    method "auto": UMAP when ``umap`` is importable, else PCA to 50 dimensions then t-SNE, else (fewer
+    than 10 points) PCA. At most ``max_points`` points are drawn, and at most ``tsne_max_points`` for
+    t-SNE, whose cost grows fastest (20,000 points take minutes on two cores). A (n, 2) input is taken
+    as a precomputed map and only sampled.
+    """
+    if method not in MAP_METHODS:
+        raise ValueError(f"map method must be one of {', '.join(MAP_METHODS)}; got {method!r}")
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty (n, D) array; got shape {x.shape}")
+    if max_points < 1 or tsne_max_points < 1:
+        raise ValueError(f"max_points and tsne_max_points must be >= 1; got {max_points}, {tsne_max_points}")
+    n = x.shape[0]
+    if x.shape[1] == 2:
+        method = "precomputed"
+    elif method == "auto":
+        try:
+            import umap  # noqa: F401
+
+            method = "umap"
+        except ImportError:
+            method = "tsne" if min(n, max_points, tsne_max_points) >= 10 else "pca"
+    cap = min(max_points, tsne_max_points) if method == "tsne" else max_points
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(n, size=cap, replace=False)) if n > cap else np.arange(n)
+    sample = x[index]
+    m = sample.shape[0]
+    drawn = f"{m:,} of {n:,} points" + (f" (uniform random sample, seed {seed})" if m < n else "")
+
+    if method == "precomputed":
+        return EmbeddingMap(sample.astype(np.float64), index, method, f"Precomputed 2-D map; {drawn}.")
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ImportError("map method 'umap' needs umap-learn: pip install 'itae[umap]'") from None
+        coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(sample)
+        return EmbeddingMap(np.asarray(coords, np.float64), index, "umap", f"UMAP of {drawn}.")
+    reduced = _pca(sample, min(50, sample.shape[1], max(m - 1, 1)))
+    if method == "tsne" and m >= 4:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(2.0, (m - 1) / 3.0)))
+        coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
+        return EmbeddingMap(
+            np.asarray(coords, np.float64), index, "tsne",
+            f"t-SNE (perplexity {perplexity:g}, after PCA to {reduced.shape[1]} dimensions) of {drawn}.",
+        )
+    coords = np.zeros((m, 2))
+    coords[:, : min(2, reduced.shape[1])] = reduced[:, :2]
+    return EmbeddingMap(coords, index, "pca", f"PCA (first two components) of {drawn}.")
+
+
+def _pca(x: np.ndarray, k: int) -> np.ndarray:
+    x = x.astype(np.float64) - x.mean(axis=0, keepdims=True)
+    if x.shape[0] < 2 or k < 1:
+        return np.zeros((x.shape[0], max(k, 1)))
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:k].T
+
+
+def _category_colors(k: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    if k <= 10:
+        return colormaps["tab10"](np.arange(k))
+    if k <= 20:
+        return colormaps["tab20"](np.arange(k))
+    # Many categories: spread hues, then interleave so neighbouring ids get distant colours.
+    hues = colormaps["turbo"](np.linspace(0.05, 0.95, k))
+    order = np.argsort((np.arange(k) * 7) % k, kind="stable")
+    return hues[order]
+
+
+def _scatter_png(
+    emap: EmbeddingMap,
+    clusters: np.ndarray,
+    labels: np.ndarray | None,
+    matching: _Matching | None = None,
+    *,
+    dpi: int = 90,
+) -> bytes:
+    """Scatter of the map, coloured by cluster and (when known) by label.
+
+    With a matching, each cluster takes the colour of its matched label, so the two panels compare at a glance.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    panels = []
+    if matching is not None:
+        n_labels, k = len(matching.label_ids), len(matching.cluster_ids)
+        colour_of_cluster = np.empty(k, dtype=np.int64)
+        matched = dict(zip(matching.rows.tolist(), matching.cols.tolist(), strict=True))
+        spare = iter(range(n_labels, n_labels + k))
+        for r in range(k):
+            colour_of_cluster[r] = matched[r] if r in matched else next(spare)
+        palette = _category_colors(int(colour_of_cluster.max(initial=n_labels - 1)) + 1)
+        c_inv = np.searchsorted(matching.cluster_ids, clusters[emap.index])
+        l_inv = np.searchsorted(matching.label_ids, labels[emap.index])
+        panels.append(("coloured by cluster", matching.cluster_ids, colour_of_cluster, c_inv, palette))
+        panels.append(("coloured by label", matching.label_ids, np.arange(n_labels), l_inv, palette))
+    else:
+        for name, values in (("coloured by cluster", clusters), ("coloured by label", labels)):
+            if values is None:
+                continue
+            cats, inv = np.unique(values[emap.index], return_inverse=True)
+            panels.append((name, cats, np.arange(len(cats)), inv, _category_colors(len(cats))))
+
+    fig = Figure(figsize=(6.2 * len(panels), 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    m = emap.coords.shape[0]
+    size = float(np.clip(300.0 / np.sqrt(max(m, 1)), 0.4, 14.0))
+    draw_order = np.random.default_rng(0).permutation(m)  # so no category is painted systematically on top
+    for ax, (name, cats, colour_index, inv, palette) in zip(axes, panels, strict=True):
+        colors = palette[colour_index]  # one colour per category
+        ax.scatter(
+            emap.coords[draw_order, 0], emap.coords[draw_order, 1], c=colors[inv[draw_order]], s=size,
+            linewidths=0, rasterized=True,
+        )
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_color("#cccccc")
+        if len(cats) <= 20:
+            handles = [
+                Line2D([], [], marker="o", linestyle="", color=colors[i], markersize=6, label=_short(str(c), 18))
+                for i, c in enumerate(cats)
+            ]
+            ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return figure_to_png(fig, dpi=dpi)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Confusion matrix
+
+
+@dataclass(frozen=True)
+class _Matching:
+    """Contingency table (k clusters, L labels) and the one-to-one matching that maximises agreement."""
+
+    cluster_ids: np.ndarray
+    label_ids: np.ndarray
+    table: np.ndarray
+    rows: np.ndarray  # matched cluster rows
+    cols: np.ndarray  # their label columns
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.table[self.rows, self.cols].sum() / max(self.table.sum(), 1))
+
+
+def _match(clusters: np.ndarray, labels: np.ndarray) -> _Matching:
+    from scipy.optimize import linear_sum_assignment
+
+    cluster_ids, c_inv = np.unique(clusters, return_inverse=True)
+    label_ids, l_inv = np.unique(labels, return_inverse=True)
+    table = np.zeros((len(cluster_ids), len(label_ids)), dtype=np.int64)
+    np.add.at(table, (c_inv, l_inv), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return _Matching(cluster_ids, label_ids, table, rows, cols)
+
+
+def _confusion_html(matching: _Matching, max_size: int) -> str:
+    cluster_ids, label_ids, table = matching.cluster_ids, matching.label_ids, matching.table
+    match = dict(zip(matching.cols.tolist(), matching.rows.tolist(), strict=True))  # label column -> cluster row
+    acc = matching.accuracy
+
+    label_counts = table.sum(axis=0)
+    cluster_counts = table.sum(axis=1)
+    shown_cols = np.arange(len(label_ids))
+    if len(shown_cols) > max_size:
+        shown_cols = np.sort(np.argsort(-label_counts, kind="stable")[:max_size])
+    shown_rows = [match[c] for c in shown_cols if c in match]
+    for r in np.argsort(-cluster_counts, kind="stable"):
+        if len(shown_rows) >= max_size:
+            break
+        if r not in shown_rows:
+            shown_rows.append(int(r))
+
+    notes = [
+        f"Rows are clusters, matched one-to-one to labels by the Hungarian method (accuracy under this matching: "
+        f"{100.0 * acc:.2f}%); each row is shaded by the share of the cluster in each label."
+    ]
+    if len(shown_cols) < len(label_ids) or len(shown_rows) < len(cluster_ids):
+        notes.append(
+            f"Showing {len(shown_rows)} of {len(cluster_ids)} clusters and {len(shown_cols)} of {len(label_ids)} "
+            f"labels (the largest labels and their matched clusters); the totals count all labels."
+        )
+    head = "".join(f'<th class="rot" title="{_e(label_ids[c])}"><span>{_e(_short(str(label_ids[c]), 16))}</span></th>'
+                   for c in shown_cols)
+    body = []
+    for r in shown_rows:
+        total = int(cluster_counts[r])
+        matched_col = next((c for c, rr in match.items() if rr == r), None)
+        cells = []
+        for c in shown_cols:
+            v = int(table[r, c])
+            share = v / total if total else 0.0
+            cls = ' class="hit"' if c == matched_col else ""
+            style = ""
+            if v:  # darker for a larger share of the cluster; white text where the shade is dark
+                ink = ";color:#fff" if share > 0.55 else ""
+                style = f' style="background:rgba(37,99,235,{0.08 + 0.82 * share:.2f}){ink}"'
+            cells.append(f"<td{cls}{style}>{f'{v:,}' if v else ''}</td>")
+        matched = "" if matched_col is None else _e(_short(str(label_ids[matched_col]), 24))
+        body.append(
+            f'<tr><th class="rowh">{_e(_cluster_name(cluster_ids[r]))}</th><td class="muted">{matched}</td>'
+            + "".join(cells) + f'<td class="tot">{total:,}</td></tr>'
+        )
+    return (
+        "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+        + '<div class="scroll"><table class="confusion"><thead><tr><th>cluster</th><th>matched label</th>'
+        + head + "<th>total</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
+    )
+
+
+def _cluster_name(c: Any) -> str:
+    return "noise" if isinstance(c, (int, np.integer)) and int(c) == -1 else f"cluster {c}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gallery
+
+
+def _thumbnail_uri(image: Any, size: int) -> str:
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            im = im.convert("RGB")
+    elif isinstance(image, Image.Image):
+        im = image.convert("RGB")
+    else:
+        im = Image.fromarray(image_array(image))
+    im.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=72, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _get_thumbnail(thumbnails: Thumbnails, key: str) -> Any:
+    if isinstance(thumbnails, Mapping):
+        return thumbnails[key]
+    return thumbnails(key)
+
+
+def _centroid_distances(embeddings: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    x = np.asarray(embeddings, dtype=np.float32)
+    cluster_ids, inv = np.unique(clusters, return_inverse=True)
+    sums = np.zeros((len(cluster_ids), x.shape[1]), dtype=np.float64)
+    np.add.at(sums, inv, x)
+    centroids = sums / np.bincount(inv, minlength=len(cluster_ids))[:, None]
+    return np.linalg.norm(x - centroids[inv].astype(np.float32), axis=1)
+
+
+def _gallery_html(
+    ids: Sequence[str],
+    clusters: np.ndarray,
+    labels: np.ndarray | None,
+    distances: np.ndarray | None,
+    thumbnails: Thumbnails | None,
+    *,
+    max_clusters: int,
+    per_cluster: int,
+    thumb_size: int,
+) -> str:
+    n = len(clusters)
+    cluster_ids, inv, counts = np.unique(clusters, return_inverse=True, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:max_clusters]
+    # Members of every cluster, nearest to the centroid first, from one stable sort.
+    key = distances if distances is not None else np.arange(n)
+    by_cluster = np.lexsort((key, inv))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    note = (
+        f"Showing {len(order)} of {len(cluster_ids)} clusters, largest first; up to {per_cluster} images each, "
+        + ("nearest to the cluster centroid first." if distances is not None else "in input order.")
+    )
+    parts = [f'<p class="note">{_e(note)}</p>']
+    failed = 0
+    for rank in order:
+        c = cluster_ids[rank]
+        members = by_cluster[starts[rank]: starts[rank + 1]]
+        size = int(counts[rank])
+        meta = [f"{size:,} images", f"{100.0 * size / n:.1f}%"]
+        if labels is not None:
+            labs, lab_counts = np.unique(labels[members], return_counts=True)
+            top = int(np.argmax(lab_counts))
+            meta.append(f"majority label {_short(str(labs[top]), 30)} ({100.0 * lab_counts[top] / size:.0f}%)")
+        cells = []
+        for i in members[:per_cluster]:
+            name = str(ids[i])
+            tip = name if labels is None else f"{name} \u2014 label {labels[i]}"
+            img = ""
+            if thumbnails is not None:
+                try:
+                    uri = _thumbnail_uri(_get_thumbnail(thumbnails, name), thumb_size)
+                    img = f'<img src="{uri}" alt="{_e(name)}" width="{thumb_size}" height="{thumb_size}">'
+                except (OSError, KeyError, ValueError, TypeError):
+                    failed += 1
+                    img = f'<div class="noimg" style="width:{thumb_size}px;height:{thumb_size}px">n/a</div>'
+            # The caption is the file name (CSS clips it to the thumbnail); the tooltip has the full id.
+            caption = _short(name.replace("\\", "/").rsplit("/", 1)[-1], 60)
+            cells.append(f'<figure title="{_e(tip)}">{img}<figcaption>{_e(caption)}</figcaption></figure>')
+        parts.append(
+            f'<div class="cluster"><h3>{_e(_cluster_name(c))} <span class="muted">{_e(_DOT.join(meta))}'
+            f'</span></h3><div class="thumbs" style="--thumb:{thumb_size}px">{"".join(cells)}</div></div>'
+        )
+    if failed:
+        parts.insert(1, f'<p class="note warn">{failed} thumbnail(s) could not be loaded and are shown as n/a.</p>')
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _metrics_html(metrics: Mapping[str, Any] | None) -> str:
+    if not metrics:
+        return '<p class="note">No metrics for this run.</p>'
+    if all(isinstance(v, Mapping) for v in metrics.values()):
+        columns: list[str] = []
+        for row in metrics.values():
+            columns += [k for k in row if k not in columns]
+        head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+        body = "".join(
+            f"<tr><th>{_e(name)}</th>" + "".join(f"<td>{_fmt(row.get(c, ''))}</td>" for c in columns) + "</tr>"
+            for name, row in metrics.items()
+        )
+        return f'<table class="metrics"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
+    return f'<table class="metrics"><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{body}</tbody></table>'
+
+
+def _rows_table(rows: Sequence[Any]) -> str:
+    rows = list(rows)
+    if not rows:
+        return '<p class="note">(empty)</p>'
+    if all(isinstance(r, Mapping) for r in rows):
+        columns: list[str] = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+        header, data = columns, [[r.get(c, "") for c in columns] for r in rows]
+    else:
+        header, data = list(rows[0]), [list(r) for r in rows[1:]]
+    head = "".join(f"<th>{_e(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in data)
+    return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+# ----------------------------------------------------------------------------------------------------
+# Page
+
+
+_CSS = """
+:root{--fg:#1f2328;--muted:#656d76;--line:#d8dee4;--bg:#fff;--soft:#f6f8fa;--accent:#2563eb}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:var(--fg);background:var(--bg)}
+header{padding:22px 32px 14px;border-bottom:1px solid var(--line);background:var(--soft)}
+header h1{margin:0 0 4px;font-size:22px;font-weight:600;overflow-wrap:anywhere}
+header .summary{color:var(--muted);margin:0}
+nav{margin-top:10px}nav a{color:var(--accent);text-decoration:none;margin-right:16px;font-size:13px}
+main{max-width:1280px;margin:0 auto;padding:8px 32px 48px}
+section{margin-top:30px}
+h2{font-size:17px;font-weight:600;margin:0 0 10px;padding-bottom:6px;border-bottom:1px solid var(--line)}
+h3{font-size:14px;font-weight:600;margin:16px 0 6px}
+.note{color:var(--muted);font-size:13px;margin:4px 0 10px}.warn{color:#9a6700}
+.muted{color:var(--muted);font-weight:400}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+table.metrics th,table.metrics td{padding:5px 14px;border-bottom:1px solid var(--line);text-align:right}
+table.metrics th:first-child,table.metrics td:first-child{text-align:left}
+table.metrics thead th{border-bottom:2px solid var(--fg);font-weight:600}
+.scroll{overflow-x:auto}
+table.confusion{font-size:12px}
+table.confusion td,table.confusion th{border:1px solid #eef0f3;padding:2px 5px;text-align:right;min-width:30px}
+table.confusion th.rowh{text-align:left;white-space:nowrap;font-weight:500}
+table.confusion td.muted{text-align:left;white-space:nowrap}
+table.confusion td.hit{outline:2px solid #1e3a8a;outline-offset:-2px;font-weight:600}
+table.confusion td.tot{font-weight:600;background:var(--soft)}
+th.rot{height:90px;vertical-align:bottom;white-space:nowrap;font-weight:500}
+th.rot span{display:inline-block;writing-mode:vertical-rl;transform:rotate(180deg);max-height:88px;overflow:hidden}
+img.figure{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
+.cluster{margin-bottom:10px}
+.thumbs{display:flex;flex-wrap:wrap;gap:6px}
+figure{margin:0}
+.thumbs figure{width:var(--thumb)}
+figure img{display:block;object-fit:cover;border-radius:3px;background:var(--soft)}
+figcaption{font-size:10px;color:var(--muted);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.noimg{display:flex;align-items:center;justify-content:center;background:var(--soft);color:var(--muted);
+font-size:11px;border-radius:3px}
+.diag{display:flex;flex-direction:column;gap:14px}
+.diag figcaption{font-size:12px;white-space:normal;width:auto}
+pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:12px 14px;overflow:auto;
+font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+footer{color:var(--muted);font-size:12px;margin-top:40px}
+"""
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _read_png(item: PngLike) -> tuple[str, bytes]:
+    if isinstance(item, (bytes, bytearray)):
+        return "", bytes(item)
+    path = Path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"diagnostic image {path} does not exist")
+    return path.name, path.read_bytes()
+
+
+def write_report(
+    path: str | Path,
+    *,
+    title: str,
+    metrics: Mapping[str, Any] | None,
+    config: Mapping[str, Any],
+    ids: Sequence[str],
+    cluster_labels: np.ndarray,
+    true_labels: Sequence[Any] | None = None,
+    embeddings: np.ndarray | None = None,
+    centroid_distances: np.ndarray | None = None,
+    thumbnails: Thumbnails | None = None,
+    diagnostics_pngs: Sequence[PngLike | tuple[str, PngLike]] | None = None,
+    extra_tables: Sequence[tuple[str, Sequence[Any]]] | None = None,
+    max_points: int = 20000,
+    tsne_max_points: int = 5000,
+    max_thumbs_per_cluster: int = 12,
+    max_clusters_shown: int = 50,
+    max_confusion: int = 30,
+    thumb_size: int = 80,
+    map_method: str = "auto",
+    seed: int = 0,
+) -> Path:
+    """Write a self-contained HTML report of one clustering run; return its path.
+
+    ids, cluster_labels, true_labels and the rows of embeddings / centroid_distances are aligned (n each).
+    embeddings: (n, D) features, or an (n, 2) precomputed map; also used for centroid distances when
+    ``centroid_distances`` is None. thumbnails: id -> PIL image, array or image path (callable or mapping),
+    called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
+    extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header.
+    """
+    n = len(ids)
+    clusters = np.asarray(cluster_labels).reshape(-1)
+    if clusters.shape[0] != n:
+        raise ValueError(f"cluster_labels has {clusters.shape[0]} entries but there are {n} ids")
+    if n == 0:
+        raise ValueError("nothing to report: ids is empty")
+    labels = None
+    if true_labels is not None:
+        if len(true_labels) != n:
+            raise ValueError(f"true_labels has {len(true_labels)} entries but there are {n} ids")
+        labels = _as_label_array(true_labels)
+    if embeddings is not None:
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[0] != n:
+            raise ValueError(f"embeddings must be (n, D) with n={n}; got shape {embeddings.shape}")
+    if centroid_distances is not None:
+        centroid_distances = np.asarray(centroid_distances, dtype=np.float64).reshape(-1)
+        if centroid_distances.shape[0] != n:
+            raise ValueError(f"centroid_distances has {centroid_distances.shape[0]} entries but there are {n} ids")
+    elif embeddings is not None:
+        centroid_distances = _centroid_distances(embeddings, clusters)
+
+    k = len(np.unique(clusters))
+    summary = [f"{n:,} images", f"{k:,} clusters"]
+    if labels is not None:
+        summary.append(f"{len(np.unique(labels)):,} labels")
+    try:
+        from itae import __version__ as version
+    except ImportError:  # pragma: no cover - the package is always importable when this runs
+        version = "?"
+    summary.append(f"generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z').strip()}")
+    summary.append(f"itae {version}")
+
+    sections = [_section("metrics", "Metrics", _metrics_html(metrics))]
+    for i, (table_title, rows) in enumerate(extra_tables or []):
+        sections.append(_section(f"table-{i}", str(table_title), _rows_table(rows)))
+
+    matching = _match(clusters, labels) if labels is not None else None
+    if matching is not None:
+        confusion = _confusion_html(matching, max_confusion)
+    else:
+        confusion = '<p class="note">No ground-truth labels were given for this run.</p>'
+    sections.append(_section("confusion", "Clusters against labels", confusion))
+
+    if embeddings is not None:
+        emap = embedding_map(
+            embeddings, max_points=max_points, method=map_method, seed=seed, tsne_max_points=tsne_max_points
+        )
+        png = _scatter_png(emap, clusters, labels, matching)
+        note = emap.description
+        if matching is not None:
+            note += " Each cluster is drawn in the colour of its matched label."
+        body = (f'<p class="note">{_e(note)}</p>'
+                f'<img class="figure" src="{_data_uri(png)}" alt="2-D map of the embeddings">')
+    else:
+        body = '<p class="note">No embeddings were given; no map drawn.</p>'
+    sections.append(_section("map", "Embedding map", body))
+
+    sections.append(_section("gallery", "Gallery", _gallery_html(
+        ids, clusters, labels, centroid_distances, thumbnails,
+        max_clusters=max_clusters_shown, per_cluster=max_thumbs_per_cluster, thumb_size=thumb_size,
+    )))
+
+    if diagnostics_pngs:
+        figs = []
+        for item in diagnostics_pngs:
+            caption, png_item = (item if isinstance(item, tuple) else (None, item))
+            name, data = _read_png(png_item)
+            caption = name if caption is None else str(caption)
+            figs.append(f'<figure><img class="figure" src="{_data_uri(data)}" alt="{_e(caption)}">'
+                        f"<figcaption>{_e(caption)}</figcaption></figure>")
+        body = f'<div class="diag">{"".join(figs)}</div>'
+    else:
+        body = '<p class="note">No artifact diagnostics for this run.</p>'
+    sections.append(_section("diagnostics", "Artifact diagnostics", body))
+
+    config_text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
+    sections.append(_section("config", "Configuration", f"<pre>{_e(config_text)}</pre>"))
+
+    nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in SECTION_IDS)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f'<header><h1>{_e(title)}</h1><p class="summary">{_e(_DOT.join(summary))}</p><nav>{nav}</nav></header>'
+        f"<main>{''.join(sections)}<footer>Self-contained report: no scripts, no network; images are embedded."
+        "</footer></main></body></html>\n"
+    )
+    return _write_atomic(Path(path), page)
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name in the same directory (so os.replace is atomic), created with the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

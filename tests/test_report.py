@@ -1,0 +1,323 @@
+"""The self-contained HTML report: content, escaping, sampling caps, and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import io
+import itertools
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from itae.report.figures import artifact_map, figure_to_png
+from itae.report.html import SECTION_IDS, embedding_map, write_report
+
+EVIL = "<img src=x onerror=alert(1)>.png"
+EVIL_LABEL = "<script>1</script>"
+
+
+class Page(HTMLParser):
+    """Collects what the checks need from a page: elements with attributes, and the visible text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_startendtag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def tags(self, name: str) -> list[dict[str, str | None]]:
+        return [attrs for tag, attrs in self.elements if tag == name]
+
+    @property
+    def ids(self) -> set[str]:
+        return {attrs["id"] for _, attrs in self.elements if attrs.get("id")}
+
+    @property
+    def all_text(self) -> str:
+        return "".join(self.text)
+
+
+def tiny_image(color, size: int = 12) -> Image.Image:
+    return Image.new("RGB", (size, size), tuple(int(c) for c in color))
+
+
+def make_run(n: int = 240, k: int = 4, dim: int = 8, seed: int = 0):
+    """Synthetic run: k well separated blobs, clusters = labels with a little noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    embeddings = rng.normal(0, 5, (k, dim))[labels] + rng.normal(0, 1, (n, dim))
+    clusters = np.where(rng.random(n) < 0.1, rng.integers(0, k, n), (labels + 1) % k)
+    ids = [f"img/{i:05d}.jpg" for i in range(n)]
+    ids[0] = EVIL
+    names = np.array(["cat", "dog", "ship", EVIL_LABEL] + [f"class{j}" for j in range(4, k)])
+    return ids, clusters, names[labels].tolist(), embeddings.astype(np.float32)
+
+
+def write_small_report(path: Path, **overrides) -> Path:
+    ids, clusters, labels, embeddings = make_run()
+    distances = np.linalg.norm(embeddings, axis=1)
+    distances[0] = -1.0  # the evil-named image is the first one shown in its cluster's gallery
+    colors = np.random.default_rng(1).integers(0, 256, (len(ids), 3))
+    thumbs = {name: tiny_image(colors[i]) for i, name in enumerate(ids)}
+    diag_png = figure_to_png(artifact_map(np.zeros((16, 16, 3), np.uint8), np.eye(4, dtype=bool).reshape(-1)), dpi=40)
+    kwargs = dict(
+        title=f"Run on {EVIL}",
+        metrics={"baseline": {"acc": 0.5, "nmi": 0.4}, "itae": {"acc": 0.75, "nmi": 0.6}},
+        config={"model": "tiny", "itae": {"source": "v", "threshold": 1.5}, "note": "<b>bold?</b>"},
+        ids=ids,
+        cluster_labels=clusters,
+        true_labels=labels,
+        embeddings=embeddings,
+        centroid_distances=distances,
+        thumbnails=thumbs,
+        diagnostics_pngs=[("block 1 <diagnostics>", diag_png)],
+        extra_tables=[("Sweep", [{"setting": "v/min", "acc": 0.75}, {"setting": EVIL, "acc": 0.7}])],
+        map_method="pca",
+    )
+    kwargs.update(overrides)
+    return write_report(path, **kwargs)
+
+
+def test_report_has_all_sections_and_is_self_contained(tmp_path):
+    path = write_small_report(tmp_path / "report.html")
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    assert set(SECTION_IDS) <= page.ids
+    assert page.tags("script") == []
+    assert page.tags("link") == []  # CSS is inline
+    for img in page.tags("img"):
+        assert img["src"].startswith("data:image/")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    # The map, one diagnostic figure and thumbnails are all embedded.
+    assert len(page.tags("img")) > 1 + 1 + 4
+    assert "0.7500" in page.all_text and "itae" in page.all_text
+
+
+def test_report_escapes_every_string_from_data(tmp_path):
+    text = write_small_report(tmp_path / "report.html").read_text(encoding="utf-8")
+    page = Page(text)
+    for _tag, attrs in page.elements:
+        assert not any(name.startswith("on") for name in attrs), attrs
+    assert page.tags("script") == []
+    assert page.tags("b") == []  # the config value stayed text
+    visible = page.all_text
+    assert EVIL in visible  # the file name is shown, as text (gallery caption, title, sweep table)
+    assert EVIL_LABEL in visible  # a label full of markup too, as text and in attributes
+    assert any(EVIL_LABEL in (value or "") for _tag, attrs in page.elements for value in attrs.values())
+    assert "<b>bold?</b>" in visible
+    assert "block 1 <diagnostics>" in visible
+    assert html.escape(EVIL, quote=False) in text
+    # The gallery captions it with its file name, as text.
+    assert f"<figcaption>{html.escape(EVIL, quote=False)}</figcaption>" in text
+
+
+def test_confusion_matches_clusters_to_labels_by_hungarian(tmp_path):
+    rng = np.random.default_rng(3)
+    k, n = 3, 90
+    labels = rng.integers(0, k, n)
+    clusters = np.where(rng.random(n) < 0.3, rng.integers(0, k, n), (labels + 2) % k)
+    # Best accuracy over all one-to-one matchings, by brute force.
+    best = max(sum(int(np.sum((clusters == c) & (labels == perm[c]))) for c in range(k))
+               for perm in itertools.permutations(range(k))) / n
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=[str(i) for i in range(n)],
+        cluster_labels=clusters, true_labels=labels.tolist(),
+    )
+    text = Page(path.read_text(encoding="utf-8")).all_text
+    assert f"accuracy under this matching: {100 * best:.2f}%" in text
+    # Cluster c is matched to label (c + 1) % k, its majority.
+    rows = re.findall(r"cluster (\d)(\d)", text)  # the row header then the matched-label cell
+    assert len(rows) == k, text
+    for cluster, label in rows:
+        assert int(label) == (int(cluster) + 1) % k
+
+
+def test_confusion_and_gallery_are_capped(tmp_path):
+    n, k = 1200, 60
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, k, n)
+    calls = []
+
+    def thumb(name: str) -> Image.Image:
+        calls.append(name)
+        return tiny_image((10, 20, 30))
+
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=[f"{i}" for i in range(n)],
+        cluster_labels=labels, true_labels=labels.tolist(), thumbnails=thumb,
+        max_confusion=10, max_clusters_shown=7, max_thumbs_per_cluster=3,
+    )
+    page = Page(path.read_text(encoding="utf-8"))
+    assert "Showing 10 of 60 clusters and 10 of 60 labels" in page.all_text
+    assert "Showing 7 of 60 clusters" in page.all_text
+    assert len(calls) == 7 * 3
+    assert sum(1 for attrs in page.tags("tr")) == 1 + 10  # header + capped rows
+
+
+def test_gallery_shows_nearest_to_centroid_first(tmp_path):
+    n = 20
+    clusters = np.zeros(n, dtype=int)
+    distances = np.arange(n, 0, -1).astype(float)  # the last id is nearest
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=[f"id{i}" for i in range(n)],
+        cluster_labels=clusters, centroid_distances=distances, max_thumbs_per_cluster=3,
+        thumbnails=lambda name: tiny_image((0, 0, 0)),
+    )
+    page = Page(path.read_text(encoding="utf-8"))
+    shown = [attrs["title"] for attrs in page.tags("figure")]
+    assert shown == ["id19", "id18", "id17"]
+
+
+def test_large_run_is_sampled_and_stays_small(tmp_path):
+    n, k = 100_000, 50
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, k, n)
+    embeddings = (rng.normal(0, 4, (k, 16))[labels] + rng.normal(0, 1, (n, 16))).astype(np.float32)
+    clusters = np.where(rng.random(n) < 0.2, rng.integers(0, k, n), labels)
+    colors = rng.integers(0, 256, (n, 3))
+
+    def thumb(name: str) -> Image.Image:
+        i = int(name.rsplit("_", 1)[1])
+        arr = np.zeros((24, 24, 3), np.uint8) + colors[i].astype(np.uint8)
+        arr[4:20, i % 8: i % 8 + 8] = 255
+        return Image.fromarray(arr)
+
+    path = write_report(
+        tmp_path / "big.html", title="big", metrics={"acc": 0.8}, config={"k": k},
+        ids=[f"image_{i}" for i in range(n)], cluster_labels=clusters,
+        true_labels=[f"class {j}" for j in labels], embeddings=embeddings, thumbnails=thumb,
+        map_method="pca", max_points=5000,
+    )
+    size = path.stat().st_size
+    assert size < 4_000_000, size
+    text = Page(path.read_text(encoding="utf-8")).all_text
+    assert "5,000 of 100,000 points" in text
+    assert "Showing 30 of 50 clusters and 30 of 50 labels" in text
+    assert "Showing 50 of 50 clusters" in text
+
+
+def test_embedding_map_samples_and_picks_a_method():
+    x = np.random.default_rng(0).normal(size=(500, 12)).astype(np.float32)
+    emap = embedding_map(x, max_points=100, method="pca", seed=1)
+    assert emap.coords.shape == (100, 2)
+    assert len(np.unique(emap.index)) == 100 and np.all(np.diff(emap.index) > 0) and emap.index.max() < 500
+    assert "100 of 500 points" in emap.description
+    again = embedding_map(x, max_points=100, method="pca", seed=1)
+    np.testing.assert_array_equal(emap.index, again.index)
+
+    auto = embedding_map(x, method="auto", max_points=100, tsne_max_points=40)
+    assert np.isfinite(auto.coords).all()
+    try:
+        import umap  # noqa: F401
+
+        assert auto.method == "umap" and auto.coords.shape == (100, 2)
+    except ImportError:
+        # t-SNE has its own, smaller cap.
+        assert auto.method == "tsne" and auto.coords.shape == (40, 2)
+        assert "t-SNE" in auto.description and "40 of 500 points" in auto.description
+        with pytest.raises(ImportError, match="umap-learn"):
+            embedding_map(x[:40], method="umap")
+
+    pre = embedding_map(x[:, :2], max_points=50)
+    assert pre.method == "precomputed"
+    np.testing.assert_allclose(pre.coords, x[pre.index, :2], rtol=1e-6)
+    with pytest.raises(ValueError, match="map method"):
+        embedding_map(x, method="mds")
+
+
+def test_report_write_is_atomic_and_overwrites(tmp_path):
+    path = tmp_path / "out" / "report.html"
+    write_small_report(path)
+    first = path.read_text(encoding="utf-8")
+    write_small_report(path, title="second run")
+    assert "second run" in path.read_text(encoding="utf-8") and first != path.read_text(encoding="utf-8")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]  # no temp file left
+
+
+def test_report_rejects_misaligned_inputs(tmp_path):
+    ids = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="cluster_labels"):
+        write_report(tmp_path / "r.html", title="t", metrics=None, config={}, ids=ids, cluster_labels=[0, 1])
+    with pytest.raises(ValueError, match="true_labels"):
+        write_report(tmp_path / "r.html", title="t", metrics=None, config={}, ids=ids, cluster_labels=[0, 1, 1],
+                     true_labels=["x"])
+    with pytest.raises(ValueError, match="embeddings"):
+        write_report(tmp_path / "r.html", title="t", metrics=None, config={}, ids=ids, cluster_labels=[0, 1, 1],
+                     embeddings=np.zeros((2, 4)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report(tmp_path / "r.html", title="t", metrics=None, config={}, ids=ids, cluster_labels=[0, 1, 1],
+                     diagnostics_pngs=[tmp_path / "missing.png"])
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_missing_thumbnails_show_a_placeholder(tmp_path):
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=["a", "b"], cluster_labels=[0, 0],
+        thumbnails={"a": tiny_image((1, 2, 3))},
+    )
+    page = Page(path.read_text(encoding="utf-8"))
+    assert len(page.tags("img")) == 1
+    assert "1 thumbnail(s) could not be loaded" in page.all_text
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={profile}", *args]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        # A page that runs script can block headless Chromium (an alert() from unescaped markup does).
+        pytest.fail("chromium did not finish rendering the report within 90 s; is a script blocking it?")
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium)")
+    path = write_small_report(tmp_path / "report.html")
+    url = path.resolve().as_uri()
+
+    result = _run_chromium(binary, tmp_path / "profile", "--dump-dom", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = Page(result.stdout)
+    assert set(SECTION_IDS) <= dom.ids
+    assert dom.tags("script") == []
+    for tag, attrs in dom.elements:
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+    imgs = dom.tags("img")
+    assert imgs and all(img["src"].startswith("data:image/") for img in imgs)
+    assert EVIL in dom.all_text  # rendered as text by the browser, not parsed as an element
+    assert f"<figcaption>{html.escape(EVIL, quote=False)}</figcaption>" in result.stdout
+    assert EVIL_LABEL in dom.all_text
+
+    shot = tmp_path / "shot.png"
+    result = _run_chromium(binary, tmp_path / "profile", "--window-size=1280,2000", f"--screenshot={shot}", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(io.BytesIO(shot.read_bytes())) as im:
+        pixels = np.asarray(im.convert("L"))
+    assert pixels.shape == (2000, 1280)
+    assert pixels.std() > 10  # something was drawn, not a blank page
