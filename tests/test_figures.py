@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import itae
+from itae.models import adapt
 from itae.report import figures
 from itae.report.figures import (
     artifact_map,
@@ -24,6 +26,8 @@ from itae.report.figures import (
     safe_stem,
     write_inspection,
 )
+
+from .conftest import build_tiny
 
 GRID = (8, 8)
 PREFIX = 5  # CLS + 4 registers
@@ -157,6 +161,18 @@ def test_attention_maps_share_colour_scale_and_report_flagged_mass():
     assert "25.0% on flagged" in ax_after.get_title()
 
 
+def test_attention_maps_per_head_mask():
+    n = 4
+    before = np.zeros((2, 1 + n))
+    before[:, 1] = 0.6
+    before[:, 0] = 0.4
+    mask = np.zeros((2, n), dtype=bool)
+    mask[0, 0] = True  # flagged in head 0 only
+    fig = attention_maps(make_images(1, size=32)[0], before, before, 1, (2, 2), artifact_mask=mask)
+    assert "30.0% on flagged" in fig.axes[1].get_title()  # (0.6 + 0.0) / 2 heads
+    assert "flagged: 1 of 4" in fig.axes[0].get_title()
+
+
 def test_image_array_accepts_pil_chw_float_and_grey():
     pil = Image.new("RGB", (5, 4), (10, 20, 30))
     assert image_array(pil).shape == (4, 5, 3)
@@ -234,3 +250,20 @@ def test_figures_module_has_no_global_matplotlib_side_effects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert figures.NORM_KEYS == ("q", "k", "v", "residual")
+
+
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_write_inspection_from_real_detect_artifacts(tmp_path, granularity):
+    model = build_tiny("hf", registers=4)
+    backbone = adapt(model)
+    pixel_values = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    config = itae.ITAEConfig(threshold=0.5, granularity=granularity)
+    diagnostics = itae.detect_artifacts(model, pixel_values, config)
+    images = images_from_pixel_values(pixel_values, backbone.preprocess.mean, backbone.preprocess.std)
+    paths = write_inspection(images, ["a.jpg"], diagnostics, tmp_path, source=config.source, dpi=40)
+    assert (tmp_path / "grid.png").is_file()
+    assert len(paths) == len(diagnostics) * 3 + len(diagnostics) + 1
+    block = max(diagnostics)
+    fig = norm_histograms(diagnostics[block], 0, source="v")
+    # The threshold line is drawn only where it is on the scale of the histogram (whole-token norms).
+    assert _vlines(fig.axes[2]) == ([] if granularity == "head" else [0.5])

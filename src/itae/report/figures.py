@@ -33,7 +33,7 @@ class LayerDiagnosticsLike(Protocol):
     norms: Mapping[str, Any]  # "q", "k", "v", "residual" -> (B, N)
     cls_attention: Any  # (B, H, T)
     cls_attention_itae: Any  # (B, H, T)
-    artifact_mask: Any  # (B, N) bool
+    artifact_mask: Any  # (B, N) bool, or (B, H, N) per head
     threshold: float
     num_prefix_tokens: int
     grid: tuple[int, int]
@@ -189,13 +189,28 @@ def _draw_attention(ax: Axes, image: np.ndarray, att_hw: np.ndarray, vmax: float
 
 
 def _flagged_mass(cls_attention: Any, mask: np.ndarray | None, num_prefix: int) -> float | None:
-    """Share of the head-mean CLS attention row that lands on flagged patch tokens."""
+    """Head-mean share of the CLS attention row (H, T) that lands on flagged patches.
+
+    mask: (N,) for all heads, or (H, N) per head (granularity "head").
+    """
     if mask is None:
         return None
     att = to_numpy(cls_attention).astype(np.float64)
-    att = att.mean(axis=0) if att.ndim == 2 else att
-    patches = att[num_prefix:]
-    return float(patches[mask.reshape(-1).astype(bool)].sum())
+    att = att[None] if att.ndim == 1 else att
+    patches = att[:, num_prefix:]  # (H, N)
+    mask = mask.astype(bool)
+    per_head = mask if mask.shape == patches.shape else mask.reshape(1, -1)
+    return float((patches * per_head).sum(axis=-1).mean())
+
+
+def _split_mask(mask: np.ndarray, cls_attention: Any, num_prefix: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask as given, per-token mask (N,)): a per-head mask (H, N) counts a patch flagged in any head."""
+    att = to_numpy(cls_attention)
+    n_heads, n_patches = (1, att.shape[-1] - num_prefix) if att.ndim == 1 else (att.shape[0], att.shape[1] - num_prefix)
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape == (n_heads, n_patches) and mask.ndim == 2 and mask.shape[0] > 1:
+        return mask, mask.any(axis=0)
+    return mask, mask.reshape(-1)
 
 
 def _draw_norm_hist(
@@ -232,6 +247,9 @@ def _draw_norm_hist(
     ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=7)
     ax.set_ylabel("patches", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
 
 
 def _log_ticks(ax: Axes) -> None:
@@ -268,7 +286,10 @@ def norm_histograms(
     Flagged patches are stacked in red on every panel; the threshold is drawn on the ``source`` panel.
     """
     _check_source(source)
-    mask = _pick(diag, "artifact_mask", image_index).astype(bool)
+    raw_mask, mask = _split_mask(_pick(diag, "artifact_mask", image_index), _pick(diag, "cls_attention", image_index),
+                                 diag.num_prefix_tokens)
+    # A per-head threshold applies to per-head norms, not to these whole-token norms: say so, draw no line.
+    per_head = raw_mask.shape != mask.shape
     fig = _new_figure(10.0, 2.6)
     axes = fig.subplots(1, 4)
     for ax, key in zip(axes, NORM_KEYS, strict=True):
@@ -279,9 +300,12 @@ def norm_histograms(
         norms = to_numpy(diag.norms[key])[image_index]
         is_source = key == source
         label = "residual stream" if key == "residual" else f"{key} projection"
+        suffix = ""
+        if is_source:
+            suffix = f" (detector, per-head threshold {float(diag.threshold):.3g})" if per_head else " (detector)"
         _draw_norm_hist(
-            ax, norms, mask, title=label + (" (detector)" if is_source else ""),
-            threshold=float(diag.threshold) if is_source else None,
+            ax, norms, mask, title=label + suffix,
+            threshold=float(diag.threshold) if is_source and not per_head else None,
         )
         ax.set_xlabel("L2 norm (log)", fontsize=8)
     handles, labels = [], []
@@ -324,12 +348,16 @@ def attention_maps(
 ) -> Figure:
     """CLS attention over the patches (head mean, (H, T) each) before and after ITAE, on one colour scale.
 
-    With ``artifact_mask`` ((N,) or (h, w)) the titles give the attention mass on the flagged tokens.
+    With ``artifact_mask`` ((N,), (h, w), or (H, N) per head) the titles give the attention mass on the
+    flagged tokens; the map marks a patch flagged in any head.
     """
     img = image_array(image)
     before = cls_patch_attention(cls_attention_before, num_prefix, grid)
     after = cls_patch_attention(cls_attention_after, num_prefix, before.shape)
-    mask = None if artifact_mask is None else patch_grid(artifact_mask, before.shape).astype(bool)
+    raw_mask, mask = None, None
+    if artifact_mask is not None:
+        raw_mask, token_mask = _split_mask(to_numpy(artifact_mask), cls_attention_before, num_prefix)
+        mask = patch_grid(token_mask, before.shape)
     vmax = float(max(before.max(), after.max(), 1e-12))
     fig = _new_figure(8.6, 3.0 * img.shape[0] / img.shape[1] + 0.6)
     axes = fig.subplots(1, 3)
@@ -345,7 +373,7 @@ def attention_maps(
         (axes[2], after, cls_attention_after, "after ITAE"),
     ):
         im = _draw_attention(ax, img, att, vmax)
-        mass = _flagged_mass(raw, mask, num_prefix)
+        mass = _flagged_mass(raw, raw_mask, num_prefix)
         ax.set_title(name if mass is None else f"{name}: {100.0 * mass:.1f}% on flagged", fontsize=9)
     fig.colorbar(im, ax=axes[1:], shrink=0.8, label="CLS attention (head mean)")
     if title:
@@ -394,7 +422,8 @@ def inspect_grid(
         )
     for i in range(n):
         img = image_array(images[i])
-        mask = _pick(diag, "artifact_mask", i).astype(bool)
+        raw_mask, mask = _split_mask(_pick(diag, "artifact_mask", i), _pick(diag, "cls_attention", i),
+                                     diag.num_prefix_tokens)
         mask_hw = patch_grid(mask, diag.grid)
         before = cls_patch_attention(_pick(diag, "cls_attention", i), diag.num_prefix_tokens, diag.grid)
         after = cls_patch_attention(_pick(diag, "cls_attention_itae", i), diag.num_prefix_tokens, diag.grid)
@@ -406,11 +435,13 @@ def inspect_grid(
         axes[i, 1].set_title(f"{int(mask.sum())} of {mask.size} flagged", fontsize=8)
         for col, att, key in ((2, before, "cls_attention"), (3, after, "cls_attention_itae")):
             _draw_attention(axes[i, col], img, att, vmax)
-            mass = _flagged_mass(_pick(diag, key, i), mask, diag.num_prefix_tokens)
+            mass = _flagged_mass(_pick(diag, key, i), raw_mask, diag.num_prefix_tokens)
             axes[i, col].set_title(f"{100.0 * mass:.1f}% on flagged", fontsize=8)
+        per_head = raw_mask.shape != mask.shape  # per-head thresholds are not on the whole-token scale
         _draw_norm_hist(
-            axes[i, 4], _source_norms(diag, source, i), mask, title=f"threshold {float(diag.threshold):.3g}",
-            threshold=float(diag.threshold),
+            axes[i, 4], _source_norms(diag, source, i), mask,
+            title=f"{'per-head ' if per_head else ''}threshold {float(diag.threshold):.3g}",
+            threshold=None if per_head else float(diag.threshold),
         )
     fig.suptitle(f"Block {layer}: artifact detection from {source} norms", fontsize=11)
     return fig
@@ -465,7 +496,8 @@ def write_inspection(
         stem = f"{i:03d}_{safe_stem(name)}"
         for layer in sorted(diagnostics):
             diag = diagnostics[layer]
-            mask = _pick(diag, "artifact_mask", i).astype(bool)
+            raw_mask, mask = _split_mask(_pick(diag, "artifact_mask", i), _pick(diag, "cls_attention", i),
+                                         diag.num_prefix_tokens)
             label = f"{_short(str(name), 40)}, block {layer}"
             save(norm_histograms(diag, i, source=source, title=f"{label}: patch norms"), f"{stem}_block{layer}_norms.png")
             save(artifact_map(image, mask, diag.grid, title=f"{label}: {int(mask.sum())} flagged"),
@@ -473,7 +505,7 @@ def write_inspection(
             save(
                 attention_maps(
                     image, _pick(diag, "cls_attention", i), _pick(diag, "cls_attention_itae", i),
-                    diag.num_prefix_tokens, diag.grid, artifact_mask=mask, title=f"{label}: CLS attention",
+                    diag.num_prefix_tokens, diag.grid, artifact_mask=raw_mask, title=f"{label}: CLS attention",
                 ),
                 f"{stem}_block{layer}_attention.png",
             )
