@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "sklearn", "minibatch", "faiss"])
     parser.add_argument("--n-init", type=int, default=1, help="restarts (faiss nredo)")
     parser.add_argument("--max-iter", type=int, default=20, help="iterations per restart")
-    parser.add_argument("--init", default="k-means++", help="k-means++, random, or afk-mc2 (faiss)")
+    parser.add_argument("--init", default="auto", help="auto, k-means++, random, or afk-mc2 (faiss)")
     parser.add_argument("--spherical", action="store_true", help="cosine k-means")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--path", type=Path, default=None, help=".npy file to use or create")

@@ -261,6 +261,8 @@ def test_other_bad_inputs():
     zero[4] = 0
     with pytest.raises(ValueError, match="row 4 is all zeros"):
         cluster(zero, 2, spherical=True)
+    with pytest.raises(ValueError, match="init"):
+        KMeansClusterer(2, backend="sklearn", init="afk-mc2").fit(x)
     with pytest.raises(ValueError, match="not fitted"):
         KMeansClusterer(2).predict(x)
     with pytest.raises(ValueError, match="features"):

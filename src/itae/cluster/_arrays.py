@@ -122,7 +122,8 @@ def assign(
     labels = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float32)
     inertia = 0.0
-    rows = max(1, min(int(chunk_size), _SCORE_ELEMENTS // k))
+    # Bound both the (rows, k) score block and the (rows, d) float32 copy of the input.
+    rows = max(1, min(int(chunk_size), _SCORE_ELEMENTS // k, _CHUNK_BYTES // (4 * x.shape[1])))
     for start, stop in row_chunks(n, rows):
         block = load_rows(x, start, stop, spherical=spherical)
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it is left out of argmin.
@@ -132,7 +133,7 @@ def assign(
         own = np.argmin(scores, axis=1)
         labels[start:stop] = own
         # Recompute the winning distance directly: the expansion above loses precision for close points.
-        diff = block - centers[own]
+        diff = np.subtract(block, centers[own], out=block)  # the block is a private copy
         sq = np.einsum("nd,nd->n", diff, diff)
         dist[start:stop] = np.sqrt(sq)
         inertia += float(sq.sum(dtype=np.float64))

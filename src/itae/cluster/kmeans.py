@@ -24,7 +24,7 @@ SKLEARN_MAX_SAMPLES = 50_000
 """Largest n that ``backend="auto"`` gives to full scikit-learn k-means."""
 
 BACKENDS = ("auto", "sklearn", "minibatch", "faiss")
-INITS = ("k-means++", "random")
+INITS = ("auto", "k-means++", "random")
 _DEFAULT_MAX_ITER = {"sklearn": 300, "minibatch": 100, "faiss": 25}
 
 
@@ -65,10 +65,12 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
     train_size : rows sampled to train the "minibatch" and "faiss" backends; None means
         ``max(max_points_per_centroid * k, 100_000)``, capped at n (faiss's own rule, with a floor for small k).
     max_points_per_centroid : see ``train_size``.
-    chunk_size : rows per chunk when assigning all points to their centroids.
+    chunk_size : at most this many rows per chunk (and at most ~64 MiB of them) when assigning all points.
     tol : relative tolerance for convergence on the "sklearn" backend.
-    init : "k-means++" (default) or "random" on every backend; "afk-mc2" (a cheaper approximation of
-        k-means++) on "faiss" only. faiss's own default, random, often merges well-separated clusters.
+    init : "auto" (default), "k-means++" or "random"; "afk-mc2" on "faiss" only. "auto" is k-means++ on
+        the scikit-learn backends and AFK-MC2 (an MCMC approximation of k-means++) on faiss, whose exact
+        k-means++ costs about ten Lloyd iterations and whose default, random, often merges separated
+        clusters.
 
     Attributes
     ----------
@@ -94,7 +96,7 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         max_points_per_centroid: int = 256,
         chunk_size: int = 65536,
         tol: float = 1e-4,
-        init: str = "k-means++",
+        init: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.n_init = n_init
@@ -122,6 +124,9 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
             _check_positive_int(self.train_size, "train_size")
         backend = resolve_backend(self.backend, n)
         inits = INITS + ("afk-mc2",) if backend == "faiss" else INITS
+        init = self.init
+        if init == "auto":
+            init = "afk-mc2" if backend == "faiss" else "k-means++"
         if self.init not in inits:
             raise ValueError(
                 f"init must be one of {', '.join(inits)} for backend {backend!r}; got {self.init!r}"
@@ -130,16 +135,16 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         max_iter = self.max_iter if self.max_iter is not None else _DEFAULT_MAX_ITER[backend]
 
         if backend == "sklearn":
-            centers = self._fit_sklearn(x, k, max_iter)
+            centers = self._fit_sklearn(x, k, max_iter, init)
         else:
             train_size = self.train_size or max(self.max_points_per_centroid * k, 100_000)
             sample = _arrays.sample_rows(
                 x, max(k, min(n, train_size)), seed=self.seed, spherical=self.spherical
             )
             if backend == "minibatch":
-                centers = self._fit_minibatch(sample, k, max_iter)
+                centers = self._fit_minibatch(sample, k, max_iter, init)
             else:
-                centers = self._fit_faiss(sample, k, max_iter)
+                centers = self._fit_faiss(sample, k, max_iter, init)
             del sample
         if self.spherical:
             centers = _arrays.normalize_rows(centers)
@@ -168,13 +173,13 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         )
         return labels
 
-    def _fit_sklearn(self, x: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    def _fit_sklearn(self, x: np.ndarray, k: int, max_iter: int, init: str) -> np.ndarray:
         from sklearn.cluster import KMeans
 
         data = _arrays.as_float32(x, spherical=self.spherical)
         km = KMeans(
             n_clusters=k,
-            init=self.init,
+            init=init,
             n_init=self.n_init,
             max_iter=max_iter,
             tol=self.tol,
@@ -186,12 +191,12 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
             centers = _spherical_lloyd(data, centers, max_iter)
         return centers
 
-    def _fit_minibatch(self, sample: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    def _fit_minibatch(self, sample: np.ndarray, k: int, max_iter: int, init: str) -> np.ndarray:
         from sklearn.cluster import MiniBatchKMeans
 
         km = MiniBatchKMeans(
             n_clusters=k,
-            init=self.init,
+            init=init,
             n_init=self.n_init,
             max_iter=max_iter,
             batch_size=self.batch_size,
@@ -200,7 +205,7 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         km.fit(sample)
         return km.cluster_centers_.astype(np.float32)
 
-    def _fit_faiss(self, sample: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    def _fit_faiss(self, sample: np.ndarray, k: int, max_iter: int, init: str) -> np.ndarray:
         import faiss
 
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -221,12 +226,12 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
             "k-means++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
             "afk-mc2": "ClusteringInitMethod_AFK_MC2",
         }
-        if self.init in init_methods:
-            if not hasattr(faiss, init_methods[self.init]):
-                raise ValueError(
-                    f"init={self.init!r} needs a newer faiss (>= 1.13); upgrade it or pass init='random'"
-                )
-            km.cp.init_method = getattr(faiss, init_methods[self.init])
+        if init in init_methods:
+            if hasattr(faiss, init_methods[init]):
+                km.cp.init_method = getattr(faiss, init_methods[init])
+            elif self.init != "auto":
+                raise ValueError(f"init={init!r} needs a newer faiss; upgrade it or pass init='random'")
+            # else: an older faiss under init="auto" keeps its own random initialisation
         km.train(np.ascontiguousarray(sample, dtype=np.float32))
         return np.array(km.centroids, dtype=np.float32)
 
