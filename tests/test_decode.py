@@ -151,9 +151,14 @@ def test_transform_matches_torchvision(interp):
     im = Image.fromarray(rng.integers(0, 256, (77, 131, 3), dtype=np.uint8))
     mode = T.InterpolationMode.BICUBIC if interp == "bicubic" else T.InterpolationMode.BILINEAR
     ref = T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(), T.Normalize(p.mean, p.std)])
-    x = build_transform(p)(im)
+    t = build_transform(p)
+    x = t(im)
     assert x.shape == (3, 56, 56) and x.dtype == torch.float32
     torch.testing.assert_close(x, ref(im), rtol=0, atol=1e-6)
+    # The split used by extraction (uint8 in workers, normalise on the device) gives the same values.
+    u = t.to_uint8(im)
+    assert u.dtype == torch.uint8 and u.shape == (3, 56, 56)
+    assert torch.equal(t.normalize(u[None])[0], x)
 
 
 def test_transform_rejects_unknown_interpolation():

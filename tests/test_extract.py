@@ -27,7 +27,7 @@ from itae.data.store import StoreError
 from itae.models import adapt
 
 RES = 56  # crop fed to the tiny model (4 x 4 patches of 14)
-COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False)
+COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, device="cpu")
 
 # Builds the model used by these tests; also run in subprocesses, so it is source text.
 MODEL_CODE = textwrap.dedent(
@@ -262,6 +262,22 @@ def test_bad_input_is_refused_cleanly(tmp_path):
             itae.embed(good, bb, out=tmp_path / "o4", **{**COMMON, "device": "cuda"})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_low_precision_with_workers(tmp_path, precision):
+    root = _make_folder(tmp_path / "imgs", per_class=6, corrupt=1)
+    ref = itae.embed(root, build_model(), out=tmp_path / "cpu", itae=None, **COMMON).embeddings()
+    model = build_model()
+    store = itae.embed(root, model, out=tmp_path / "gpu", itae=None, **{**COMMON, "device": "cuda",
+                       "precision": precision, "num_workers": 2})
+    p = next(model.parameters())
+    assert p.is_cuda and p.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    emb = store.embeddings()
+    assert emb.dtype == np.float32 and len(store.errors) == 1
+    cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.98
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
 def test_unwritable_output_folder(tmp_path):
     good = _make_folder(tmp_path / "good", per_class=1, corrupt=0)
@@ -318,7 +334,7 @@ KILL_SCRIPT = MODEL_CODE + textwrap.dedent(
 
             src.read = slow
         return itae.embed(src, adapt(build_model()), out=out, batch_size=4, chunk_size=8, num_workers=0,
-                          resolution=56, calibration_images=8, progress=False)
+                          resolution=56, calibration_images=8, progress=False, device="cpu")
 
     if __name__ == "__main__":
         run(sys.argv[1], sys.argv[2], float(sys.argv[3]))

@@ -19,12 +19,20 @@ Item = tuple[int, "torch.Tensor | None", "str | None"]
 
 
 class ImageDataset(Dataset):
-    """``source[i]`` decoded and preprocessed; a failure is returned as data, not raised."""
+    """``source[i]`` decoded and preprocessed; a failure is returned as data, not raised.
 
-    def __init__(self, source: ImageSource, transform: PreprocessTransform, *, max_pixels: int | None = None) -> None:
+    uint8: return resized, cropped uint8 pixels (3, S, S) and leave ``transform.normalize`` to the
+    consumer (on the device); otherwise normalised float32.
+    """
+
+    def __init__(
+        self, source: ImageSource, transform: PreprocessTransform, *, max_pixels: int | None = None,
+        uint8: bool = False,
+    ) -> None:
         self.source = source
         self.transform = transform
         self.max_pixels = max_pixels
+        self.uint8 = uint8
 
     def __len__(self) -> int:
         return len(self.source)
@@ -33,7 +41,7 @@ class ImageDataset(Dataset):
         try:
             payload = self.source.read(index)
             image = load_rgb(payload, max_pixels=self.max_pixels)
-            return index, self.transform(image), None
+            return index, self.transform.to_uint8(image) if self.uint8 else self.transform(image), None
         except DecodeError as e:
             return index, None, e.reason
         except FileNotFoundError:
@@ -47,8 +55,8 @@ class ImageDataset(Dataset):
 def collate_images(items: Sequence[Item]) -> dict:
     """Stack decoded items; failures go to ``failed_index``/``failed_reason``.
 
-    Returns a dict (pin_memory-friendly): ``index`` (B,) int64, ``pixels`` (B, 3, S, S) float32 or None
-    when every item failed, ``failed_index`` list[int], ``failed_reason`` list[str].
+    Returns a dict (pin_memory-friendly): ``index`` (B,) int64, ``pixels`` (B, 3, S, S) or None when
+    every item failed, ``failed_index`` list[int], ``failed_reason`` list[str].
     """
     good = [(i, x) for i, x, reason in items if reason is None]
     bad = [(i, reason) for i, _, reason in items if reason is not None]

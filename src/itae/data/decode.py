@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +149,10 @@ _INTERPOLATION = {
 class PreprocessTransform:
     """RGB PIL image -> float32 tensor (3, S, S): resize the shorter side, centre crop, scale, normalise.
 
-    A plain class (not a closure) so DataLoader workers can receive it under any start method.
+    Split in two for extraction: ``to_uint8`` (resize and crop, in DataLoader workers) and ``normalize``
+    (scale and normalise, on the device), so workers and the host-to-device copy move 1 byte per value
+    instead of 4. The two halves give exactly what ``__call__`` gives. A plain class (not a closure), so
+    DataLoader workers can receive it under any start method.
     """
 
     def __init__(self, preprocess: Preprocess) -> None:
@@ -167,7 +169,8 @@ class PreprocessTransform:
         self._mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, im: Image.Image) -> torch.Tensor:
+    def to_uint8(self, im: Image.Image) -> torch.Tensor:
+        """Resized, centre-cropped pixels as a uint8 tensor (3, S, S)."""
         p = self.preprocess
         w, h = im.size
         short = min(w, h)
@@ -181,12 +184,19 @@ class PreprocessTransform:
         left = int(round((w - s) / 2.0))
         top = int(round((h - s) / 2.0))
         im = im.crop((left, top, left + s, top + s))
-        a = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
-        x = torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
-        return x.sub_(self._mean).div_(self._std)
+        a = np.array(im, dtype=np.uint8)  # (S, S, 3), a writable copy
+        return torch.from_numpy(a).permute(2, 0, 1).contiguous()  # (S, S, 3) -> (3, S, S)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, S, S) on any device -> float32 normalised, on the same device."""
+        mean, std = self._mean.to(pixels.device), self._std.to(pixels.device)
+        return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        return self.normalize(self.to_uint8(im))
 
 
-def build_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(preprocess: Preprocess) -> PreprocessTransform:
     """The preprocessing transform of a model (``backbone.preprocess``, maybe ``.with_resolution(...)``)."""
     return PreprocessTransform(preprocess)
 

@@ -26,7 +26,7 @@ from itae.config import ITAEConfig
 from itae.models.base import Backbone, Features, Preprocess
 
 from .dataset import ChunkBatchSampler, ImageDataset, collate_images
-from .decode import build_transform
+from .decode import PreprocessTransform, build_transform
 from .sources import ImageSource, LabelMode, open_source
 from .store import (
     ERRORS,
@@ -313,22 +313,36 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+# Decoded images waiting in DataLoader queues, at most (uint8 bytes): bounds host memory however many
+# workers and whatever the batch size.
+PREFETCH_BYTES = 1 << 30
+
+
 def _loader(
-    src: ImageSource, transform, batch_sampler, *, num_workers: int, device: torch.device, max_pixels: int | None
+    src: ImageSource, transform: PreprocessTransform, batch_sampler, *, num_workers: int, device: torch.device,
+    max_pixels: int | None,
 ) -> DataLoader:
+    prefetch = None
+    if num_workers > 0:
+        batch = max((len(b) for b in batch_sampler), default=1) if isinstance(batch_sampler, list) else \
+            batch_sampler.batch_size
+        per_batch = batch * 3 * transform.preprocess.image_size ** 2
+        prefetch = max(1, min(4, PREFETCH_BYTES // max(1, per_batch * num_workers)))
     return DataLoader(
-        ImageDataset(src, transform, max_pixels=max_pixels),
+        ImageDataset(src, transform, max_pixels=max_pixels, uint8=True),
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch,
     )
 
 
-def _to_device(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # Copy in the loader's float32 (pinned, asynchronous), cast on the device.
-    return pixels.to(device, non_blocking=True).to(dtype)
+def _to_device(pixels: torch.Tensor, transform: PreprocessTransform, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, 3, S, S) on the host -> normalised (B, 3, S, S) in the model's dtype on ``device``."""
+    # Copy the uint8 pixels (pinned, asynchronous), normalise in float32 there, then cast.
+    return transform.normalize(pixels.to(device, non_blocking=True)).to(dtype)
 
 
 def _calibrate(
@@ -360,7 +374,7 @@ def _calibrate(
                 continue
             x = batch["pixels"][: count - used]
             used += len(x)
-            yield _to_device(x, device, bb.dtype)
+            yield _to_device(x, transform, device, bb.dtype)
             if used >= count:
                 return
 
@@ -455,7 +469,7 @@ def _extract(
                 start, stop = writer.chunk_bounds(k)
                 buf = buffers.setdefault(k, _ChunkBuffer(stop - start))
                 if batch["pixels"] is not None:
-                    x = _to_device(batch["pixels"], bb.device, bb.dtype)
+                    x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
                     if fast:
                         features = Features(cls=forward_cls(bb, x, cfg)[0])
                     else:
