@@ -133,7 +133,7 @@ def test_model_stage_in_process_keeps_row_shape_when_a_whole_batch_fails(data, t
     images, model = data
     ref = _local(images, model, tmp_path / "local", itae=None)
     preprocess = itae.load_backbone(str(model), resolution=RES).preprocess
-    stage = _Embedder(str(model), None, "fp32", RES, None, "cls", False, True,
+    stage = _Embedder(str(model), None, "fp32", RES, None, "cls", False, True, preprocess,
                       decode=dict(source=open_source(images), preprocess=preprocess, max_pixels=None))
     out = stage({"item": np.array([10])})  # only the corrupt file
     assert out["embedding"].shape == (1, 32) and not out["embedding"].any()
@@ -146,7 +146,8 @@ def test_model_stage_in_process_keeps_row_shape_when_a_whole_batch_fails(data, t
     # ITAE through the hooks (fast_cls=False) with the local store's calibrated config: its embeddings.
     ref_itae = _local(images, model, tmp_path / "local-itae")
     hooked = _Embedder(str(model), None, "fp32", RES, ref_itae.manifest["itae"], "cls", False, False,
-                       decode=dict(source=open_source(images), preprocess=preprocess, max_pixels=None))
+                       preprocess, decode=dict(source=open_source(images), preprocess=preprocess,
+                                               max_pixels=None))
     assert not hooked.fast
     out = hooked({"item": np.array([9, 10, 11])})
     np.testing.assert_allclose(out["embedding"][[0, 2]], np.asarray(ref_itae.embeddings())[[9, 10]], rtol=0,

@@ -9,8 +9,9 @@ One streamed Ray Data pipeline::
       -> driver                                gather by store chunk, commit complete chunks atomically
 
 With GPU replicas, decoding is its own CPU stage so that it spreads over every CPU of the cluster while
-the GPUs only run the model; the price is that preprocessed float32 pixels travel through Ray's object
-store. With CPU replicas there is nothing to overlap, so each model actor decodes its own batches.
+the GPUs only run the model; the price is that resized, cropped uint8 pixels travel through Ray's object
+store (normalisation happens on the model's device, as in the local path). With CPU replicas there is
+nothing to overlap, so each model actor decodes its own batches.
 
 Everything that defines the result is shared with the local path (source and order, decoder and
 transform, calibration on the driver over the same images, forward and pooling, store writer), so both
@@ -57,7 +58,7 @@ def _import_ray():
 
 
 class _Decoder:
-    """CPU stage: record indices -> preprocessed pixels, or the reason a record cannot be used.
+    """CPU stage: record indices -> resized, cropped uint8 pixels, or the reason a record cannot be used.
 
     Reuses ``ImageDataset`` (the local DataLoader's dataset), so the pixels and the failure reasons are
     exactly the local path's. Output rows keep their shape: a failed record has zero pixels and a reason.
@@ -67,12 +68,12 @@ class _Decoder:
         from itae.data.dataset import ImageDataset
         from itae.data.decode import build_transform
 
-        self.dataset = ImageDataset(source, build_transform(preprocess), max_pixels=max_pixels)
+        self.dataset = ImageDataset(source, build_transform(preprocess), max_pixels=max_pixels, uint8=True)
         self.size = preprocess.image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index = np.asarray(batch["item"], dtype=np.int64)
-        pixels = np.zeros((len(index), 3, self.size, self.size), dtype=np.float32)  # (B, 3, S, S)
+        pixels = np.zeros((len(index), 3, self.size, self.size), dtype=np.uint8)  # (B, 3, S, S)
         reasons = []
         for row, i in enumerate(index.tolist()):
             _, x, reason = self.dataset[i]
@@ -83,9 +84,10 @@ class _Decoder:
 
 
 class _Embedder:
-    """Model stage: one backbone per actor, loaded once; pixels -> (B, D) float32 embeddings.
+    """Model stage: one backbone per actor, loaded once; uint8 pixels -> (B, D) float32 embeddings.
 
-    With ``decode`` (the ``_Decoder`` arguments) it decodes its batches itself: no separate CPU stage.
+    ``preprocess`` is the driver's (recorded in the manifest); its normalisation runs on the actor's
+    device. With ``decode`` (the ``_Decoder`` arguments) it decodes its batches itself: no CPU stage.
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class _Embedder:
         feature: Feature,
         normalize: bool,
         fast_cls: bool,
+        preprocess: Preprocess,
         decode: dict[str, Any] | None = None,
     ) -> None:
+        from itae.data.decode import build_transform
         from itae.engine.fast import supports_fast_cls
         from itae.models.loading import load_backbone
 
@@ -113,6 +117,7 @@ class _Embedder:
         self.dim = self.backbone.embed_dim * (2 if feature == "cls+mean" else 1)
         # The same choice as the local path: the CLS-only fast forward wherever it computes the same thing.
         self.fast = fast_cls and feature == "cls" and supports_fast_cls(self.backbone, self.config)
+        self.transform = build_transform(preprocess)
         self.decoder = None if decode is None else _Decoder(**decode)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,12 +148,13 @@ class _Embedder:
         # skips them).
         out = np.zeros((len(index), self.dim), dtype=np.float32)
         if ok.any():
+            from itae.data.extract import _to_device
+
             bb = self.backbone
-            # (b, 3, S, S): a writable copy of the good rows
-            x = torch.from_numpy(np.array(batch["pixels"][ok], dtype=np.float32))
+            x = torch.from_numpy(np.array(batch["pixels"][ok], dtype=np.uint8))  # (b, 3, S, S), writable
             with torch.inference_mode():
-                # As the local path: float32 to the device, cast there.
-                emb = self._forward(x.to(bb.device, non_blocking=True).to(bb.dtype))
+                # The local path's own step: uint8 to the device, normalised there, cast to the model dtype.
+                emb = self._forward(_to_device(x, self.transform, bb.device, bb.dtype))
             out[ok] = emb.cpu().numpy()
         return {"index": index, "embedding": out, "reason": np.asarray(reason, dtype=object)}
 
@@ -482,7 +488,7 @@ def _run_pipeline(
             _Embedder,
             fn_constructor_kwargs=dict(model=model, arch=arch, precision=precision, resolution=resolution,
                                        config=None if config is None else config.to_dict(), feature=feature,
-                                       normalize=normalize, fast_cls=fast_cls,
+                                       normalize=normalize, fast_cls=fast_cls, preprocess=preprocess,
                                        decode=decode_args if decoders is None else None),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=num_gpus_per_actor, num_cpus=model_cpus,
