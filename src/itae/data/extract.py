@@ -168,6 +168,7 @@ def embed(
     split: str | None = None,
     max_pixels: int | None = None,
     fast_cls: bool = True,
+    compile: bool = False,
     progress: bool = True,
     resume: bool = True,
     overwrite: bool = False,
@@ -189,6 +190,8 @@ def embed(
     max_pixels: refuse images larger than this as decompression bombs (default: PIL's limit).
     fast_cls: for feature="cls", run the last block for the CLS row only (``itae.engine.fast``) where the
         config allows it (ITAE off, or CLS rows of the last block only); False always runs the full model.
+    compile: compile the model's blocks with ``torch.compile`` for the extraction (restored afterwards);
+        used only where no ITAE hooks are needed (ITAE off, or the fast CLS path).
     resume: continue (or return) a store at ``out`` made with the same settings; overwrite: start afresh.
 
     Images that cannot be decoded are skipped and listed in ``out/errors.csv``. Returns the finished store.
@@ -287,7 +290,7 @@ def embed(
     todo = [k for k in range(writer.num_chunks) if k not in done]
     if todo:
         _extract(bb, src, transform, writer, todo, run_cfg, feature, normalize, batch_size, progress, fast_cls,
-                 **loader_kw)
+                 compile, **loader_kw)
 
     errors = writer.error_rows()
     num_failed = len(errors)
@@ -432,6 +435,7 @@ def _extract(
     batch_size: int,
     progress: bool,
     fast_cls: bool,
+    compile: bool,
     *,
     num_workers: int,
     device: torch.device,
@@ -441,7 +445,7 @@ def _extract(
 
     from tqdm.auto import tqdm
 
-    from itae.engine.fast import forward_cls, supports_fast_cls
+    from itae.engine.fast import compiled_blocks, forward_cls, supports_fast_cls
 
     sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo)
     loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels)
@@ -453,8 +457,10 @@ def _extract(
         from itae.engine.patch import attenuate
 
         context = attenuate(bb, cfg)  # entered once around the whole loop
+        if compile:
+            logger.warning("compile ignored: this ITAE config runs through hooks, which compiled blocks would break")
     else:
-        context = nullcontext()
+        context = compiled_blocks(bb) if compile else nullcontext()
     logger.info("extracting %d images with %s", remaining,
                 "the CLS-only fast path" if fast else "ITAE hooks" if cfg is not None else "the unmodified model")
     buffers: dict[int, _ChunkBuffer] = {}

@@ -91,3 +91,26 @@ def forward_cls(
     x = h[:, :1] + parts.ls1(site.out_proj(context))
     x = x + parts.ls2(parts.mlp(parts.norm2(x)))
     return backbone.final_norm(x)[:, 0], mask
+
+
+class compiled_blocks:  # noqa: N801 - a context manager, named like one
+    """Compile each transformer block of the instance with ``torch.compile`` ("regional" compilation),
+    and restore the plain modules on exit.
+
+    All blocks share one compiled graph (same code, same shapes), so compiling costs one block's
+    worth of time instead of the whole model's. Not for use together with ``attenuate``: its hooks
+    would break the compiled graphs; ``forward_cls`` is the compiled ITAE path.
+    """
+
+    def __init__(self, backbone: Backbone, **compile_kwargs) -> None:
+        self.backbone = backbone
+        self.kwargs = compile_kwargs
+
+    def __enter__(self) -> Backbone:
+        for block in self.backbone.blocks:
+            block.compile(**self.kwargs)
+        return self.backbone
+
+    def __exit__(self, *exc) -> None:
+        for block in self.backbone.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set; None is the plain forward
