@@ -1,0 +1,113 @@
+"""results.csv (one row per run) and results.md (mean +- std per data set, model and method)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
+COLUMNS = KEY_COLUMNS + (
+    "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
+    "embedding", "settings", "seconds",
+)
+SCORES = ("acc", "nmi", "ari")
+
+
+def run_key(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(row[c]) for c in KEY_COLUMNS)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write the whole file to a temporary sibling, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in KEY_COLUMNS + SCORES if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{str(path)!r} is not a bench results file (no column {missing[0]!r}); use another out_dir")
+        return list(reader)
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _fmt(row.get(c)) for c in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # full precision: results.md is recomputed from these
+    return str(value)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single run), as ``itae.metrics.summarize``."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, std
+
+
+def summarize_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (dataset, protocol, model, method), in first-seen order, with mean/std (fractions) and
+    the difference of means against the 'baseline' method of the same data set, protocol and model."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["protocol"], row["model"], row["method"]), []).append(row)
+    out = []
+    for (dataset, protocol, model, method), members in groups.items():
+        entry: dict[str, Any] = {"dataset": dataset, "protocol": protocol, "model": model, "method": method,
+                                 "runs": len(members), "backbone": members[0].get("backbone", model)}
+        for s in SCORES:
+            entry[s] = _mean_std([float(r[s]) for r in members])
+        out.append(entry)
+    base = {(e["dataset"], e["protocol"], e["model"]): e for e in out if e["method"] == "baseline"}
+    for e in out:
+        b = base.get((e["dataset"], e["protocol"], e["model"]))
+        e["delta"] = None if b is None or b is e else {s: e[s][0] - b[s][0] for s in SCORES}
+    return out
+
+
+def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark results") -> str:
+    """results.md: per data set and protocol, a table of mean +- std (%, over seeds) and deltas (points)."""
+    lines = [f"# {title}", "",
+             "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the "
+             "`baseline` method of the same data set, protocol and model, in points.", ""]
+    sections: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in summary:
+        sections.setdefault((e["dataset"], e["protocol"]), []).append(e)
+    for (dataset, protocol), entries in sections.items():
+        lines += [f"## {dataset} (protocol: {protocol})", "",
+                  "| model | method | runs | ACC | NMI | ARI | ΔACC | ΔNMI | ΔARI |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in entries:
+            method = e["method"] if e["backbone"] == e["model"] else f"{e['method']} ({e['backbone']})"
+            scores = [f"{100 * e[s][0]:.2f} ± {100 * e[s][1]:.2f}" for s in SCORES]
+            deltas = ["—"] * 3 if e["delta"] is None else [f"{100 * e['delta'][s]:+.2f}" for s in SCORES]
+            lines.append(f"| {e['model']} | {method} | {e['runs']} | " + " | ".join(scores + deltas) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,299 @@
+"""What a benchmark grid is: data sets x models x methods x seeds under one protocol.
+
+A grid is a ``BenchSpec``: built in Python, from a dict, or from a JSON file (``load_spec``). Data sets
+are known names (``KNOWN_DATASETS``), local folders, or dicts that name a source and its columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from itae.config import ITAEConfig
+
+PROTOCOLS = ("test", "train-test")
+FEATURES = ("cls", "mean", "cls+mean")
+CLUSTER_METHODS = ("kmeans", "agglomerative")
+REGISTERS = "registers"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One labelled data set.
+
+    source: a HF hub id (``owner/name``), a folder written by ``datasets.save_to_disk``, a folder of
+        images in class subfolders (``<source>/<split>/<class>/...`` or ``<source>/<class>/...``), or a
+        CSV list with ``path`` and a label column.
+    split / train_split: the evaluation split and, for the train-test protocol, the fitting split.
+    image_column / label_column: columns of a HF data set or CSV list (folders take labels from folders).
+    max_images: keep a class-balanced, deterministic subset of at most this many images per split.
+    """
+
+    name: str
+    source: str
+    split: str | None = "test"
+    train_split: str | None = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("a data set needs a non-empty 'name'")
+        if not isinstance(self.source, (str, os.PathLike)) or not str(self.source):
+            raise ValueError(f"data set {self.name!r} needs a 'source' (a HF id or a local path)")
+        object.__setattr__(self, "source", os.fspath(self.source))
+        if self.max_images is not None and (isinstance(self.max_images, bool) or int(self.max_images) < 1):
+            raise ValueError(f"data set {self.name!r}: max_images must be a positive integer; got {self.max_images!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _hf(name: str, source: str, *, split: str = "test", train_split: str = "train", image: str = "image",
+        label: str = "label") -> DatasetSpec:
+    return DatasetSpec(name, source, split, train_split, image, label)
+
+
+# Usual hub ids. The data sets are loaded through ``datasets.load_dataset(source, split=...)``; any entry
+# can be pointed at a local copy by giving the same name with another ``source``.
+KNOWN_DATASETS: dict[str, DatasetSpec] = {
+    d.name: d
+    for d in (
+        _hf("cifar10", "uoft-cs/cifar10", image="img"),
+        _hf("cifar100", "uoft-cs/cifar100", image="img", label="fine_label"),
+        _hf("cifar100-20", "uoft-cs/cifar100", image="img", label="coarse_label"),
+        _hf("stl10", "tanganke/stl10"),
+        _hf("tiny-imagenet", "zh-plus/tiny-imagenet", split="valid"),
+        # frgfm/imagenette has several configurations (full_size, 320px, 160px); point 'source' at a local
+        # save_to_disk copy of the one you want if the hub default does not load.
+        _hf("imagenette", "frgfm/imagenette", split="validation"),
+        _hf("mnist", "ylecun/mnist"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: the baseline (``itae`` None), ITAE with a configuration, or the registers counterpart."""
+
+    name: str
+    itae: ITAEConfig | None = None
+    registers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.registers and self.itae is not None:
+            raise ValueError(f"method {self.name!r}: the registers method takes no ITAE configuration")
+
+    def to_value(self) -> Any:
+        if self.registers:
+            return REGISTERS
+        return None if self.itae is None else self.itae.to_dict()
+
+
+def method_from_value(name: str, value: Any) -> MethodSpec:
+    """``None`` -> baseline, ``"registers"`` -> registers model, a dict or ``ITAEConfig`` -> ITAE."""
+    if value is None:
+        return MethodSpec(name)
+    if isinstance(value, str):
+        if value != REGISTERS:
+            raise ValueError(f"method {name!r}: a string value must be 'registers'; got {value!r}")
+        return MethodSpec(name, registers=True)
+    if isinstance(value, ITAEConfig):
+        return MethodSpec(name, value)
+    if isinstance(value, dict):
+        return MethodSpec(name, ITAEConfig.from_dict(value))
+    raise TypeError(f"method {name!r}: give None (baseline), 'registers' or an ITAEConfig dict; got {value!r}")
+
+
+DEFAULT_METHODS = (MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()))
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """A grid: every data set x model x method x seed, under one protocol.
+
+    protocol: "test" clusters and scores the evaluation split (the paper's protocol); "train-test"
+        fits k-means on the train split and assigns the evaluation split to the nearest centroid.
+    k: clusters (default: the number of classes of the evaluation split).
+    feature / normalize: what is embedded (``itae.embed``). spherical: cosine k-means.
+    n_init: k-means restarts per seed. calibration_images: images used to calibrate each "auto" threshold.
+    """
+
+    datasets: tuple[DatasetSpec, ...]
+    models: tuple[str, ...]
+    methods: tuple[MethodSpec, ...] = DEFAULT_METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    protocol: str = "test"
+    k: int | None = None
+    feature: str = "cls"
+    normalize: bool = False
+    cluster_method: str = "kmeans"
+    spherical: bool = False
+    n_init: int = 1
+    batch_size: int = 64
+    calibration_images: int = 512
+    device: str = "auto"
+    num_workers: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("datasets", "models", "methods", "seeds"):
+            value = tuple(getattr(self, name))
+            if not value:
+                raise ValueError(f"the bench spec needs at least one entry in {name!r}")
+            object.__setattr__(self, name, value)
+        for name, values in (("data set", [d.name for d in self.datasets]), ("model", list(self.models)),
+                             ("method", [m.name for m in self.methods])):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"duplicate {name} name(s) in the bench spec: {', '.join(dup)}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds must be integers; got {list(self.seeds)!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}; got {self.protocol!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {self.feature!r}")
+        if self.cluster_method not in CLUSTER_METHODS:
+            raise ValueError(f"cluster_method must be one of {', '.join(map(repr, CLUSTER_METHODS))}; got "
+                             f"{self.cluster_method!r}")
+        if self.protocol == "train-test" and self.cluster_method != "kmeans":
+            raise ValueError("the train-test protocol assigns test images to k-means centroids; use cluster_method='kmeans'")
+        if self.k is not None and (isinstance(self.k, bool) or int(self.k) < 2):
+            raise ValueError(f"k must be at least 2 (or None for the number of classes); got {self.k!r}")
+        for name in ("n_init", "batch_size", "calibration_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "datasets": [d.to_dict() for d in self.datasets],
+            "models": list(self.models),
+            "methods": {m.name: m.to_value() for m in self.methods},
+            "seeds": list(self.seeds),
+            **{k: getattr(self, k) for k in ("protocol", "k", "feature", "normalize", "cluster_method", "spherical",
+                                             "n_init", "batch_size", "calibration_images", "device", "num_workers")},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchSpec:
+        if not isinstance(d, dict):
+            raise TypeError(f"a bench spec must be a dict; got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__) - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown bench spec field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "datasets" not in d or "models" not in d:
+            raise ValueError("a bench spec needs 'datasets' and 'models'")
+        kw = dict(d)
+        datasets = kw["datasets"]
+        kw["datasets"] = tuple(dataset_from_value(v) for v in ([datasets] if isinstance(datasets, (str, dict)) else datasets))
+        models = kw["models"]
+        kw["models"] = (models,) if isinstance(models, str) else tuple(models)
+        if "methods" in kw:
+            methods = kw["methods"]
+            if not isinstance(methods, dict):
+                raise TypeError("'methods' must map method names to None (baseline), 'registers' or an ITAEConfig dict")
+            kw["methods"] = tuple(method_from_value(name, value) for name, value in methods.items())
+        if "seeds" in kw:
+            kw["seeds"] = (kw["seeds"],) if isinstance(kw["seeds"], int) else tuple(kw["seeds"])
+        return cls(**kw)
+
+    def settings_key(self) -> str:
+        """Hash of every setting that changes a run's numbers apart from its grid coordinates."""
+        keys = ("k", "feature", "normalize", "cluster_method", "spherical", "n_init", "calibration_images")
+        return _digest({k: getattr(self, k) for k in keys})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def dataset_from_value(value: str | dict[str, Any] | DatasetSpec) -> DatasetSpec:
+    """A known name, a local path, or a dict (a known ``name`` with overrides, or ``name`` + ``source``)."""
+    if isinstance(value, DatasetSpec):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if text in KNOWN_DATASETS:
+            return KNOWN_DATASETS[text]
+        path = Path(text).expanduser()
+        if path.exists():
+            return DatasetSpec(path.resolve().name or text, str(path))
+        raise ValueError(
+            f"unknown data set {text!r}: use a known name ({', '.join(KNOWN_DATASETS)}), a local folder, or a "
+            "dict with 'name' and 'source'"
+        )
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ValueError(f"a data set dict needs a 'name'; got {value!r}")
+        unknown = sorted(set(value) - set(DatasetSpec.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown data set field(s) {', '.join(unknown)} in {value['name']!r}")
+        base = KNOWN_DATASETS.get(value["name"])
+        if base is not None:
+            return replace(base, **{k: v for k, v in value.items() if k != "name"})
+        return DatasetSpec(**value)
+    raise TypeError(f"a data set must be a name, a path or a dict; got {type(value).__name__}")
+
+
+def load_spec(spec: BenchSpec | dict[str, Any] | str | os.PathLike) -> BenchSpec:
+    """A ``BenchSpec`` from itself, a dict, or a JSON file."""
+    if isinstance(spec, BenchSpec):
+        return spec
+    if isinstance(spec, dict):
+        return BenchSpec.from_dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"bench spec {str(path)!r} does not exist; give a JSON file, a dict or a BenchSpec")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"bench spec {str(path)!r} is not valid JSON: {e}") from None
+        return BenchSpec.from_dict(data)
+    raise TypeError(f"spec must be a BenchSpec, a dict or a JSON path; got {type(spec).__name__}")
+
+
+def registers_counterpart(model: str) -> str:
+    """The registers model trained like ``model``: the 'registers' method embeds with it."""
+    name = model.strip()
+    low = name.lower()
+    if low.startswith("demo:"):
+        return "demo:registers"
+    for size in ("small", "base", "large", "giant"):
+        if low == f"facebook/dinov2-{size}":
+            return f"facebook/dinov2-with-registers-{size}"
+        if low.removeprefix("timm/").split(".")[0] == f"vit_{size}_patch14_dinov2":
+            return f"timm/vit_{size}_patch14_reg4_dinov2.lvd142m"
+    for letter in "sblg":
+        if low == f"dinov2_vit{letter}14":
+            return f"dinov2_vit{letter}14_reg"
+    if "registers" in low or "_reg" in low:
+        return name  # already a registers model
+    raise ValueError(
+        f"no known registers counterpart for model {model!r}; the 'registers' method covers the DINOv2 "
+        "S/B/L/g names (HF, timm, torch.hub) and the demo models"
+    )
+
+
+def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> BenchSpec:
+    """The offline preset: the demo models (clean, planted) x baseline, ITAE, registers on a labelled folder."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the quick preset needs a local folder of labelled images (<folder>/<class>/<image>); {str(path)!r} "
+            "is not a folder"
+        )
+    dataset = DatasetSpec(path.resolve().name or "images", str(path), max_images=max_images)
+    return BenchSpec(
+        datasets=(dataset,),
+        models=("demo:clean", "demo:planted"),
+        methods=(MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()), MethodSpec(REGISTERS, registers=True)),
+        seeds=seeds,
+    )

@@ -1,0 +1,235 @@
+"""The bench grid on generated images and the demo models: rows, summary, reuse and restart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import itae.data.extract
+import itae.metrics
+from itae.bench import (
+    KNOWN_DATASETS,
+    BenchSpec,
+    DatasetLoadError,
+    dataset_from_value,
+    load_spec,
+    open_dataset,
+    registers_counterpart,
+    run_bench,
+)
+
+CLASSES = {"red-square": ((220, 40, 40), "square"), "green-disc": ((40, 200, 60), "disc"),
+           "blue-bar": ((50, 70, 230), "bar")}
+
+
+def _make_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """<root>/<class>/<i>.png: coloured shapes at random places on noisy grey backgrounds, 32 x 32."""
+    rng = np.random.default_rng(seed)
+    for name, (colour, shape) in CLASSES.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            bg = rng.integers(90, 160, size=(32, 32, 3), dtype=np.uint8)
+            im = Image.fromarray(bg)
+            d = ImageDraw.Draw(im)
+            x, y = (int(v) for v in rng.integers(4, 14, size=2))
+            s = int(rng.integers(10, 16))
+            if shape == "square":
+                d.rectangle([x, y, x + s, y + s], fill=colour)
+            elif shape == "disc":
+                d.ellipse([x, y, x + s, y + s], fill=colour)
+            else:
+                d.rectangle([x, y, x + s, y + 4], fill=colour)
+            im.save(folder / f"{i}.png")
+    return root
+
+
+def _spec(folder: Path, **kw) -> dict:
+    spec = {
+        "datasets": [{"name": "shapes", "source": str(folder)}],
+        "models": ["demo:planted"],
+        "methods": {"baseline": None, "itae": {}},
+        "seeds": [0, 1],
+        "calibration_images": 8,
+        "num_workers": 0,
+        "batch_size": 8,
+    }
+    spec.update(kw)
+    return spec
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _md_cells(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(model, method) -> the cells of its results.md row."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("| demo:"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0], cells[1].split(" (")[0]] = cells[2:]
+    return rows
+
+
+def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
+    folder = _make_folder(tmp_path / "shapes")
+    out = tmp_path / "out"
+    result = run_bench(folder, out, quick=True, progress=False)
+    rows = _csv_rows(out / "results.csv")
+    # 2 models x 3 methods x 3 seeds, one row each, every key once
+    assert len(rows) == 18 and result.ran == 18 and result.skipped == 0
+    keys = {(r["dataset"], r["model"], r["method"], r["seed"], r["protocol"]) for r in rows}
+    assert len(keys) == 18
+    assert {r["backbone"] for r in rows if r["method"] == "registers"} == {"demo:registers"}
+    assert all(r["n_images"] == "18" and r["k"] == "3" for r in rows)
+    # the ITAE calibration found the planted sinks: 2 of 64 patches
+    planted_itae = [r for r in rows if r["model"] == "demo:planted" and r["method"] == "itae"]
+    assert float(planted_itae[0]["flagged_fraction"]) == pytest.approx(2 / 64)
+
+    # results.md equals mean and sample std of the rows, and deltas of means against the baseline
+    cells = _md_cells(out / "results.md")
+    for (model, method), row_cells in cells.items():
+        members = [r for r in rows if r["model"] == model and r["method"] == method]
+        assert int(row_cells[0]) == len(members)
+        for j, score in enumerate(("acc", "nmi", "ari")):
+            values = np.array([100 * float(r[score]) for r in members])
+            mean, std = (float(v) for v in re.findall(r"-?\d+\.\d+", row_cells[1 + j]))
+            assert mean == pytest.approx(values.mean(), abs=0.006)
+            assert std == pytest.approx(values.std(ddof=1), abs=0.006)
+            base = np.array([100 * float(r[score]) for r in rows if r["model"] == model and r["method"] == "baseline"])
+            delta = row_cells[4 + j]
+            if method == "baseline":
+                assert delta == "—"
+            else:
+                assert float(delta) == pytest.approx(values.mean() - base.mean(), abs=0.006)
+    assert len(cells) == 6
+    assert result.summary[0]["acc"][0] == pytest.approx(np.mean([float(r["acc"]) for r in rows[:3]]))
+
+
+def test_restart_after_interruption_skips_finished_runs_and_reuses_embeddings(tmp_path, monkeypatch):
+    folder = _make_folder(tmp_path / "shapes")
+    out = tmp_path / "out"
+    real_evaluate = itae.metrics.evaluate
+    calls = {"evaluate": 0, "embed": 0}
+
+    def failing_evaluate(*args, **kw):
+        calls["evaluate"] += 1
+        if calls["evaluate"] == 3:
+            raise KeyboardInterrupt  # the grid is interrupted in its third run
+        return real_evaluate(*args, **kw)
+
+    monkeypatch.setattr(itae.metrics, "evaluate", failing_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_spec(folder), out, progress=False)
+    first = _csv_rows(out / "results.csv")
+    assert [(r["method"], r["seed"]) for r in first] == [("baseline", "0"), ("baseline", "1")]
+
+    monkeypatch.setattr(itae.metrics, "evaluate", real_evaluate)
+    real_embed = itae.data.extract.embed
+
+    def counting_embed(*args, **kw):
+        calls["embed"] += 1
+        return real_embed(*args, **kw)
+
+    monkeypatch.setattr(itae.data.extract, "embed", counting_embed)
+    result = run_bench(_spec(folder), out, progress=False)
+    assert result.skipped == 2 and result.ran == 2
+    assert calls["embed"] == 0  # both embeddings were finished before the interruption: reused
+    run_bench(_spec(folder, seeds=[0]), tmp_path / "fresh", progress=False)
+    assert calls["embed"] == 2  # the counter sees embeddings that are computed
+    rows = _csv_rows(out / "results.csv")
+    assert rows[:2] == first
+    assert [(r["method"], r["seed"]) for r in rows] == [("baseline", "0"), ("baseline", "1"), ("itae", "0"), ("itae", "1")]
+
+    # a complete grid runs nothing; a grid with other settings in the same folder is refused
+    again = run_bench(_spec(folder), out, progress=False)
+    assert again.ran == 0 and again.skipped == 4 and _csv_rows(out / "results.csv") == rows
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(_spec(folder, k=2), out, progress=False)
+
+
+def test_uninterrupted_and_restarted_grids_agree(tmp_path):
+    folder = _make_folder(tmp_path / "shapes")
+    one = run_bench(_spec(folder, seeds=[0]), tmp_path / "a", progress=False)
+    both = run_bench(_spec(folder, seeds=[0, 1]), tmp_path / "a", progress=False)  # extends the grid
+    fresh = run_bench(_spec(folder, seeds=[0, 1]), tmp_path / "b", progress=False)
+    assert both.ran == 2 and both.skipped == 2
+    scores = [[(r["acc"], r["nmi"], r["ari"]) for r in res.rows] for res in (both, fresh)]
+    assert scores[0] == scores[1]
+    assert one.rows[0]["acc"] == both.rows[0]["acc"]
+
+
+def test_train_test_protocol(tmp_path):
+    _make_folder(tmp_path / "data" / "train", seed=1)
+    _make_folder(tmp_path / "data" / "test", seed=2, per_class=4)
+    spec = _spec(tmp_path / "data", protocol="train-test", seeds=[0], methods={"baseline": None})
+    result = run_bench(spec, tmp_path / "out", progress=False)
+    (row,) = result.rows
+    assert row["protocol"] == "train-test" and int(row["n_images"]) == 12
+    assert (tmp_path / "out" / "cache" / "shapes" / "train").is_dir()
+
+
+def test_spec_parsing(tmp_path):
+    folder = _make_folder(tmp_path / "shapes", per_class=2)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(_spec(folder, methods={"base": None, "itae-k": {"source": "k"}, "reg": "registers"})))
+    spec = load_spec(path)
+    assert isinstance(spec, BenchSpec)
+    assert [m.name for m in spec.methods] == ["base", "itae-k", "reg"]
+    assert spec.methods[1].itae.source == "k" and spec.methods[2].registers
+    assert load_spec(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown bench spec field"):
+        load_spec({**_spec(folder), "seed": 1})
+    with pytest.raises(ValueError, match="protocol"):
+        load_spec(_spec(folder, protocol="val"))
+    with pytest.raises(ValueError, match="unknown ITAEConfig field"):
+        load_spec(_spec(folder, methods={"x": {"sourse": "k"}}))
+    with pytest.raises(FileNotFoundError):
+        load_spec(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="quick=True"):
+        run_bench(None, tmp_path / "o")
+
+    cifar100_20 = dataset_from_value({"name": "cifar100-20", "source": "/data/c100"})
+    assert cifar100_20.label_column == "coarse_label" and cifar100_20.source == "/data/c100"
+    assert KNOWN_DATASETS["tiny-imagenet"].split == "valid"
+    assert dataset_from_value(str(folder)).name == "shapes"
+    with pytest.raises(ValueError, match="unknown data set"):
+        dataset_from_value("no-such-set")
+
+    assert registers_counterpart("facebook/dinov2-giant") == "facebook/dinov2-with-registers-giant"
+    assert registers_counterpart("dinov2_vits14") == "dinov2_vits14_reg"
+    assert registers_counterpart("timm/vit_large_patch14_dinov2.lvd142m") == "timm/vit_large_patch14_reg4_dinov2.lvd142m"
+    assert registers_counterpart("demo:planted") == "demo:registers"
+    with pytest.raises(ValueError, match="registers counterpart"):
+        registers_counterpart("my/vit")
+
+
+def test_hub_data_set_offline_fails_with_one_line(monkeypatch):
+    pytest.importorskip("datasets")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(DatasetLoadError) as err:
+        open_dataset(KNOWN_DATASETS["cifar10"], "test")
+    message = str(err.value)
+    assert "\n" not in message and "cifar10" in message and "save_to_disk" in message
+
+
+def test_unlabelled_local_folder_is_refused(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    with pytest.raises(DatasetLoadError, match="flat"):
+        open_dataset(dataset_from_value({"name": "flat", "source": str(folder)}), "test")
