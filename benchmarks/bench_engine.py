@@ -3,7 +3,8 @@
 Random weights, DINOv2-shaped models (S/B/L/g at patch 14), random pixels, one process.
 Variants (all in the same run, interleaved, median of repeats):
   hf-eager      HF Dinov2Model with eager attention (what editing attention maps in eager mode costs)
-  hf-sdpa       HF Dinov2Model with SDPA: the plain baseline people write
+  hf-sdpa       HF Dinov2Model with SDPA, weights in the benchmark dtype
+  hf-sdpa-autocast  the same with fp32 weights under bf16/fp16 autocast (GPU only): the plain baseline
   hooked        the same model inside itae.attenuate (the general engine), full forward
   fast          itae's CLS-only path without ITAE (same pipeline, no change)
   fast-itae     itae's CLS-only path with ITAE (the published setting)
@@ -118,6 +119,15 @@ def main() -> None:
     if "hf-eager" in wanted:
         eager = build_hf(args.size, "eager", dtype, device)
         variants["hf-eager"] = lambda: eager(pixel_values=x).pooler_output
+    if "hf-sdpa-autocast" in wanted and device == "cuda" and dtype != torch.float32:
+        # what people commonly write: fp32 weights under autocast
+        autocast_model = build_hf(args.size, "sdpa", torch.float32, device)
+        x32 = x.float()
+
+        def hf_autocast():
+            with torch.autocast("cuda", dtype=dtype):
+                return autocast_model(pixel_values=x32).pooler_output
+        variants["hf-sdpa-autocast"] = hf_autocast
     if "hf-sdpa" in wanted:
         variants["hf-sdpa"] = lambda: sdpa_model(pixel_values=x).pooler_output
     if "hooked" in wanted:
@@ -170,8 +180,9 @@ def main() -> None:
     for base, test in (("hf-sdpa", "hooked"), ("fast", "fast-itae"), ("fast-compiled", "fast-itae-compiled")):
         if base in by and test in by:
             print(f"ITAE overhead {test} vs {base}: {100 * (by[base] / by[test] - 1):+.2f}%")
-    if "hf-sdpa" in by and "fast-itae-compiled" in by:
-        print(f"fast-itae-compiled vs plain HF SDPA: {by['fast-itae-compiled'] / by['hf-sdpa']:.2f}x")
+    for base in ("hf-sdpa", "hf-sdpa-autocast"):
+        if base in by and "fast-itae-compiled" in by:
+            print(f"fast-itae-compiled vs {base}: {by['fast-itae-compiled'] / by[base]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -365,3 +365,24 @@ def test_calibration_splits_rare_modes_only():
     assert not unimodal.bimodal and unimodal.flagged_fraction == 0.0
     gmm = find_threshold(np.concatenate([bulk, rare]), ITAEConfig(calibration="gmm"))
     assert gmm.bimodal and rare.max() < gmm.threshold < bulk.min()
+
+
+def test_fast_cls_path_with_per_head_qk_norms(images):
+    """Per-head q/k norms do not fold into the weights: the fast path projects K and V instead."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from itae.engine.fast import forward_cls
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=4, qk_norm=True,
+                              init_values=1.0, num_classes=0).eval()
+    backbone = adapt(model)
+    cfg = ITAEConfig(threshold=_median_threshold(model, images))
+    with torch.no_grad():
+        with itae.attenuate(model, cfg):
+            hooked = backbone.forward_features(images).cls
+        fast, _ = forward_cls(backbone, images, cfg)
+        plain, _ = forward_cls(backbone, images)
+        torch.testing.assert_close(plain, backbone.forward_features(images).cls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast, plain, atol=1e-4)

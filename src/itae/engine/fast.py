@@ -31,18 +31,57 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
     )
 
 
-def _projections(site: AttentionSite, z: torch.Tensor, need_full_q: bool):
-    """q (CLS row, or all rows when needed), k and v of normed tokens z (B, T, D)."""
+def _weights(site: AttentionSite):
+    """(W, b) of q, k and v, each W (D, D_in) and b (D,) or None, from a fused or split layout."""
     if site.qkv is not None:
         w, b = site.qkv.weight, site.qkv.bias
         dim = w.shape[0] // 3
-        kv = F.linear(z, w[dim:], None if b is None else b[dim:])  # (B, T, 2D)
-        k, v = kv.split(dim, dim=-1)
-        zq = z if need_full_q else z[:, :1]
-        q = F.linear(zq, w[:dim], None if b is None else b[:dim])
-        return q, k, v
-    zq = z if need_full_q else z[:, :1]
-    return site.q(zq), site.k(z), site.v(z)
+        return [(w[i * dim : (i + 1) * dim], None if b is None else b[i * dim : (i + 1) * dim]) for i in range(3)]
+    return [(m.weight, m.bias) for m in (site.q, site.k, site.v)]
+
+
+def _identity(m) -> bool:
+    return m is None or isinstance(m, torch.nn.Identity)
+
+
+def cls_attention_absorbed(
+    z: torch.Tensor,
+    q_cls: torch.Tensor,
+    site: AttentionSite,
+    mask: torch.Tensor | None,
+    *,
+    num_prefix: int,
+    mode: str = "min",
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """CLS-row attention context (B, D) from the normed tokens z (B, T, D_in), without K or V.
+
+    The projections are folded into the query and the output, per head h:
+    q_h . k_t = (W_k,h^T q_h) . z_t + q_h . b_k,h and sum_t p_t v_t = W_v,h (sum_t p_t z_t) + b_v,h,
+    so the only passes over all T tokens are two thin batched products with z (B, T, D_in):
+    O(B T D H) instead of the O(B T D^2) of projecting K and V.
+    """
+    (_, _), (wk, bk), (wv, bv) = _weights(site)
+    b, _, d_in = z.shape
+    heads, d = site.num_heads, site.head_dim
+    qh = q_cls.reshape(b, heads, d)  # (B, 1, D) -> (B, H, d)
+    # u[b, h] = W_k,h^T q[b, h]: (H, B, d) @ (H, d, D_in) -> (H, B, D_in)
+    u = torch.matmul(qh.transpose(0, 1), wk.view(heads, d, d_in))
+    logits = torch.matmul(z, u.permute(1, 2, 0)).transpose(1, 2)  # (B, T, H) -> (B, H, T)
+    if bk is not None:
+        logits = logits + (qh * bk.view(heads, d)).sum(-1, keepdim=True)
+    logits = logits.float() * site.scale
+    if mask is not None:
+        from .functional import _engineer_logits, _key_mask
+
+        logits = _engineer_logits(logits[:, :, None], _key_mask(mask, heads), num_prefix, mode, alpha)[:, :, 0]
+    probs = logits.softmax(dim=-1).to(z.dtype)  # (B, H, T)
+    pooled = torch.matmul(probs, z)  # (B, H, D_in): the attention-weighted mean token, per head
+    # W_v,h pooled[b, h]: (H, B, D_in) @ (H, D_in, d) -> (H, B, d)
+    context = torch.matmul(pooled.transpose(0, 1), wv.view(heads, d, d_in).transpose(1, 2)).transpose(0, 1)
+    if bv is not None:
+        context = context + bv.view(heads, d)  # the weights sum to one
+    return context.reshape(b, heads * d)
 
 
 def forward_cls(
@@ -52,7 +91,8 @@ def forward_cls(
 
     Returns (cls, artifact_mask) where artifact_mask is (B, N) (or (B, H, N)) or None without a config.
     ``config`` must have a numeric threshold and engineer only the last block's CLS row
-    (``supports_fast_cls``).
+    (``supports_fast_cls``). Only the detection source is projected for all tokens (and nothing,
+    without a config): the CLS row itself folds the K and V projections into the query and output.
     """
     if not supports_fast_cls(backbone, config):
         raise ValueError(
@@ -65,29 +105,28 @@ def forward_cls(
         h = h[0] if isinstance(h, (tuple, list)) else h
     site, parts = backbone.sites[-1], backbone.parts[-1]
     num_prefix = backbone.num_prefix_tokens
-    z = parts.norm1(h)
-    need_full_q = config is not None and config.source == "q"
-    q, k, v = _projections(site, z, need_full_q)
+    z = parts.norm1(h)  # (B, T, D)
+    projections = _weights(site)
     mask = None
     if config is not None:
-        source = {"q": q, "k": k, "v": v}[config.source]
+        w, b = projections["qkv".index(config.source)]
+        source = F.linear(z, w, b)  # (B, T, D): the one projection detection needs
         heads = site.num_heads if config.granularity == "head" else None
         mask = artifact_mask(patch_norms(source, num_prefix, heads), config.threshold_for(0), config.side)
-    qh = split_heads(q[:, :1], site.num_heads)  # (B, H, 1, d)
-    kh, vh = split_heads(k, site.num_heads), split_heads(v, site.num_heads)
-    if site.q_norm is not None:
-        qh = site.q_norm(qh)
-    if site.k_norm is not None:
-        kh = site.k_norm(kh)
-    if mask is None:
-        attn = F.scaled_dot_product_attention(qh, kh, vh, scale=site.scale)
-    else:
-        weights = cls_row_weights(
-            qh, kh, mask, num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=site.scale
-        )
-        attn = torch.matmul(weights.to(vh.dtype), vh)
-    b = h.shape[0]
-    context = attn.transpose(1, 2).reshape(b, 1, -1)  # (B, 1, D)
+    wq, bq = projections[0]
+    q_cls = F.linear(z[:, :1], wq, bq)  # (B, 1, D)
+    kw = dict(num_prefix=num_prefix)
+    if config is not None:
+        kw.update(mode=config.mode, alpha=config.alpha)
+    if _identity(site.q_norm) and _identity(site.k_norm):
+        context = cls_attention_absorbed(z, q_cls, site, mask, **kw)[:, None]  # (B, 1, D)
+    else:  # per-head q/k norms do not fold into the weights: project K and V
+        (_, _), (wk, bk), (wv, bv) = projections
+        qh = site.q_norm(split_heads(q_cls, site.num_heads))
+        kh = site.k_norm(split_heads(F.linear(z, wk, bk), site.num_heads))
+        vh = split_heads(F.linear(z, wv, bv), site.num_heads)
+        weights = cls_row_weights(qh, kh, mask, scale=site.scale, **kw)
+        context = torch.matmul(weights.to(vh.dtype), vh).transpose(1, 2).reshape(h.shape[0], 1, -1)
     x = h[:, :1] + parts.ls1(site.out_proj(context))
     x = x + parts.ls2(parts.mlp(parts.norm2(x)))
     return backbone.final_norm(x)[:, 0], mask

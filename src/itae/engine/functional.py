@@ -40,12 +40,13 @@ def patch_norms(x: torch.Tensor, num_prefix: int, num_heads: int | None = None) 
     With ``num_heads`` None the norm is over all D dims: (B, N). Otherwise per head: (B, H, N).
     Norms are computed in float32 whatever the input dtype.
     """
-    patches = x[:, num_prefix:].float()
+    patches = x[:, num_prefix:]
     if num_heads is None:
-        return torch.linalg.vector_norm(patches, dim=-1)
+        return torch.linalg.vector_norm(patches, dim=-1, dtype=torch.float32)
     b, n, dim = patches.shape
     # (B, N, D) -> (B, N, H, d) -> norm over d -> (B, H, N)
-    return torch.linalg.vector_norm(patches.view(b, n, num_heads, dim // num_heads), dim=-1).transpose(1, 2)
+    per_head = patches.reshape(b, n, num_heads, dim // num_heads)
+    return torch.linalg.vector_norm(per_head, dim=-1, dtype=torch.float32).transpose(1, 2)
 
 
 def artifact_mask(norms: torch.Tensor, threshold: float, side: str = "low") -> torch.Tensor:
