@@ -150,3 +150,37 @@ def test_help_and_missing_command(capsys):
     out = capsys.readouterr().out
     assert all(cmd in out for cmd in ("run", "embed", "cluster", "evaluate", "inspect", "bench"))
     assert main([]) != 0
+
+
+def test_outputs_have_ordinary_permissions(assets, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "perm"
+    assert _run("run", assets["data"], "-k", 3, "-o", out, "--model", assets["model"], "--no-report", *COMMON) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("assignments.csv", "run.json", "errors.csv", "embeddings/embeddings.npy", "embeddings/manifest.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_bench_quick_runs_offline_on_generated_images(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _run("bench", "--quick", "-o", out, "--no-progress") == 0
+    text = capsys.readouterr().out
+    assert "demo:planted" in text and "itae" in text
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 3 * 3  # models x methods x seeds
+    assert (out / "report.html").stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert all(f'id="{s}"' in html for s in ("metrics", "map", "gallery", "diagnostics", "config"))
+
+    def mean_acc(model, method):
+        return np.mean([float(r["acc"]) for r in rows if r["model"] == model and r["method"] == method])
+
+    # the planted sinks hurt the baseline and ITAE takes most of it back
+    assert mean_acc("demo:planted", "baseline") < mean_acc("demo:clean", "baseline") - 0.1
+    assert mean_acc("demo:planted", "itae") > mean_acc("demo:planted", "baseline") + 0.1
+    # restart: nothing left to run
+    assert _run("bench", "--quick", "-o", out, "--no-progress") == 0
+    assert "0 runs done, 18 already there" in capsys.readouterr().out

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_write, atomic_write_text
 from .config import ITAEConfig
-from .data.store import EmbeddingStore, atomic_write_text, library_versions
+from .data.store import EmbeddingStore, library_versions
 
 log = logging.getLogger("itae")
 
@@ -252,8 +252,7 @@ def run(
         calibration_images=calibration_images, progress=progress, overwrite=overwrite,
     )
     timings["embed_s"] = time.perf_counter() - t0
-    shutil.copyfile(store.path / "errors.csv", out / "errors.csv.tmp")
-    os.replace(out / "errors.csv.tmp", out / "errors.csv")
+    atomic_write(out / "errors.csv", lambda f: f.write((store.path / "errors.csv").read_bytes()))
     n = len(store)
     check_k(k, n)
 

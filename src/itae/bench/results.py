@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from itae._io import atomic_write_text
 
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
@@ -20,20 +20,6 @@ SCORES = ("acc", "nmi", "ari")
 
 def run_key(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(row[c]) for c in KEY_COLUMNS)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write the whole file to a temporary sibling, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -133,16 +133,11 @@ def _safe(name: str) -> str:
 
 
 def load_model(name: str, device: str):
-    """A ``Backbone`` by name: the demo models, or anything ``itae.load_backbone`` takes."""
+    """A ``Backbone`` by name: anything ``itae.load_backbone`` takes, the demo models included."""
     from itae.data.extract import resolve_device
-    from itae.models.demo import is_demo_name, load_demo
-
-    dev = resolve_device(device)
-    if is_demo_name(name):
-        return load_demo(name, device=dev)
     from itae.models.loading import load_backbone
 
-    return load_backbone(name, device=dev)
+    return load_backbone(name, device=resolve_device(device))
 
 
 class _Lazy:
@@ -248,13 +243,15 @@ def run_bench(
     *,
     quick: bool = False,
     progress: bool = True,
+    report: bool = True,
 ) -> BenchResults:
     """Run every (data set, model, method, seed) of ``spec`` not yet in ``out_dir/results.csv``.
 
     spec: a ``BenchSpec``, a dict, or a JSON file; with ``quick=True``, a folder of labelled images
         (``<folder>/[test/]<class>/<image>``) on which the offline preset runs (see ``quick_spec``).
     Writes ``results.csv`` (one row per run, rewritten atomically after each), ``results.md`` (mean ± std
-    per data set, model and method, deltas against the baseline), ``spec.json`` and ``cache/``.
+    per data set, model and method, deltas against the baseline), ``spec.json``, ``cache/`` and, with
+    ``report``, ``report.html`` (the table plus one run shown in full).
     """
     from itae.metrics import evaluate
 
@@ -355,7 +352,15 @@ def run_bench(
     if not pending or not csv_path.is_file():
         save()
     rows = _ordered(read_rows(csv_path), grid, keys)
-    return BenchResults(out, spec, rows, summarize_rows(rows), ran=ran, skipped=len(grid) - len(pending))
+    results = BenchResults(out, spec, rows, summarize_rows(rows), ran=ran, skipped=len(grid) - len(pending))
+    if report:
+        from .report import write_bench_report
+
+        try:
+            write_bench_report(results)
+        except Exception as e:  # results.csv and results.md are written; the page is a view of them
+            print(f"itae bench: report.html not written: {e}", file=sys.stderr)
+    return results
 
 
 def _key(g: tuple, spec: BenchSpec) -> tuple[str, ...]:

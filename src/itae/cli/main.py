@@ -145,10 +145,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from itae.distributed import embed_ray
 
         store = embed_ray(
-            args.data, args.model, out=args.out, itae=cfg, feature=args.feature, normalize=args.normalize,
-            batch_size=args.batch_size, precision=args.precision, resolution=args.resolution,
-            labels=args.labels, address=args.ray_address, num_actors=args.ray_actors,
-            calibration_images=args.calibration_images, overwrite=args.overwrite,
+            args.data, args.model, out=args.out, arch=args.arch, itae=cfg, feature=args.feature,
+            normalize=args.normalize, batch_size=args.batch_size, precision=args.precision,
+            resolution=args.resolution, labels=args.labels, split=args.split, image_column=args.image_column,
+            label_column=args.label_column, address=args.ray_address, num_actors=args.ray_actors,
+            calibration_images=args.calibration_images, overwrite=args.overwrite, progress=not args.no_progress,
         )
     else:
         device = resolve_device(args.device)
@@ -231,11 +232,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from itae.bench import run_bench
 
-    if not args.quick and not args.spec:
+    if args.quick:
+        data = args.data
+        if data is None:  # nothing given: generated labelled images, so the preset runs anywhere
+            from itae.bench.synthetic import make_shapes
+
+            data = make_shapes(Path(args.out) / "quick-images")
+        results = run_bench(data, args.out, quick=True, progress=not args.no_progress)
+    elif args.spec:
+        results = run_bench(args.spec, args.out, progress=not args.no_progress)
+    else:
         raise ValueError("give a grid spec (--spec grid.json) or --quick")
-    results = run_bench(args.spec, args.out, quick=args.quick, data=args.data, progress=not args.no_progress)
-    print(f"results in {Path(args.out) / 'results.md'}")
-    del results
+    print(results.markdown())
+    print(f"{results.ran} runs done, {results.skipped} already there; results in {results.md_path}")
     return 0
 
 
@@ -299,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds")
     p.add_argument("--spec", help="grid spec (JSON)")
     p.add_argument("--quick", action="store_true", help="offline preset: the planted-artifact demo on a local folder")
-    p.add_argument("--data", help="labelled image folder for --quick (default: generated images)")
+    p.add_argument("--data", help="labelled image folder (<class>/<image>) for --quick (default: generated images)")
     p.add_argument("-o", "--out", required=True, help="output folder (results.csv, results.md, report.html)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -29,12 +29,14 @@ import os
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from itae._io import TMP_PREFIX, atomic_write, atomic_write_text, fsync_dir, temp_path
 
 FORMAT = "itae-embeddings"
 FORMAT_VERSION = 1
@@ -43,7 +45,6 @@ EMBEDDINGS = "embeddings.npy"
 RECORDS = "records.csv"
 ERRORS = "errors.csv"
 CHUNK_PREFIX = "chunk-"
-TMP_PREFIX = ".tmp-"
 _CHUNK_KEYS = (
     "start", "stop", "index", "ids", "labels", "embeddings", "failed_index", "failed_ids", "failed_reason",
 )
@@ -58,42 +59,6 @@ class StoreError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- atomic I/O
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
@@ -288,7 +253,7 @@ def clear_store_files(out: Path) -> None:
     for p in out.iterdir():
         if p.is_file() and _is_store_file(p.name):
             p.unlink()
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def foreign_files(out: Path) -> list[str]:
@@ -428,8 +393,7 @@ class StoreWriter:
             raise StoreError(f"no embeddings to write in {str(self.out)!r}")
 
         # Stream chunk by chunk into a memory-mapped file: memory stays at one chunk.
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{EMBEDDINGS}.", dir=self.out)
-        os.close(fd)
+        tmp = temp_path(self.out / EMBEDDINGS)
         try:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_embedded, self.dim))
             rows = []
@@ -475,7 +439,7 @@ def _failures(arrays: dict[str, np.ndarray]) -> list[tuple[int, str, str]]:
 def remove_chunks(out: Path) -> None:
     for p in out.glob(f"{CHUNK_PREFIX}*.npz"):
         p.unlink()
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def _manifest_text(manifest: dict[str, Any]) -> str:

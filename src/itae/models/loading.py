@@ -111,6 +111,10 @@ def load_backbone(
     name = str(name_or_path).strip()
     if not name:
         raise ModelLoadError("empty model name; pass a model name such as facebook/dinov2-base or a local path")
+    from .demo import is_demo_name, load_demo
+
+    if is_demo_name(name):  # the offline planted-artifact demonstration models
+        return load_demo(name, device=device, dtype=dtype, resolution=resolution)
     path = Path(name).expanduser()
     if arch is not None or path.exists() or _looks_like_path(name):
         model, label = _load_local(path, arch, attn_implementation), str(path)

@@ -14,8 +14,6 @@ import html
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,14 +642,8 @@ def write_report(
 
 
 def _write_atomic(path: Path, text: str) -> Path:
+    from itae._io import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name in the same directory (so os.replace is atomic), created with the usual permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
