@@ -1,7 +1,7 @@
 """``report.html`` for a benchmark grid: the results table, and one run shown in full.
 
-The shown run is the first data set's ITAE run of the first model (else its first run): its 2-D map,
-confusion matrix, gallery and the artifact diagnostics of a few of its images.
+The shown run is the first data set's ITAE run that flags the most patches (else its first run): its
+2-D map, confusion matrix, gallery and the artifact diagnostics of a few of its images.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
         raise ValueError("no finished runs to report")
     ds = spec.datasets[0]
     first = [r for r in rows if r["dataset"] == ds.name and r["protocol"] == spec.protocol]
-    shown = next((r for r in first if r["method"] != "baseline" and r["model"] == spec.models[0]), first[0])
+    engineered = [r for r in first if r["method"] != "baseline" and r.get("flagged_fraction") not in (None, "")]
+    # show where ITAE acts: the engineered run that flags the most patches, else the first run
+    shown = max(engineered, key=lambda r: float(r["flagged_fraction"]), default=first[0])
     sub = f"{spec.feature}{'-normalized' if spec.normalize else ''}"
     folder = out / "cache" / _safe(ds.name) / _safe(str(ds.split)) / _safe(shown["backbone"]) / sub / shown["embedding"]
     store = EmbeddingStore(folder)
