@@ -173,10 +173,24 @@ def test_itae_on_by_default_calibrates_and_engineers(tmp_path):
     assert cfg is not None and cfg.is_calibrated
     assert m["calibration"]["images"] == 8
     assert 0 < m["calibration"]["flagged_fraction"]["1"] < 0.5
-    # The same thresholds from the engine directly, on the first 8 decodable images in source order.
+    # The same thresholds from the engine directly, on 8 decodable images spread evenly over the source
+    # (a failing one is replaced by the first unused image in source order).
+    from itae.data.extract import spread_indices
+    from itae.data.sources import open_source
+
+    ids = open_source(root).ids
+    spread = spread_indices(len(ids), 8)
+    order = spread + [i for i in range(len(ids)) if i not in spread]
     t = build_transform(bb.preprocess.with_resolution(RES))
-    first = [t(load_rgb(root / i)) for i in store.ids[:8]]
-    assert itae.calibrate(bb, torch.stack(first), ITAEConfig()).config == cfg
+    sample = []
+    for i in order:
+        try:
+            sample.append(t(load_rgb(root / ids[i])))
+        except Exception:
+            continue
+        if len(sample) == 8:
+            break
+    assert itae.calibrate(bb, torch.stack(sample), ITAEConfig()).config == cfg
     ref = _direct(bb, [root / i for i in store.ids], cfg)
     emb = torch.from_numpy(store.embeddings(mmap=False))
     torch.testing.assert_close(emb, ref, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from itae.config import ITAEConfig
+from itae.data.extract import spread_indices
 from itae.data.sources import ImageSource, open_source
 
 from .results import (
@@ -155,13 +156,6 @@ class _Lazy:
 # --------------------------------------------------------------------------------------- embeddings
 
 
-def _sample_indices(n: int, count: int) -> list[int]:
-    """Evenly spaced positions: class-sorted sources give every class its share of the sample."""
-    if count >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
-
-
 def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: BenchSpec, folder: Path) -> dict[str, Any]:
     """Thresholds for ``config``'s detection settings on ``src``, computed once and kept in ``folder``."""
     detect = {k: config.to_dict()[k] for k in ("source", "side", "layers", "granularity", "calibration")}
@@ -175,7 +169,7 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
     backbone = lazy.get()
     transform = build_transform(backbone.preprocess)
     pixels = []
-    for i in _sample_indices(len(src), spec.calibration_images):
+    for i in spread_indices(len(src), spec.calibration_images):
         try:
             pixels.append(transform(load_rgb(src.read(i))))
         except (DecodeError, OSError):

@@ -179,8 +179,8 @@ def embed(
         ``image_column``, ``label_column`` and ``split`` are passed to it), or an ``ImageSource``.
     backbone: a model name or path (``itae.load_backbone``), a ``Backbone``, or a supported model instance
         (moved to ``device`` and the precision's dtype in place).
-    itae: the ITAE configuration; a threshold of "auto" is calibrated first on the first
-        ``calibration_images`` decodable images of the source (in source order), and the resolved
+    itae: the ITAE configuration; a threshold of "auto" is calibrated first on ``calibration_images``
+        decodable images spread evenly over the source (``spread_indices``), and the resolved
         thresholds are stored in the manifest and reused on resume. None embeds with the unmodified model.
     feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
     normalize: L2-normalise each stored embedding.
@@ -348,6 +348,13 @@ def _to_device(pixels: torch.Tensor, transform: PreprocessTransform, device: tor
     return transform.normalize(pixels.to(device, non_blocking=True)).to(dtype)
 
 
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` evenly spaced positions in ``range(n)`` (all of them when count >= n), ascending."""
+    if count >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+
+
 def _calibrate(
     bb: Backbone,
     src: ImageSource,
@@ -361,10 +368,17 @@ def _calibrate(
     device: torch.device,
     max_pixels: int | None,
 ) -> tuple[ITAEConfig, dict[str, Any]]:
-    """Resolve an "auto" threshold on the first ``count`` decodable images, in source order."""
+    """Resolve an "auto" threshold on ``count`` decodable images spread evenly over the source.
+
+    Evenly spaced positions give every class of a class-sorted folder its share of the sample; images
+    that fail to decode are replaced by the next ones in source order. Deterministic for a source.
+    """
     from itae.engine.calibrate import calibrate
 
-    sampler = [list(range(b, min(b + batch_size, len(src)))) for b in range(0, len(src), batch_size)]
+    first = spread_indices(len(src), count)
+    chosen = set(first)
+    order = first + [i for i in range(len(src)) if i not in chosen]
+    sampler = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
     loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels)
     used = 0
     failures: list[tuple[int, str]] = []
@@ -394,7 +408,7 @@ def _calibrate(
             yield from gen
 
         cal = calibrate(bb, chained(), itae)
-    logger.info("ITAE calibration (first %d decodable images of the source): %s", used, cal.summary())
+    logger.info("ITAE calibration (%d decodable images spread over the source): %s", used, cal.summary())
     record = {
         "images": used,
         "thresholds": {str(k): float(v) for k, v in cal.thresholds.items()},

@@ -203,8 +203,8 @@ def embed_ray(
         inside the model actors (one stage, no pixels through the object store). Default: with GPU
         replicas, autoscale from 1 to the cluster's CPUs not held by the model actors; with CPU replicas, 0.
 
-    An "auto" threshold is calibrated once, on the driver, on the first ``calibration_images`` decodable
-    images in source order, exactly as ``itae.embed`` does; the resolved config goes to every actor.
+    An "auto" threshold is calibrated once, on the driver, on ``calibration_images`` decodable images
+    spread evenly over the source, exactly as ``itae.embed`` does; the resolved config goes to every actor.
     Source paths and the model must be readable from every node (a shared file system) on a cluster.
     """
     ray = _import_ray()
