@@ -221,71 +221,19 @@ def embed(
     dev = resolve_device(device)
     bb, preprocess = _load(backbone, dev, dtype, resolution)
     transform = build_transform(preprocess)
-    dim = bb.embed_dim * (2 if feature == "cls+mean" else 1)
-
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "model": bb.name or (backbone if isinstance(backbone, str) else type(bb.model).__name__),
-        "feature": feature,
-        "normalize": bool(normalize),
-        "precision": precision,
-        "dtype": "float32",
-        "dim": dim,
-        "preprocess": _jsonable(preprocess.to_dict()),
-        "itae_requested": None if itae is None else itae.to_dict(),
-        "calibration_images": calibration_images if itae is not None and not itae.is_calibrated else None,
-        "itae": None,
-        "calibration": None,
-        "chunk_size": chunk_size,
-        "source": {
-            "spec": src.spec,
-            "kind": src.kind,
-            "labels": labels,
-            "has_labels": src.has_labels,
-            "num_records": len(src),
-            "fingerprint": src.fingerprint(),
-        },
-        "versions": library_versions(),
-    }
+    manifest = new_manifest(
+        bb, preprocess, src, name=backbone if isinstance(backbone, str) else None, itae=itae, feature=feature,
+        normalize=normalize, precision=precision, calibration_images=calibration_images, chunk_size=chunk_size,
+        labels=labels,
+    )
     loader_kw = dict(num_workers=num_workers, device=dev, max_pixels=max_pixels)
-
-    if existing is not None and not overwrite:
-        diffs = setting_differences(existing, manifest)
-        if diffs:
-            detail = "; ".join(f"{d}: store has {_get(existing, d)!r}, asked {_get(manifest, d)!r}" for d in diffs)
-            raise StoreError(
-                f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another folder, the "
-                "same settings, or overwrite=True"
-            )
-        if existing.get("versions") != manifest["versions"]:
-            logger.warning("resuming a store written with other library versions: %s", existing.get("versions"))
-        if existing.get("complete"):
-            remove_chunks(out_dir)  # leftovers of a run killed while cleaning up
-            logger.info("store at %s is already complete", out_dir)
-            return EmbeddingStore(out_dir)
-        manifest = existing
-        run_cfg = None if existing["itae"] is None else ITAEConfig.from_dict(existing["itae"])
-    else:
-        if existing is not None:
-            clear_store_files(out_dir)
-        others = foreign_files(out_dir)
-        if others:
-            raise StoreError(
-                f"output folder {str(out_dir)!r} is not empty and holds no itae store (e.g. {others[0]!r}); "
-                "choose an empty or new folder"
-            )
-        clear_store_files(out_dir)  # stale chunks or errors.csv of a run that never wrote its manifest
-        run_cfg = itae
-        if itae is not None and not itae.is_calibrated:
-            run_cfg, manifest["calibration"] = _calibrate(
-                bb, src, transform, itae, calibration_images, batch_size, out_dir, **loader_kw
-            )
-        manifest["itae"] = None if run_cfg is None else run_cfg.to_dict()
-
-    writer = StoreWriter(out_dir, manifest)
-    writer.begin()
+    opened = open_writer(
+        out_dir, existing, manifest, itae, overwrite=overwrite,
+        calibrate=lambda cfg: _calibrate(bb, src, transform, cfg, calibration_images, batch_size, out_dir, **loader_kw),
+    )
+    if isinstance(opened, EmbeddingStore):
+        return opened
+    writer, run_cfg = opened
     done = set(writer.committed_chunks())
     todo = [k for k in range(writer.num_chunks) if k not in done]
     if todo:
@@ -346,6 +294,101 @@ def _to_device(pixels: torch.Tensor, transform: PreprocessTransform, device: tor
     """uint8 (B, 3, S, S) on the host -> normalised (B, 3, S, S) in the model's dtype on ``device``."""
     # Copy the uint8 pixels (pinned, asynchronous), normalise in float32 there, then cast.
     return transform.normalize(pixels.to(device, non_blocking=True)).to(dtype)
+
+
+def new_manifest(
+    bb: Backbone,
+    preprocess: Preprocess,
+    src: ImageSource,
+    *,
+    name: str | None,
+    itae: ITAEConfig | None,
+    feature: str,
+    normalize: bool,
+    precision: str,
+    calibration_images: int,
+    chunk_size: int,
+    labels: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest of a new store: every setting that decides its contents (``extra`` keys are kept
+    but are not settings: resume ignores them)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "model": bb.name or name or type(bb.model).__name__,
+        "feature": feature,
+        "normalize": bool(normalize),
+        "precision": precision,
+        "dtype": "float32",
+        "dim": bb.embed_dim * (2 if feature == "cls+mean" else 1),
+        "preprocess": _jsonable(preprocess.to_dict()),
+        "itae_requested": None if itae is None else itae.to_dict(),
+        "calibration_images": calibration_images if itae is not None and not itae.is_calibrated else None,
+        "itae": None,
+        "calibration": None,
+        "chunk_size": chunk_size,
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "labels": labels,
+            "has_labels": src.has_labels,
+            "num_records": len(src),
+            "fingerprint": src.fingerprint(),
+        },
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def open_writer(
+    out_dir: Path,
+    existing: dict[str, Any] | None,
+    manifest: dict[str, Any],
+    itae: ITAEConfig | None,
+    *,
+    overwrite: bool,
+    calibrate: Any,
+) -> EmbeddingStore | tuple[StoreWriter, ITAEConfig | None]:
+    """Resume the store in ``out_dir`` (same settings only) or start a new one.
+
+    Returns the finished store when there is nothing left to do, else the writer and the resolved ITAE
+    config (calibrated through ``calibrate(config) -> (config, record)`` for a new store with "auto").
+    """
+    if existing is not None and not overwrite:
+        diffs = setting_differences(existing, manifest)
+        if diffs:
+            detail = "; ".join(f"{d}: store has {_get(existing, d)!r}, asked {_get(manifest, d)!r}" for d in diffs)
+            raise StoreError(
+                f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another folder, the "
+                "same settings, or overwrite=True"
+            )
+        if existing.get("versions") != manifest["versions"]:
+            logger.warning("resuming a store written with other library versions: %s", existing.get("versions"))
+        if existing.get("complete"):
+            remove_chunks(out_dir)  # leftovers of a run killed while cleaning up
+            logger.info("store at %s is already complete", out_dir)
+            return EmbeddingStore(out_dir)
+        manifest = existing
+        run_cfg = None if existing["itae"] is None else ITAEConfig.from_dict(existing["itae"])
+    else:
+        if existing is not None:
+            clear_store_files(out_dir)
+        others = foreign_files(out_dir)
+        if others:
+            raise StoreError(
+                f"output folder {str(out_dir)!r} is not empty and holds no itae store (e.g. {others[0]!r}); "
+                "choose an empty or new folder"
+            )
+        clear_store_files(out_dir)  # stale chunks or errors.csv of a run that never wrote its manifest
+        run_cfg = itae
+        if itae is not None and not itae.is_calibrated:
+            run_cfg, manifest["calibration"] = calibrate(itae)
+        manifest["itae"] = None if run_cfg is None else run_cfg.to_dict()
+    writer = StoreWriter(out_dir, manifest)
+    writer.begin()
+    return writer, run_cfg
 
 
 def spread_indices(n: int, count: int) -> list[int]:

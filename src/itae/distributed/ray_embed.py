@@ -300,18 +300,7 @@ def _prepare_store(
     Returns the finished store when it is already complete, else (source, writer, preprocess, config).
     """
     from itae.data.sources import open_source
-    from itae.data.store import (
-        FORMAT,
-        FORMAT_VERSION,
-        StoreError,
-        clear_store_files,
-        foreign_files,
-        library_versions,
-        prepare_output,
-        read_manifest,
-        remove_chunks,
-        setting_differences,
-    )
+    from itae.data.store import StoreError, prepare_output, read_manifest
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column,
@@ -329,85 +318,33 @@ def _prepare_store(
     device = local.resolve_device("auto")
     bb = load_backbone(model, arch=arch, device=device, dtype=dtype, resolution=resolution)
     preprocess = bb.preprocess  # the resolution is already applied
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "model": bb.name or model,
-        "feature": feature,
-        "normalize": bool(normalize),
-        "precision": precision,
-        "dtype": "float32",
-        "dim": bb.embed_dim * (2 if feature == "cls+mean" else 1),
-        "preprocess": local._jsonable(preprocess.to_dict()),
-        "itae_requested": None if itae is None else itae.to_dict(),
-        "calibration_images": calibration_images if itae is not None and not itae.is_calibrated else None,
-        "itae": None,
-        "calibration": None,
-        "chunk_size": chunk_size,
-        "source": {
-            "spec": src.spec,
-            "kind": src.kind,
-            "labels": labels,
-            "has_labels": src.has_labels,
-            "num_records": len(src),
-            "fingerprint": src.fingerprint(),
-        },
-        "versions": library_versions(),
-        # Not a setting (resume ignores it): which engine started the store.
-        "engine": "ray",
-    }
-    try:
-        if existing is not None and not overwrite:
-            diffs = setting_differences(existing, manifest)
-            if diffs:
-                detail = "; ".join(
-                    f"{d}: store has {local._get(existing, d)!r}, asked {local._get(manifest, d)!r}"
-                    for d in diffs
-                )
-                raise StoreError(
-                    f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another "
-                    "folder, the same settings, or overwrite=True"
-                )
-            if existing.get("versions") != manifest["versions"]:
-                logger.warning("resuming a store written with other library versions: %s",
-                               existing.get("versions"))
-            if existing.get("complete"):
-                remove_chunks(out_dir)  # leftovers of a run killed while cleaning up
-                logger.info("store at %s is already complete", out_dir)
-                return EmbeddingStore(out_dir)
-            manifest = existing
-            run_cfg = None if existing["itae"] is None else ITAEConfig.from_dict(existing["itae"])
-        else:
-            if existing is not None:
-                clear_store_files(out_dir)
-            others = foreign_files(out_dir)
-            if others:
-                raise StoreError(
-                    f"output folder {str(out_dir)!r} is not empty and holds no itae store "
-                    f"(e.g. {others[0]!r}); choose an empty or new folder"
-                )
-            clear_store_files(out_dir)  # stale chunks or errors.csv of a run that never wrote its manifest
-            run_cfg = itae
-            if itae is not None and not itae.is_calibrated:
-                from itae.data.decode import build_transform
+    manifest = local.new_manifest(
+        bb, preprocess, src, name=model, itae=itae, feature=feature, normalize=normalize, precision=precision,
+        calibration_images=calibration_images, chunk_size=chunk_size, labels=labels,
+        engine="ray",  # not a setting (resume ignores it): which engine started the store
+    )
 
-                # Forking DataLoader workers from a process that already runs Ray is fragile: decode
-                # in-process then (calibration reads only the first few hundred images).
-                workers = 0 if ray_running else local.default_num_workers()
-                run_cfg, manifest["calibration"] = local._calibrate(
-                    bb, src, build_transform(preprocess), itae, calibration_images, batch_size, out_dir,
-                    num_workers=workers, device=device, max_pixels=max_pixels,
-                )
-            manifest["itae"] = None if run_cfg is None else run_cfg.to_dict()
+    def calibrate(cfg: ITAEConfig):
+        from itae.data.decode import build_transform
+
+        # Forking DataLoader workers from a process that already runs Ray is fragile: decode
+        # in-process then (calibration reads only a few hundred images).
+        workers = 0 if ray_running else local.default_num_workers()
+        return local._calibrate(
+            bb, src, build_transform(preprocess), cfg, calibration_images, batch_size, out_dir,
+            num_workers=workers, device=device, max_pixels=max_pixels,
+        )
+
+    try:
+        opened = local.open_writer(out_dir, existing, manifest, itae, overwrite=overwrite, calibrate=calibrate)
     finally:
         # The actors load their own replicas; the driver's copy would only hold (GPU) memory.
-        del bb
+        bb = None  # noqa: F841 - drops the last reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    writer = StoreWriter(out_dir, manifest)
-    writer.begin()
+    if isinstance(opened, EmbeddingStore):
+        return opened
+    writer, run_cfg = opened
     return src, writer, preprocess, run_cfg
 
 
