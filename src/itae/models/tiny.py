@@ -57,7 +57,10 @@ def tiny_model(
             model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
             return model.eval()
         model = _build_hf(registers, depth, embed_dim, num_heads, patch_size, img_size)
-        model.load_state_dict(_hub_to_hf(state), strict=True)
+        converted = _hub_to_hf(state)
+        if not any(".attention.q_proj." in k for k in model.state_dict()):
+            converted = _hf_4x_names(converted)  # transformers before the 5.x attention layout
+        model.load_state_dict(converted, strict=True)
         return model.eval()
 
 
@@ -152,6 +155,24 @@ def _build_hf(registers: int, depth: int, embed_dim: int, num_heads: int, patch_
     from transformers import Dinov2Config, Dinov2Model
 
     return Dinov2Model(Dinov2Config(**common))
+
+
+_HF_4X = {
+    ".attention.q_proj.": ".attention.attention.query.",
+    ".attention.k_proj.": ".attention.attention.key.",
+    ".attention.v_proj.": ".attention.attention.value.",
+    ".attention.o_proj.": ".attention.output.dense.",
+}
+
+
+def _hf_4x_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF 5.x attention key names -> the older layout (``attention.attention.query``, ``attention.output.dense``)."""
+    out = {}
+    for key, value in state.items():
+        for new, old in _HF_4X.items():
+            key = key.replace(new, old)
+        out[key] = value
+    return out
 
 
 def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
