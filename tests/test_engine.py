@@ -260,12 +260,18 @@ def test_wrappers_are_supported(images):
 
 
 def test_hf_attention_implementations_agree(images):
-    outs = []
-    for impl in ("eager", "sdpa"):
-        model = build_tiny("hf", attn=impl)
+    """eager, SDPA and flex attention (flash needs a GPU): the same engineered output, and the unmodified
+    output when nothing is flagged, through the model's own forward."""
+    outs = {}
+    for impl in ("eager", "sdpa", "flex_attention"):
+        model = build_tiny("hf", attn=impl).requires_grad_(False)  # flex has no CPU backward
+        ref = model(pixel_values=images).pooler_output
+        with itae.attenuate(model, ITAEConfig(threshold=0.0)):
+            torch.testing.assert_close(model(pixel_values=images).pooler_output, ref, atol=1e-6, rtol=0)
         with itae.attenuate(model, ITAEConfig(threshold=_median_threshold(model, images))):
-            outs.append(_out(model, images))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+            outs[impl] = model(pixel_values=images).pooler_output
+    for impl, out in outs.items():
+        torch.testing.assert_close(out, outs["eager"], atol=1e-5, rtol=1e-5, msg=impl)
 
 
 # ------------------------------------------------------------------------------------ bad input
