@@ -60,6 +60,16 @@ def build_hf(size: str, attn: str, dtype: torch.dtype, device: str):
     return model.to(dtype=dtype)
 
 
+def build_hub(size: str, dtype: torch.dtype, device: str):
+    """The official DINOv2 structure (fused qkv linear), as torch.hub returns it, random weights."""
+    from itae.models.dinov2_arch import hub_model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = hub_model(f"dinov2_vit{size}14").eval()
+    return model.to(dtype=dtype)
+
+
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
     """Measured TFLOP/s of a large square matrix product: the chip's practical ceiling."""
     n = 8192 if device == "cuda" else 1024
@@ -97,6 +107,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add torch.compile variants")
     ap.add_argument("--variants", default="hf-eager,hf-sdpa,hooked,fast,fast-itae")
+    ap.add_argument("--family", choices=["hf", "hub"], default="hf",
+                    help="structure of the model behind the itae variants (hub: fused qkv, as torch.hub loads it)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -105,12 +117,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     sdpa_model = build_hf(args.size, "sdpa", dtype, device)
-    backbone = itae.adapt(sdpa_model)
+    engine_model = sdpa_model if args.family == "hf" else build_hub(args.size, dtype, device)
+    backbone = itae.adapt(engine_model)
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device, dtype=dtype)
 
     # a threshold that flags about 2% of patches on this input, so ITAE really changes rows
     with torch.no_grad():
-        diag = itae.detect_artifacts(sdpa_model, x[: min(8, args.batch)], ITAEConfig(threshold=1.0))
+        diag = itae.detect_artifacts(backbone, x[: min(8, args.batch)], ITAEConfig(threshold=1.0))
     v = diag[backbone.num_blocks - 1].norms["v"].flatten()
     cfg = ITAEConfig(threshold=float(torch.quantile(v.float(), 0.02)))
 
@@ -142,8 +155,10 @@ def main() -> None:
     if args.compile:
         # a second instance with its blocks compiled ("regional" compilation: one block's compile time)
         compiled_model = build_hf(args.size, "sdpa", dtype, device)
-        compiled_bb = itae.adapt(compiled_model)
+        compiled_bb = itae.adapt(compiled_model if args.family == "hf" else build_hub(args.size, dtype, device))
         compiled_blocks(compiled_bb).__enter__()  # kept compiled for the rest of this process
+        if args.family != "hf":
+            compiled_blocks(itae.adapt(compiled_model)).__enter__()
         variants["hf-sdpa-compiled"] = lambda: compiled_model(pixel_values=x).pooler_output
         variants["fast-compiled"] = lambda: forward_cls(compiled_bb, x)[0]
         variants["fast-itae-compiled"] = lambda: forward_cls(compiled_bb, x, cfg)[0]
@@ -164,7 +179,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "itae": itae.__version__,
-        "size": args.size, "batch": args.batch, "resolution": args.resolution, "dtype": args.dtype,
+        "size": args.size, "family": args.family, "batch": args.batch, "resolution": args.resolution, "dtype": args.dtype,
         "gflop_per_image": flops / 1e9, "matmul_tflops": rate,
     }
     print(json.dumps(env))
