@@ -143,6 +143,14 @@ def test_inspect_writes_figures(assets, tmp_path):
     assert Image.open(tmp_path / "fig" / "grid.png").size[0] > 200
 
 
+def test_inspect_bad_image_is_one_line(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert _run("inspect", bad, "-o", tmp_path / "fig", "--model", assets["model"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("itae: error: cannot inspect") and len(err.splitlines()) == 1, err
+
+
 def test_help_and_missing_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -207,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from itae.data.decode import build_transform, load_rgb
+    from itae.data.decode import DecodeError, build_transform, load_rgb
     from itae.data.extract import resolve_device
     from itae.engine.detect import detect_artifacts
     from itae.models.loading import load_backbone
@@ -218,7 +218,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ValueError("inspect shows ITAE's diagnostics; drop --no-itae")
     backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)
     transform = build_transform(backbone.preprocess)
-    x = torch.stack([transform(load_rgb(p)) for p in args.images])
+    pixels = []
+    for p in args.images:
+        try:
+            pixels.append(transform(load_rgb(p)))
+        except DecodeError as e:
+            raise ValueError(f"cannot inspect {p!r}: {e}") from None
+    x = torch.stack(pixels)
     diag = detect_artifacts(backbone, x, cfg)
     images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
     paths = write_inspection(images, [Path(p).name for p in args.images], diag, args.out, source=cfg.source)
