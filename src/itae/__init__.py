@@ -26,7 +26,7 @@ _EXPORTS = {
     "KNOWN_MODELS": "itae.models.loading",
     "run": "itae.pipeline",
     "embed": "itae.data.extract",
-    "cluster": "itae.cluster",
+    "cluster": "itae.clustering",
     "evaluate": "itae.metrics",
 }
 

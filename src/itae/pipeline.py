@@ -93,7 +93,7 @@ def cluster_store(
     assignments.csv: ``path, cluster, label, distance`` (label empty when unknown; distance to the
     cluster's centroid), plus ``cluster_seed<S>`` columns when several seeds ran.
     """
-    from .cluster import cluster
+    from .clustering import cluster
 
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     out = check_output_dir(out)

@@ -221,11 +221,11 @@ def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, 
 
 def _cluster(spec: BenchSpec, fit: np.ndarray, predict: np.ndarray | None, k: int, seed: int) -> np.ndarray:
     if predict is not None:  # train-test: fit on train, nearest centroid on test
-        from itae.cluster import KMeansClusterer
+        from itae.clustering import KMeansClusterer
 
         est = KMeansClusterer(k, seed=seed, spherical=spec.spherical, n_init=spec.n_init).fit(fit)
         return est.predict(predict)
-    from itae.cluster import cluster
+    from itae.clustering import cluster
 
     kw = {"n_init": spec.n_init} if spec.cluster_method == "kmeans" else {}
     return cluster(fit, k, method=spec.cluster_method, seeds=(seed,), spherical=spec.spherical, **kw).labels

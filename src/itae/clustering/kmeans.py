@@ -18,7 +18,7 @@ import math
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
-from itae.cluster import _arrays
+from itae.clustering import _arrays
 
 SKLEARN_MAX_SAMPLES = 50_000
 """Largest n that ``backend="auto"`` gives to full scikit-learn k-means."""

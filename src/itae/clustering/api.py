@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from itae.cluster import _arrays
-from itae.cluster.autok import AutoK
-from itae.cluster.hierarchical import AgglomerativeClusterer, HDBSCANClusterer
-from itae.cluster.kmeans import KMeansClusterer
+from itae.clustering import _arrays
+from itae.clustering.autok import AutoK
+from itae.clustering.hierarchical import AgglomerativeClusterer, HDBSCANClusterer
+from itae.clustering.kmeans import KMeansClusterer
 
 METHODS = ("kmeans", "agglomerative", "hdbscan")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
-from itae.cluster import _arrays
-from itae.cluster.hierarchical import AgglomerativeClusterer
-from itae.cluster.kmeans import KMeansClusterer
+from itae.clustering import _arrays
+from itae.clustering.hierarchical import AgglomerativeClusterer
+from itae.clustering.kmeans import KMeansClusterer
 
 CRITERIA = {"silhouette": 1.0, "calinski_harabasz": 1.0, "davies_bouldin": -1.0}  # sign: higher is better
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
-from itae.cluster import _arrays
+from itae.clustering import _arrays
 
 
 class AgglomerativeClusterer(ClusterMixin, BaseEstimator):

@@ -1,0 +1,23 @@
+"""Clustering of image embeddings: k-means (scikit-learn, mini-batch, faiss), agglomerative, HDBSCAN,
+and automatic choice of k. Estimators follow scikit-learn conventions; `cluster` is the one-call API.
+"""
+
+from __future__ import annotations
+
+from itae.clustering.api import METHODS, ClusterResult, cluster
+from itae.clustering.autok import AutoK
+from itae.clustering.hierarchical import AgglomerativeClusterer, HDBSCANClusterer
+from itae.clustering.kmeans import SKLEARN_MAX_SAMPLES, KMeansClusterer, faiss_available, resolve_backend
+
+__all__ = [
+    "METHODS",
+    "SKLEARN_MAX_SAMPLES",
+    "AgglomerativeClusterer",
+    "AutoK",
+    "ClusterResult",
+    "HDBSCANClusterer",
+    "KMeansClusterer",
+    "cluster",
+    "faiss_available",
+    "resolve_backend",
+]
