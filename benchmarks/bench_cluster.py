@@ -5,7 +5,7 @@
 
 The data (Gaussian blobs around `--k` random centres, float32) is written to a .npy file by a child
 process, so the pages it touches while writing do not count towards this process's peak RSS. The
-benchmark then opens the file with ``np.load(mmap_mode="r")``, fits :class:`itae.cluster.KMeansClusterer`
+benchmark then opens the file with ``np.load(mmap_mode="r")``, fits :class:`itae.clustering.KMeansClusterer`
 and scores the labels against the generating blobs with the streaming contingency table.
 
 Peak RSS comes from ``resource.getrusage``; on Linux it includes the pages of the memory-mapped file that
@@ -94,7 +94,7 @@ def main() -> None:
         generated = True
         print(f"generated {path.name} in {time.perf_counter() - t0:.1f} s (child process)")
 
-    from itae.cluster import KMeansClusterer, resolve_backend
+    from itae.clustering import KMeansClusterer, resolve_backend
     from itae.metrics import ContingencyAccumulator
 
     x = np.load(path, mmap_mode="r")
