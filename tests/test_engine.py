@@ -228,12 +228,19 @@ def test_auto_threshold_calibrates_on_first_batch_and_keeps_it(images):
     assert first == pytest.approx(expected)
 
 
-def test_unimodal_norms_flag_nothing(images):
+def test_calibration_reports_what_its_threshold_flags(images):
+    """flagged_fraction, bimodal and the pooled norms of a Calibration agree with its threshold."""
     model = build_tiny("hf")
-    cal = itae.calibrate(model, images)
+    plant_artifacts(model, [2, 9])
     last = adapt(model).num_blocks - 1
-    if not cal.bimodal[last]:
-        assert cal.flagged_fraction[last] == 0.0
+    for cfg in (ITAEConfig(), ITAEConfig(source="k", granularity="head")):
+        cal = itae.calibrate(model, images, cfg)
+        norms = cal.norms[last]
+        expected = 16 * images.shape[0] * (4 if cfg.granularity == "head" else 1)  # 4 x 4 patches (x heads)
+        assert norms.shape == (expected,)
+        flagged = float((norms <= cal.thresholds[last]).mean())
+        assert cal.flagged_fraction[last] == pytest.approx(flagged)
+        assert cal.bimodal[last] == (flagged > 0)
 
 
 def test_wrappers_are_supported(images):

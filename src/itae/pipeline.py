@@ -254,7 +254,6 @@ def run(
     timings["embed_s"] = time.perf_counter() - t0
     atomic_write(out / "errors.csv", lambda f: f.write((store.path / "errors.csv").read_bytes()))
     n = len(store)
-    check_k(k, n)
 
     t0 = time.perf_counter()
     result = cluster_store(store, k, out=out, method=method, seeds=seeds, spherical=spherical, **(cluster_options or {}))

@@ -211,13 +211,7 @@ def embed(
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split)
-    out_dir = prepare_output(out)
-    existing = read_manifest(out_dir)
-    if existing is not None and not overwrite and not resume:
-        raise StoreError(
-            f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
-            "overwrite=True to replace it"
-        )
+    out_dir, existing = open_output(out, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
     bb, preprocess = _load(backbone, dev, dtype, resolution)
     transform = build_transform(preprocess)
@@ -294,6 +288,18 @@ def _to_device(pixels: torch.Tensor, transform: PreprocessTransform, device: tor
     """uint8 (B, 3, S, S) on the host -> normalised (B, 3, S, S) in the model's dtype on ``device``."""
     # Copy the uint8 pixels (pinned, asynchronous), normalise in float32 there, then cast.
     return transform.normalize(pixels.to(device, non_blocking=True)).to(dtype)
+
+
+def open_output(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any] | None]:
+    """The output folder, created and checked writable, and the manifest of a store already there."""
+    out_dir = prepare_output(out)
+    existing = read_manifest(out_dir)
+    if existing is not None and not overwrite and not resume:
+        raise StoreError(
+            f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
+            "overwrite=True to replace it"
+        )
+    return out_dir, existing
 
 
 def new_manifest(

@@ -300,18 +300,11 @@ def _prepare_store(
     Returns the finished store when it is already complete, else (source, writer, preprocess, config).
     """
     from itae.data.sources import open_source
-    from itae.data.store import StoreError, prepare_output, read_manifest
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column,
                       split=split)
-    out_dir = prepare_output(out)
-    existing = read_manifest(out_dir)
-    if existing is not None and not overwrite and not resume:
-        raise StoreError(
-            f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
-            "overwrite=True to replace it"
-        )
+    out_dir, existing = local.open_output(out, resume=resume, overwrite=overwrite)
     # The driver loads the model once: for the manifest (name, width, preprocessing) and for calibration.
     from itae.models.loading import load_backbone
 

@@ -1,11 +1,11 @@
 """The fast path when only the CLS embedding is wanted: the last block runs for the CLS row alone.
 
 With ITAE engineering only the CLS row of the last block (the published setting), nothing the
-last block computes for patch rows can reach the CLS output. So the last block computes
-K and V for all tokens (plus Q only where the detection source needs it), one CLS query row of
-attention with the change applied, and the output projection and MLP for the CLS token only.
-For ViT-L/14 at 224 px that skips about 3.5% of the model's FLOPs, and the ITAE change itself
-costs O(T d) per head. Without a config the same function is the plain model's CLS output.
+last block computes for patch rows can reach the CLS output. So the last block computes one CLS
+query row of attention, with K and V folded into the query and the output projection
+(``cls_attention_absorbed``), and the output projection and MLP for the CLS token only; with ITAE
+it also projects the detection source (Q, K or V) for all tokens, for the norms. Without ITAE the
+last block thus needs no K or V projection at all. Without a config the same function is the plain model's CLS output.
 """
 
 from __future__ import annotations
