@@ -233,3 +233,28 @@ def test_ray_resumes_a_store_the_local_path_left_unfinished(data, tmp_path, ray_
     in_chunk0 = got.indices < 16
     np.testing.assert_allclose(emb[in_chunk0], 2 * expected[in_chunk0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(emb[~in_chunk0], expected[~in_chunk0], rtol=0, atol=1e-5)
+
+
+def test_ray_over_webdataset_shards_equals_the_local_store(data, tmp_path, ray_instance):
+    """WebDataset shards (a brace pattern over two .tar files, labels from .cls members) through Ray: the
+    same embeddings, ids, order and labels as the single-process path over the same shards."""
+    import io
+    import tarfile
+
+    images, model = data
+    files = sorted(p for p in images.rglob("*") if p.is_file() and "broken" not in p.name)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
+            for i, path in enumerate(files[s::2]):
+                for ext, payload in (("png", path.read_bytes()), ("cls", path.parent.name.encode())):
+                    info = tarfile.TarInfo(f"{s}{i:04d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    spec = str(tmp_path / "shard-{000..001}.tar")
+    options = {**COMMON, "labels": "column"}
+    ref = itae.embed(spec, str(model), out=tmp_path / "local", num_workers=0, **options)
+    got = embed_ray(spec, model, out=tmp_path / "ray", num_actors=1, **options)
+
+    assert got.is_complete and len(got) == len(files) == 40 and got.errors == []
+    assert sorted(set(got.labels)) == ["cat", "dog"]
+    _assert_same_store(got, ref)
