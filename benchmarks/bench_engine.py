@@ -9,9 +9,18 @@ Variants (all in the same run, interleaved, median of repeats):
   fast          itae's CLS-only path without ITAE (same pipeline, no change)
   fast-itae     itae's CLS-only path with ITAE (the published setting)
   *-compiled    the same with every block compiled by torch.compile (regional compilation)
+Further ways to compile the ITAE path, each on its own model instance (--extra):
+  cudnn         fast-itae-cudnn-compiled: regional, SDPA asked for the cuDNN attention kernel first
+  autotune      fast-itae-autotune-compiled: regional, mode="max-autotune-no-cudagraphs" (Triton GEMM
+                templates with fused epilogues compete with cuBLAS; compiling takes minutes)
+  whole         fast-itae-whole-compiled: the whole forward_cls as one graph (fusion across blocks)
+--profile VARIANT prints where that variant's time goes (matrix products, attention, fused
+element-wise kernels, other), from torch.profiler over a few batches.
 
   python benchmarks/bench_engine.py --device cpu --size s --batch 16
   python benchmarks/bench_engine.py --device cuda --size l --batch 256 --dtype bf16 --compile
+  python benchmarks/bench_engine.py --device cuda --size l --batch 256 --dtype bf16 --compile \
+      --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,autotune,whole --profile fast-itae-compiled
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import platform
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -96,6 +106,49 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+EXTRA = ("cudnn", "autotune", "whole")
+
+
+def kernel_category(name: str) -> str:
+    """Coarse kind of a GPU kernel or CPU operator, from its name."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm",
+                            "aten::matmul", "aten::linear", "mm_", "sm90_", "sm80_", "wgmma")):
+        return "matrix products"
+    if "conv" in n:
+        return "patch embedding (conv)"
+    if any(k in n for k in ("triton", "cpp_fused", "fused", "layer_norm", "gelu", "elementwise", "reduce",
+                            "softmax", "aten::add", "aten::mul", "norm")):
+        return "element-wise / norms"
+    return "other"
+
+
+def profile_breakdown(fn, device: str, steps: int = 3) -> dict[str, float]:
+    """Milliseconds per call by kernel category: GPU kernels on CUDA, operators' own time on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    totals: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if device == "cuda":
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            totals[kernel_category(evt.key)] += us / 1e3 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,6 +162,8 @@ def main() -> None:
     ap.add_argument("--variants", default="hf-eager,hf-sdpa,hooked,fast,fast-itae")
     ap.add_argument("--family", choices=["hf", "hub"], default="hf",
                     help="structure of the model behind the itae variants (hub: fused qkv, as torch.hub loads it)")
+    ap.add_argument("--extra", default="", help=f"further compiled ITAE variants: any of {','.join(EXTRA)}")
+    ap.add_argument("--profile", default="", help="variant whose time to break down by kernel kind")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -163,10 +218,21 @@ def main() -> None:
         variants["fast-compiled"] = lambda: forward_cls(compiled_bb, x)[0]
         variants["fast-itae-compiled"] = lambda: forward_cls(compiled_bb, x, cfg)[0]
 
+    extra = [e for e in args.extra.split(",") if e]
+    unknown = sorted(set(extra) - set(EXTRA))
+    if unknown:
+        ap.error(f"unknown --extra {unknown}; choose from {list(EXTRA)}")
+    for kind in extra:
+        variants[f"fast-itae-{kind}-compiled"] = _extra_variant(kind, args, dtype, device, x, cfg)
+    if args.profile and args.profile not in variants:
+        ap.error(f"--profile {args.profile!r} is not among the variants run: {list(variants)}")
+
     times: dict[str, list[float]] = {name: [] for name in variants}
+    first_call: dict[str, float] = {}
     with torch.inference_mode():
-        for fn in variants.values():
-            for _ in range(args.warmup):
+        for name, fn in variants.items():
+            first_call[name] = _timed(fn, device)  # includes compilation for compiled variants
+            for _ in range(args.warmup - 1):
                 fn()
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for name, fn in variants.items():
@@ -184,23 +250,57 @@ def main() -> None:
     }
     print(json.dumps(env))
     rows = []
-    print(f"{'variant':<22}{'img/s':>10}{'ms/batch':>11}{'TFLOP/s':>10}{'of matmul':>11}")
+    print(f"{'variant':<30}{'img/s':>10}{'ms/batch':>11}{'TFLOP/s':>10}{'of matmul':>11}{'spread':>9}{'1st call':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
         ips = args.batch / med
         tf = ips * flops / 1e12
-        rows.append({"variant": name, "img_per_s": ips, "ms_per_batch": 1e3 * med, "tflops": tf, "spread": (max(ts) - min(ts)) / med})
-        print(f"{name:<22}{ips:>10.1f}{1e3 * med:>11.2f}{tf:>10.2f}{100 * tf / rate:>10.1f}%")
+        rows.append({"variant": name, "img_per_s": ips, "ms_per_batch": 1e3 * med, "tflops": tf,
+                     "spread": (max(ts) - min(ts)) / med, "first_call_s": first_call[name]})
+        print(f"{name:<30}{ips:>10.1f}{1e3 * med:>11.2f}{tf:>10.2f}{100 * tf / rate:>10.1f}%"
+              f"{100 * rows[-1]['spread']:>8.1f}%{first_call[name]:>9.1f}s")
     by = {r["variant"]: r["img_per_s"] for r in rows}
     for base, test in (("hf-sdpa", "hooked"), ("fast", "fast-itae"), ("fast-compiled", "fast-itae-compiled")):
         if base in by and test in by:
             print(f"ITAE overhead {test} vs {base}: {100 * (by[base] / by[test] - 1):+.2f}%")
-    for base in ("hf-sdpa", "hf-sdpa-autocast"):
-        if base in by and "fast-itae-compiled" in by:
-            print(f"fast-itae-compiled vs {base}: {by['fast-itae-compiled'] / by[base]:.2f}x")
+    for test in [n for n in by if n.startswith("fast-itae-") and n.endswith("compiled")]:
+        for base in ("hf-sdpa", "hf-sdpa-autocast"):
+            if base in by:
+                print(f"{test} vs {base}: {by[test] / by[base]:.2f}x")
+    breakdown = None
+    if args.profile:
+        with torch.inference_mode():
+            breakdown = profile_breakdown(variants[args.profile], device)
+        total = sum(breakdown.values())
+        print(f"where {args.profile}'s time goes ({'GPU kernels' if device == 'cuda' else 'CPU operators'},"
+              f" ms per batch of {args.batch}):")
+        for kind, ms in breakdown.items():
+            print(f"  {kind:<26}{ms:>9.2f} ms {100 * ms / total:>6.1f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+            json.dump({"env": env, "rows": rows, "profile": {args.profile: breakdown} if breakdown else None}, f,
+                      indent=1)
+
+
+def _extra_variant(kind: str, args, dtype: torch.dtype, device: str, x: torch.Tensor, cfg: ITAEConfig):
+    """One more compiled ITAE variant on its own model instance (compiled state is per module)."""
+    model = build_hf(args.size, "sdpa", dtype, device) if args.family == "hf" else build_hub(args.size, dtype, device)
+    bb = itae.adapt(model)
+    if kind == "whole":
+        whole = torch.compile(forward_cls)
+        return lambda: whole(bb, x, cfg)[0]
+    if kind == "autotune":
+        compiled_blocks(bb, mode="max-autotune-no-cudagraphs").__enter__()
+        return lambda: forward_cls(bb, x, cfg)[0]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    compiled_blocks(bb).__enter__()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def cudnn_first():
+        with sdpa_kernel(order, set_priority=True):
+            return forward_cls(bb, x, cfg)[0]
+    return cudnn_first
 
 
 if __name__ == "__main__":

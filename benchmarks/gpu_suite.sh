@@ -1,23 +1,52 @@
 #!/usr/bin/env bash
-# All GPU measurements in one go (correctness, model-only, end to end), figures under $OUT.
-# Run from the repository root on a CUDA machine with torch, transformers and timm installed:
+# All GPU measurements in one go, figures under $OUT. Run from the repository root on a CUDA machine
+# with torch, transformers and timm installed (no install needed: PYTHONPATH=src):
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
+# STAGES picks what runs (default: all, in this order); each stage has its own time limit:
+#   check     correctness of both ITAE paths against a float64 replay (gpu_check.py)       CHECK_S
+#   engine    model only, ViT-L/14: baselines, the itae paths, compiled                   ENGINE_S
+#   extra     further ways to compile the ITAE path (cuDNN attention first, the whole
+#             forward as one graph) and where the time of the best-known variant goes     EXTRA_S
+#   autotune  max-autotune GEMM templates (compiling takes minutes)                       AUTOTUNE_S
+#   pipeline  end to end from 16,000 generated JPEGs (bench_pipeline.py)                  PIPE_S
 set -u
 OUT=${OUT:-gpu-results}
+STAGES=${STAGES:-check engine extra autotune pipeline}
 mkdir -p "$OUT"
 export PYTHONPATH=src:benchmarks
+L=(--device cuda --size l --batch 256 --dtype bf16)
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
-echo "check rc=$?"; tail -6 "$OUT/check.txt"
-timeout "${ENGINE_S:-180}" python3 benchmarks/bench_engine.py --device cuda --size l --batch 256 --dtype bf16 \
-  --compile --repeats 10 --warmup 3 --json "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
-echo "engine rc=$?"; grep -v Warning "$OUT/engine.txt" | tail -14
-timeout "${PIPE_S:-150}" python3 benchmarks/bench_pipeline.py --generate 16000 --side 256 --size l --device cuda \
-  --precision bf16 --batch 256 --workers 15 --compile --modes itae,baseline --json "$OUT/pipeline.json" \
-  > "$OUT/pipeline.txt" 2>&1
-echo "pipeline rc=$?"; grep -v Warning "$OUT/pipeline.txt" | tail -8
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+show() { echo "$1 rc=$2"; grep -v -i warn "$OUT/$1.txt" | tail -"$3"; }
+if has check; then
+  timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
+  show check $? 6
+fi
+if has engine; then
+  timeout "${ENGINE_S:-180}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 10 --warmup 3 \
+    --variants hf-sdpa-autocast,hf-sdpa,fast,fast-itae --json "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
+  show engine $? 16
+fi
+if has extra; then
+  timeout "${EXTRA_S:-240}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
+    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole --profile fast-itae-compiled \
+    --json "$OUT/extra.json" > "$OUT/extra.txt" 2>&1
+  show extra $? 20
+fi
+if has autotune; then
+  timeout "${AUTOTUNE_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
+    --variants hf-sdpa --extra autotune --profile fast-itae-autotune-compiled \
+    --json "$OUT/autotune.json" > "$OUT/autotune.txt" 2>&1
+  show autotune $? 16
+fi
+if has pipeline; then
+  timeout "${PIPE_S:-150}" python3 benchmarks/bench_pipeline.py --generate 16000 --side 256 --size l --device cuda \
+    --precision bf16 --batch 256 --workers 15 --compile --modes itae,baseline --json "$OUT/pipeline.json" \
+    > "$OUT/pipeline.txt" 2>&1
+  show pipeline $? 8
+fi
