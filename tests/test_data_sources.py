@@ -20,6 +20,7 @@ from itae.data.sources import (
     WebDatasetSource,
     expand_braces,
     open_source,
+    parse_hf_spec,
 )
 
 
@@ -207,3 +208,95 @@ def test_sources_pickle_and_fingerprint(tmp_path, folder):
     assert a != open_source(folder).fingerprint()
     (folder / "cat" / "new.png").write_bytes(_png(11))
     assert a != open_source(folder, labels="from-folders").fingerprint()
+
+
+# ------------------------------------------------------------------------ hub configurations (offline)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``datasets.load_dataset`` replaced by a recorder that returns a small in-memory data set."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(path, name=None, *, split=None, **kw):
+        calls.append((path, name, split))
+        if path == "multi/set" and name is None:  # what the library says for a multi-configuration set
+            raise ValueError("Config name is missing. Please pick one among the available configs: ['a', 'b']")
+        n = 1 if name is None else 3  # every configuration has the same rows: only the ids tell them apart
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+        return datasets.Dataset.from_dict(
+            {"image": [{"bytes": _png(i), "path": None} for i in range(n)], "label": [i % 2 for i in range(n)]},
+            features=features,
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_parse_hf_spec():
+    assert parse_hf_spec("hf:frgfm/imagenette") == ("frgfm/imagenette", None)
+    assert parse_hf_spec("hf:frgfm/imagenette:320px") == ("frgfm/imagenette", "320px")
+    assert parse_hf_spec("frgfm/imagenette:320px") == ("frgfm/imagenette", "320px")
+    assert parse_hf_spec("hf:mnist:default") == ("mnist", "default")
+    # dots and dashes belong to the id or the configuration, never separate them
+    assert parse_hf_spec("hf:my-org/set.v2_x:20231101.en") == ("my-org/set.v2_x", "20231101.en")
+    assert parse_hf_spec("hf:a/b", "cs-en") == ("a/b", "cs-en")
+    assert parse_hf_spec("hf:a/b:cs-en", "cs-en") == ("a/b", "cs-en")
+    # not a hub id before the colon (a path, a URL): returned whole for the caller to handle
+    assert parse_hf_spec("hf:/data/saved:1") == ("/data/saved:1", None)
+    assert parse_hf_spec("hf://datasets/a/b") == ("//datasets/a/b", None)
+    for bad in ("hf:a/b:", "hf:a/b:x:y", "hf:a/b:x y", "hf:a/b:x/y", "hf:C:/data"):
+        with pytest.raises(ValueError, match="hf:owner/name:config"):
+            parse_hf_spec(bad)
+    with pytest.raises(ValueError, match="names configuration '320px' but hf_config='160px'"):
+        parse_hf_spec("hf:a/b:320px", "160px")
+    for bad in ("", "a b", "a:b", 3):
+        with pytest.raises(ValueError, match="hf_config must be a configuration name"):
+            parse_hf_spec("hf:a/b", bad)
+
+
+def test_hf_config_reaches_load_dataset(fake_hub):
+    src = open_source("hf:owner/set:320px", split="validation", labels="column")
+    assert isinstance(src, HFDatasetSource)
+    assert fake_hub[-1] == ("owner/set", "320px", "validation")
+    assert src.ids == ["owner/set:320px:validation:0", "owner/set:320px:validation:1", "owner/set:320px:validation:2"]
+    assert src.labels == ["x", "y", "x"]
+    np.testing.assert_array_equal(_pixels(src.read(1)), _pixels(_png(1)))
+
+    same = open_source("hf:owner/set", hf_config="320px", split="validation", labels="column")
+    assert fake_hub[-1] == ("owner/set", "320px", "validation")
+    assert same.ids == src.ids and same.fingerprint() == src.fingerprint()
+    bare = open_source("owner/set:320px", split="validation", labels="column")  # no hf: prefix, as owner/name
+    assert fake_hub[-1] == ("owner/set", "320px", "validation") and bare.ids == src.ids
+
+    plain = open_source("owner/set", split="validation")  # no configuration: ids as before
+    assert fake_hub[-1] == ("owner/set", None, "validation") and plain.ids == ["owner/set:validation:0"]
+    # two configurations of the same data set never share ids, nor a fingerprint (a resume is refused)
+    other = open_source("hf:owner/set:160px", split="validation", labels="column")
+    assert not set(other.ids) & set(src.ids)
+    assert other.fingerprint() != src.fingerprint()
+    same_rows = open_source("hf:owner/set:160px", split="validation", labels="column")
+    assert same_rows.fingerprint() == other.fingerprint()
+    assert pickle.loads(pickle.dumps(src)).ids == src.ids
+
+
+def test_hf_config_errors(fake_hub, tmp_path, folder):
+    with pytest.raises(ValueError, match="hf:owner/name:config"):
+        open_source("hf:owner/set:")
+    with pytest.raises(ValueError, match="hf:owner/name:config"):
+        open_source("owner/set:a:b")
+    with pytest.raises(ValueError, match="names configuration '320px' but hf_config='160px'"):
+        open_source("hf:owner/set:320px", hf_config="160px")
+    assert fake_hub == []  # refused before reaching the hub
+    with pytest.raises(ValueError, match=r"Config name is missing.*write hf:multi/set:CONFIG"):
+        open_source("hf:multi/set")
+    # a configuration means nothing for local sources: refused rather than ignored
+    with pytest.raises(ValueError, match="save_to_disk, which holds one configuration"):
+        open_source(_saved_dataset(tmp_path), hf_config="320px")
+    with pytest.raises(ValueError, match="hf_config='320px' chooses a configuration of a hub data set"):
+        open_source(folder, hf_config="320px")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png\n")
+    with pytest.raises(ValueError, match="is a local file"):
+        open_source(listing, hf_config="320px")

@@ -1,7 +1,7 @@
 """Where images come from: a folder, a list of paths, WebDataset tar shards, or a HF ``datasets`` data set.
 
 Every source is an ``ImageSource``: a fixed, sorted, stable sequence of records, each with a string id
-(relative path, ``<shard>#<key>``, or ``<dataset>:<split>:<row>``) and an optional label. Only ids and
+(relative path, ``<shard>#<key>``, or ``<dataset>[:<config>]:<split>:<row>``) and an optional label. Only ids and
 labels are held in memory; image bytes are read one record at a time by ``read`` (in DataLoader
 workers), so sources are picklable and cheap to send to worker processes.
 """
@@ -347,9 +347,48 @@ def expand_braces(pattern: str) -> list[str]:
 # ------------------------------------------------------------------------------------ HF datasets
 
 
+# A hub id: ``name`` or ``owner/name`` (letters, digits, '_', '.', '-'), as the hub allows.
+_HUB_ID = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
+# A configuration name: anything without whitespace, ':', '/' or '\\' (e.g. 320px, 20231101.en, cs-en).
+_HF_CONFIG = re.compile(r"[^\s:/\\]+")
+
+
+def parse_hf_spec(spec: str, hf_config: str | None = None) -> tuple[str, str | None]:
+    """Split a HF data set spec into (name, configuration).
+
+    The spec is ``[hf:]<id>[:<config>]`` with ``<id>`` a hub id (``owner/name``, or ``name`` after
+    ``hf:``), e.g. ``hf:frgfm/imagenette:320px``; anything else (a path to a ``save_to_disk`` folder) is
+    returned whole, with ``hf_config``. A configuration given both in the spec and as ``hf_config``
+    must agree. Hub ids cannot hold ':', so the colon is never part of the id; an existing local
+    folder is never parsed (the caller checks for it first).
+    """
+    body = spec[3:] if spec.startswith("hf:") else spec
+    if hf_config is not None and (not isinstance(hf_config, str) or not _HF_CONFIG.fullmatch(hf_config)):
+        raise ValueError(
+            f"hf_config must be a configuration name such as '320px' (no spaces, ':' or '/'); got {hf_config!r}"
+        )
+    head, colon, tail = body.partition(":")
+    if not colon or not _HUB_ID.fullmatch(head):
+        return body, hf_config
+    if not _HF_CONFIG.fullmatch(tail):
+        raise ValueError(
+            f"cannot read the data set spec {spec!r}: write a hub data set as hf:owner/name or, to choose "
+            "one of its configurations, hf:owner/name:config (e.g. hf:frgfm/imagenette:320px)"
+        )
+    if hf_config is not None and hf_config != tail:
+        raise ValueError(
+            f"the data set spec {spec!r} names configuration {tail!r} but hf_config={hf_config!r}; give one"
+        )
+    return head, tail
+
+
 class HFDatasetSource(ImageSource):
     """A HF ``datasets`` data set: a folder written by ``save_to_disk`` or a hub id (``hf:`` prefix allowed).
 
+    A hub data set with several configurations (e.g. ``frgfm/imagenette``: ``full_size``, ``320px``,
+    ``160px``) takes one with ``hf_config="320px"`` or in the spec, ``hf:frgfm/imagenette:320px``; it is
+    passed to ``datasets.load_dataset(name, hf_config, split=...)`` and becomes part of every id
+    (``frgfm/imagenette:320px:validation:0``), so two configurations never share ids or fingerprints.
     The image column is read undecoded (raw bytes) where it is a ``datasets.Image`` feature, so decoding
     goes through ``itae``'s robust decoder. A ``ClassLabel`` label column gives its class names.
     """
@@ -364,6 +403,7 @@ class HFDatasetSource(ImageSource):
         image_column: str = "image",
         label_column: str = "label",
         split: str | None = None,
+        hf_config: str | None = None,
     ) -> None:
         try:
             import datasets
@@ -376,16 +416,26 @@ class HFDatasetSource(ImageSource):
         name = spec[3:] if spec.startswith("hf:") else spec
         local = Path(name)
         if local.is_dir():
+            if hf_config is not None:
+                raise ValueError(
+                    f"{spec!r} is a folder written by save_to_disk, which holds one configuration; "
+                    f"hf_config={hf_config!r} applies to hub data sets only"
+                )
             data = datasets.load_from_disk(str(local))
             shown = local.name
         else:
+            name, hf_config = parse_hf_spec(spec, hf_config)
             try:
-                data = datasets.load_dataset(name, split=split)
+                data = datasets.load_dataset(name, hf_config, split=split)
             except Exception as e:  # the library raises many types; the user needs one clear line
+                hint = ""
+                if hf_config is None and "config" in str(e).lower():  # e.g. "Config name is missing"
+                    hint = f" (to choose a configuration, write hf:{name}:CONFIG or pass hf_config=...)"
                 raise ValueError(
-                    f"{spec!r} is neither an image folder, a list, WebDataset shards nor a loadable HF data set: {e}"
+                    f"{spec!r} is neither an image folder, a list, WebDataset shards nor a loadable HF data set: "
+                    f"{e}{hint}"
                 ) from e
-            shown = name
+            shown = name if hf_config is None else f"{name}:{hf_config}"
         if isinstance(data, datasets.DatasetDict):
             splits = list(data)
             if split is None:
@@ -444,6 +494,7 @@ def open_source(
     image_column: str = "image",
     label_column: str = "label",
     split: str | None = None,
+    hf_config: str | None = None,
 ) -> ImageSource:
     """Recognise ``spec`` and open it as an ``ImageSource``.
 
@@ -452,7 +503,10 @@ def open_source(
     - WebDataset: a ``.tar`` shard, a brace pattern (``shards-{000..009}.tar``), a glob, or a folder
       holding ``.tar`` files and no images;
     - a HF data set: a folder written by ``save_to_disk``, or a hub id (``owner/name`` or ``hf:name``),
-      with ``image_column``, ``label_column`` and ``split``.
+      with ``image_column``, ``label_column`` and ``split``; a hub data set with several configurations
+      takes one as ``hf_config`` or after a colon: ``hf:frgfm/imagenette:320px``.
+
+    ``hf_config`` with a source that is not a hub data set is an error (it would otherwise be ignored).
     """
     if isinstance(spec, ImageSource):
         return spec
@@ -461,19 +515,23 @@ def open_source(
     text = os.fspath(spec)
     if not text:
         raise ValueError("empty image source; give a folder, a list file, tar shards or a data set")
-    hf_kw: dict[str, Any] = dict(labels=labels, image_column=image_column, label_column=label_column, split=split)
+    hf_kw: dict[str, Any] = dict(
+        labels=labels, image_column=image_column, label_column=label_column, split=split, hf_config=hf_config
+    )
     if text.startswith("hf:"):
         return HFDatasetSource(text, **hf_kw)
     path = Path(text)
     if path.is_dir():
         if _is_saved_hf_dataset(path):
             return HFDatasetSource(text, **hf_kw)
+        _no_hf_config(hf_config, text, "a folder of images or shards")
         if not _scan_has_images(path):
             shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".tar")
             if shards:
                 return WebDatasetSource(shards, labels=labels, label_column=label_column, spec=text)
         return FolderSource(path, labels=labels, spec=text)
     if path.is_file():
+        _no_hf_config(hf_config, text, "a local file")
         suffix = path.suffix.lower()
         if suffix == ".tar":
             return WebDatasetSource([path], labels=labels, label_column=label_column, spec=text)
@@ -483,6 +541,7 @@ def open_source(
             f"{text!r} is a file of unknown kind; give a folder, a .txt/.csv list of paths or a .tar shard"
         )
     if any(c in text for c in "{*?["):
+        _no_hf_config(hf_config, text, "a shard pattern")
         matches = sorted({p for pat in expand_braces(text) for p in glob.glob(pat)})
         missing = [p for p in expand_braces(text) if not any(c in p for c in "*?[") and not os.path.exists(p)]
         if missing:
@@ -491,9 +550,17 @@ def open_source(
         if not tars:
             raise FileNotFoundError(f"the pattern {text!r} matches no .tar shards")
         return WebDatasetSource(tars, labels=labels, label_column=label_column, spec=text)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not path.suffix:
+    hub = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::.*)?", text)
+    if hub and not Path(hub.group(1)).suffix:  # owner/name[:config]; a missing list.txt is no hub id
         return HFDatasetSource(text, **hf_kw)
     raise FileNotFoundError(f"image source {text!r} does not exist; give a folder, a list file, tar shards or a data set")
+
+
+def _no_hf_config(hf_config: str | None, text: str, what: str) -> None:
+    if hf_config is not None:
+        raise ValueError(
+            f"hf_config={hf_config!r} chooses a configuration of a hub data set, but {text!r} is {what}"
+        )
 
 
 def _is_saved_hf_dataset(path: Path) -> bool:
@@ -512,5 +579,5 @@ def _scan_has_images(root: Path) -> bool:
 
 __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_MODES", "FolderSource", "HFDatasetSource", "ImageRecord", "ImageSource",
-    "ListSource", "WebDatasetSource", "expand_braces", "open_source",
+    "ListSource", "WebDatasetSource", "expand_braces", "open_source", "parse_hf_spec",
 ]
