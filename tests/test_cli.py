@@ -133,6 +133,38 @@ def test_nan_embedding_is_refused(assets, tmp_path, capsys):
     assert not (tmp_path / "out" / "assignments.csv").exists()
 
 
+def test_embed_hub_data_set_configuration(assets, tmp_path, monkeypatch, capsys):
+    """--hf-config reaches datasets.load_dataset and the ids; another configuration cannot resume the store."""
+    datasets = pytest.importorskip("datasets")
+    from itae.data.store import EmbeddingStore
+
+    calls = []
+
+    def load_dataset(path, name=None, *, split=None, **kw):  # offline stand-in for the hub
+        calls.append((path, name, split))
+        images = sorted(Path(assets["data"]).glob("class*/*.png"))[:4]
+        return datasets.Dataset.from_dict(
+            {"image": [{"bytes": p.read_bytes(), "path": None} for p in images], "label": [0, 0, 1, 1]},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    store = tmp_path / "store"
+    args = ("--model", assets["model"], "--no-itae", "--split", "validation", "--labels", "column", *COMMON)
+    assert _run("embed", "hf:owner/set", "--hf-config", "320px", "-o", store, *args) == 0, capsys.readouterr().err
+    assert calls == [("owner/set", "320px", "validation")]
+    assert EmbeddingStore(store).ids == [f"owner/set:320px:validation:{i}" for i in range(4)]
+    assert _run("embed", "hf:owner/set:320px", "-o", store, *args) == 0  # the same source, in the spec
+    assert calls[-1] == ("owner/set", "320px", "validation")
+    capsys.readouterr()
+    assert _run("embed", "hf:owner/set:160px", "-o", store, *args) != 0  # same rows, another configuration
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("itae: error:") and len(err.splitlines()) == 1, err
+    assert "source.fingerprint" in err, err
+    assert _run("embed", "hf:owner/set:320px", "--hf-config", "160px", "-o", tmp_path / "s2", *args) != 0
+    assert "names configuration '320px' but hf_config='160px'" in capsys.readouterr().err
+
+
 def test_inspect_writes_figures(assets, tmp_path):
     images = sorted(Path(assets["data"]).glob("class1/*.png"))[:2]
     rc = _run("inspect", *images, "-o", tmp_path / "fig", "--model", assets["model"], "--resolution", 56,

@@ -225,6 +225,7 @@ def run(
     split: str | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    hf_config: str | None = None,
     overwrite: bool = False,
     cluster_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -236,7 +237,8 @@ def run(
 
     check_k(k)
     out = check_output_dir(out)
-    source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split)
+    source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split,
+                         hf_config=hf_config)
     check_k(k, len(source))
     timings: dict[str, float] = {}
 

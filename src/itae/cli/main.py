@@ -82,6 +82,8 @@ def _add_data(p: argparse.ArgumentParser, *, labels_default: str = "none") -> No
     g.add_argument("--labels", choices=["none", "from-folders", "column"], default=labels_default,
                    help="where labels come from (default: %(default)s)")
     g.add_argument("--split", help="split of a HF data set")
+    g.add_argument("--hf-config", help="configuration of a HF hub data set, e.g. 320px for frgfm/imagenette "
+                   "(or write DATA as hf:owner/name:CONFIG)")
     g.add_argument("--image-column", default="image", help="image column of a HF data set")
     g.add_argument("--label-column", default="label", help="label column of a HF data set or CSV list")
 
@@ -147,8 +149,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         store = embed_ray(
             args.data, args.model, out=args.out, arch=args.arch, itae=cfg, feature=args.feature,
             normalize=args.normalize, batch_size=args.batch_size, precision=args.precision,
-            resolution=args.resolution, labels=args.labels, split=args.split, image_column=args.image_column,
-            label_column=args.label_column, address=args.ray_address, num_actors=args.ray_actors,
+            resolution=args.resolution, labels=args.labels, split=args.split, hf_config=args.hf_config,
+            image_column=args.image_column, label_column=args.label_column, address=args.ray_address,
+            num_actors=args.ray_actors,
             calibration_images=args.calibration_images, overwrite=args.overwrite, progress=not args.no_progress,
         )
     else:
@@ -159,8 +162,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             args.data, backbone, out=args.out, itae=cfg, feature=args.feature, normalize=args.normalize,
             batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
             calibration_images=args.calibration_images, labels=args.labels, split=args.split,
-            image_column=args.image_column, label_column=args.label_column, progress=not args.no_progress,
-            overwrite=args.overwrite,
+            hf_config=args.hf_config, image_column=args.image_column, label_column=args.label_column,
+            progress=not args.no_progress, overwrite=args.overwrite,
         )
     print(f"embedded {len(store)} images ({len(store.errors)} skipped) into {store.path}")
     return 0
@@ -191,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         feature=args.feature, normalize=args.normalize, method=args.method, seeds=args.seeds,
         spherical=args.spherical, device=args.device, precision=args.precision, resolution=args.resolution,
         batch_size=args.batch_size, num_workers=args.workers, calibration_images=args.calibration_images,
-        report=not args.no_report, progress=not args.no_progress, split=args.split,
+        report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
         image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
         cluster_options={"k_range": args.k_range} if args.k is None else None,
     )

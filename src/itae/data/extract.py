@@ -166,6 +166,7 @@ def embed(
     image_column: str = "image",
     label_column: str = "label",
     split: str | None = None,
+    hf_config: str | None = None,
     max_pixels: int | None = None,
     fast_cls: bool = True,
     compile: bool = False,
@@ -176,7 +177,7 @@ def embed(
     """Embed every image of ``source`` with ``backbone`` (ITAE on unless ``itae=None``) into a store at ``out``.
 
     source: a folder, a .txt/.csv list, WebDataset shards, a HF data set (see ``open_source``; ``labels``,
-        ``image_column``, ``label_column`` and ``split`` are passed to it), or an ``ImageSource``.
+        ``image_column``, ``label_column``, ``split`` and ``hf_config`` are passed to it), or an ``ImageSource``.
     backbone: a model name or path (``itae.load_backbone``), a ``Backbone``, or a supported model instance
         (moved to ``device`` and the precision's dtype in place).
     itae: the ITAE configuration; a threshold of "auto" is calibrated first on ``calibration_images``
@@ -210,7 +211,8 @@ def embed(
         raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
-    src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split)
+    src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split,
+                      hf_config=hf_config)
     out_dir, existing = open_output(out, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
     bb, preprocess = _load(backbone, dev, dtype, resolution)

@@ -178,6 +178,7 @@ def embed_ray(
     image_column: str = "image",
     label_column: str = "label",
     split: str | None = None,
+    hf_config: str | None = None,
     max_pixels: int | None = None,
     address: str | None = None,
     num_actors: int = 1,
@@ -236,8 +237,8 @@ def embed_ray(
         local, source, os.fspath(backbone_name), arch=arch, out=out, itae=itae, feature=feature,
         normalize=normalize, batch_size=batch_size, precision=precision, dtype=dtype,
         resolution=resolution, labels=labels, image_column=image_column, label_column=label_column,
-        split=split, max_pixels=max_pixels, calibration_images=calibration_images, chunk_size=chunk_size,
-        resume=resume, overwrite=overwrite, ray_running=ray.is_initialized(),
+        split=split, hf_config=hf_config, max_pixels=max_pixels, calibration_images=calibration_images,
+        chunk_size=chunk_size, resume=resume, overwrite=overwrite, ray_running=ray.is_initialized(),
     )
     if isinstance(prepared, EmbeddingStore):  # already complete
         return prepared
@@ -287,6 +288,7 @@ def _prepare_store(
     image_column: str,
     label_column: str,
     split: str | None,
+    hf_config: str | None,
     max_pixels: int | None,
     calibration_images: int,
     chunk_size: int,
@@ -303,7 +305,7 @@ def _prepare_store(
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column,
-                      split=split)
+                      split=split, hf_config=hf_config)
     out_dir, existing = local.open_output(out, resume=resume, overwrite=overwrite)
     # The driver loads the model once: for the manifest (name, width, preprocessing) and for calibration.
     from itae.models.loading import load_backbone
