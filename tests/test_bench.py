@@ -233,3 +233,32 @@ def test_unlabelled_local_folder_is_refused(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     with pytest.raises(DatasetLoadError, match="flat"):
         open_dataset(dataset_from_value({"name": "flat", "source": str(folder)}), "test")
+
+
+def test_hub_configuration_reaches_load_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    data = datasets.Dataset.from_dict({"image": [{"bytes": b"x", "path": None}] * 2, "label": [0, 1]},
+                                      features=features)
+
+    def load_dataset(path, name=None, *, split=None, **kw):  # offline stand-in for the hub
+        calls.append((path, name, split))
+        return data
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    imagenette = KNOWN_DATASETS["imagenette"]
+    assert (imagenette.source, imagenette.hf_config, imagenette.split) == ("frgfm/imagenette", "320px", "validation")
+    src = open_dataset(imagenette, imagenette.split)
+    assert calls == [("frgfm/imagenette", "320px", "validation")]
+    assert src.ids == ["frgfm/imagenette:320px:validation:0", "frgfm/imagenette:320px:validation:1"]
+    # a grid spec can choose another configuration; a local copy of the data set ignores it
+    other = dataset_from_value({"name": "imagenette", "hf_config": "160px"})
+    assert other.to_dict()["hf_config"] == "160px"
+    open_dataset(other, "validation")
+    assert calls[-1] == ("frgfm/imagenette", "160px", "validation")
+    data.save_to_disk(str(tmp_path / "copy"))
+    local = open_dataset(dataset_from_value({"name": "imagenette", "source": str(tmp_path / "copy")}), None)
+    assert len(local) == 2 and len(calls) == 2
+    with pytest.raises(ValueError, match="hf_config must be a configuration name"):
+        dataset_from_value({"name": "imagenette", "hf_config": ""})

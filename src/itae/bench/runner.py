@@ -103,14 +103,16 @@ def open_dataset(ds: DatasetSpec, split: str | None) -> ImageSource:
         elif local and path.is_file():
             src = open_source(path, labels="column", label_column=ds.label_column)
         else:
+            # A local copy (save_to_disk) holds one configuration already: hf_config is for the hub only.
             src = open_source(ds.source if local else f"hf:{ds.source}", labels="column", image_column=ds.image_column,
-                              label_column=ds.label_column, split=split)
+                              label_column=ds.label_column, split=split, hf_config=None if local else ds.hf_config)
     except ImportError as e:
         raise DatasetLoadError(f"data set {ds.name!r}: {_first_line(e)}") from None
     except Exception as e:  # many libraries, many error types: the user needs one line
         where = "" if local else (
             f"; if the HF hub cannot be reached, save a copy elsewhere (datasets.load_dataset({ds.source!r}, "
-            f"split={split!r}).save_to_disk(DIR)) and set this data set's 'source' to DIR"
+            f"{'' if ds.hf_config is None else repr(ds.hf_config) + ', '}split={split!r}).save_to_disk(DIR)) "
+            "and set this data set's 'source' to DIR"
         )
         raise DatasetLoadError(f"cannot open data set {ds.name!r} ({ds.source}, split {split!r}): {_first_line(e)}{where}") from None
     if not src.has_labels:

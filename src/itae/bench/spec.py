@@ -31,6 +31,8 @@ class DatasetSpec:
     split / train_split: the evaluation split and, for the train-test protocol, the fitting split.
     image_column / label_column: columns of a HF data set or CSV list (folders take labels from folders).
     max_images: keep a class-balanced, deterministic subset of at most this many images per split.
+    hf_config: the configuration of a hub data set that has several (``datasets.load_dataset``'s second
+        argument, e.g. "320px" for frgfm/imagenette); ignored when ``source`` is a local copy.
     """
 
     name: str
@@ -40,6 +42,7 @@ class DatasetSpec:
     image_column: str = "image"
     label_column: str = "label"
     max_images: int | None = None
+    hf_config: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -49,18 +52,20 @@ class DatasetSpec:
         object.__setattr__(self, "source", os.fspath(self.source))
         if self.max_images is not None and (isinstance(self.max_images, bool) or int(self.max_images) < 1):
             raise ValueError(f"data set {self.name!r}: max_images must be a positive integer; got {self.max_images!r}")
+        if self.hf_config is not None and (not isinstance(self.hf_config, str) or not self.hf_config):
+            raise ValueError(f"data set {self.name!r}: hf_config must be a configuration name; got {self.hf_config!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def _hf(name: str, source: str, *, split: str = "test", train_split: str = "train", image: str = "image",
-        label: str = "label") -> DatasetSpec:
-    return DatasetSpec(name, source, split, train_split, image, label)
+        label: str = "label", hf_config: str | None = None) -> DatasetSpec:
+    return DatasetSpec(name, source, split, train_split, image, label, hf_config=hf_config)
 
 
-# Usual hub ids. The data sets are loaded through ``datasets.load_dataset(source, split=...)``; any entry
-# can be pointed at a local copy by giving the same name with another ``source``.
+# Usual hub ids. The data sets are loaded through ``datasets.load_dataset(source, hf_config, split=...)``;
+# any entry can be pointed at a local copy by giving the same name with another ``source``.
 KNOWN_DATASETS: dict[str, DatasetSpec] = {
     d.name: d
     for d in (
@@ -69,9 +74,7 @@ KNOWN_DATASETS: dict[str, DatasetSpec] = {
         _hf("cifar100-20", "uoft-cs/cifar100", image="img", label="coarse_label"),
         _hf("stl10", "tanganke/stl10"),
         _hf("tiny-imagenet", "zh-plus/tiny-imagenet", split="valid"),
-        # frgfm/imagenette has several configurations (full_size, 320px, 160px); point 'source' at a local
-        # save_to_disk copy of the one you want if the hub default does not load.
-        _hf("imagenette", "frgfm/imagenette", split="validation"),
+        _hf("imagenette", "frgfm/imagenette", split="validation", hf_config="320px"),
         _hf("mnist", "ylecun/mnist"),
     )
 }
