@@ -183,3 +183,61 @@ def test_dataset_and_loader_with_workers_never_raise(tmp_path):
     assert failed == {1: "empty file (0 bytes)", 2: "not an image (unrecognised format)", 3: "file not found"}
     assert batches[0]["pixels"].shape == (1, 3, 28, 28)
     assert batches[1]["pixels"].shape == (1, 3, 28, 28)
+
+
+# ------------------------------------------------------------------------------ reduced-scale JPEG
+
+
+def _smooth_photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth colour field: the kind of content where scaled DCT decoding is close to a full decode."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 50 + 2, width // 50 + 2, 3), dtype=np.uint8))
+    return coarse.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_draft_size_decodes_a_large_jpeg_at_reduced_scale_keeping_both_sides_above_it():
+    data = _encode(_smooth_photo(1200, 900), "JPEG", quality=92)
+    assert load_rgb(data).size == (1200, 900)
+    # 900 // 256 = 3, so the largest usable DCT scale is 1/2; both sides stay >= 256.
+    assert load_rgb(data, draft_size=256).size == (600, 450)
+    assert load_rgb(data, draft_size=100).size == (150, 113)  # 1/8, rounded up by libjpeg
+    assert load_rgb(data, draft_size=600).size == (1200, 900)  # 900 // 600 = 1: no reduction
+
+
+def test_draft_size_leaves_small_jpegs_and_other_formats_untouched():
+    small = _encode(_smooth_photo(300, 200), "JPEG", quality=92)
+    np.testing.assert_array_equal(np.asarray(load_rgb(small, draft_size=128)), np.asarray(load_rgb(small)))
+    png = _encode(_smooth_photo(1200, 900), "PNG")
+    assert load_rgb(png, draft_size=256).size == (1200, 900)
+
+
+def test_draft_size_keeps_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display: a 1200 x 900 file shows as 900 x 1200
+    data = _encode(_smooth_photo(1200, 900), "JPEG", quality=92, exif=exif.tobytes())
+    assert load_rgb(data, draft_size=256).size == (450, 600)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "256"])
+def test_draft_size_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="draft_size"):
+        load_rgb(_encode(_smooth_photo(60, 40), "JPEG"), draft_size=bad)
+
+
+def test_fast_decode_dataset_gives_nearly_the_same_pixels_for_large_photos(tmp_path):
+    paths = []
+    for i, size in enumerate([(1600, 1200), (1200, 1600), (700, 500)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        _smooth_photo(*size, seed=i).save(paths[-1], quality=92)
+    (tmp_path / "list.txt").write_text("\n".join(p.name for p in paths))
+    source = ListSource(tmp_path / "list.txt")
+    transform = build_transform(Preprocess(image_size=224, resize_size=256))
+    full = ImageDataset(source, transform, uint8=True)
+    fast = ImageDataset(source, transform, uint8=True, fast_decode=True)
+    for i in range(3):
+        a, b = full[i][1], fast[i][1]
+        assert a.shape == b.shape == (3, 224, 224)
+        diff = (a.int() - b.int()).abs().float()
+        assert diff.mean() < 1.5, (i, diff.mean())  # a fraction of one grey level on average
+        if i == 2:  # 500 < 2 x 256: no reduced scale applies, so the pixels are the full decode's
+            assert diff.max() == 0

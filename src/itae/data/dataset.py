@@ -23,16 +23,19 @@ class ImageDataset(Dataset):
 
     uint8: return resized, cropped uint8 pixels (3, S, S) and leave ``transform.normalize`` to the
     consumer (on the device); otherwise normalised float32.
+    fast_decode: decode JPEGs at reduced scale when they are at least twice the resize target
+    (``load_rgb``'s ``draft_size``): much faster for large photos, pixels slightly different.
     """
 
     def __init__(
         self, source: ImageSource, transform: PreprocessTransform, *, max_pixels: int | None = None,
-        uint8: bool = False,
+        uint8: bool = False, fast_decode: bool = False,
     ) -> None:
         self.source = source
         self.transform = transform
         self.max_pixels = max_pixels
         self.uint8 = uint8
+        self.draft_size = transform.preprocess.resize_size if fast_decode else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -40,7 +43,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         try:
             payload = self.source.read(index)
-            image = load_rgb(payload, max_pixels=self.max_pixels)
+            image = load_rgb(payload, max_pixels=self.max_pixels, draft_size=self.draft_size)
             return index, self.transform.to_uint8(image) if self.uint8 else self.transform(image), None
         except DecodeError as e:
             return index, None, e.reason

@@ -6,7 +6,10 @@ raises ``DecodeError`` with a short reason; it never lets a bad file stop a run.
 - transparency (RGBA, LA, PA, palette with a transparent colour) is composited on a white background;
 - 16- and 32-bit grey (I;16*, I, F) is scaled to 8 bit, not clipped;
 - CMYK and other modes use PIL's conversion; multi-frame files give their first frame;
-- images over ``max_pixels`` (default: PIL's ``Image.MAX_IMAGE_PIXELS``) are refused as decompression bombs.
+- images over ``max_pixels`` (default: PIL's ``Image.MAX_IMAGE_PIXELS``) are refused as decompression bombs;
+- with ``draft_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled
+  decoding, ``Image.draft``) when both sides stay at least ``draft_size``: several times faster for large
+  photos, and the pixels differ slightly from a full decode followed by the same resize.
 """
 
 from __future__ import annotations
@@ -35,8 +38,16 @@ class DecodeError(Exception):
         self.reason = reason
 
 
-def load_rgb(src: str | os.PathLike | bytes | Image.Image, *, max_pixels: int | None = None) -> Image.Image:
-    """Decode ``src`` to a fully loaded RGB image, or raise ``DecodeError``."""
+def load_rgb(
+    src: str | os.PathLike | bytes | Image.Image, *, max_pixels: int | None = None, draft_size: int | None = None
+) -> Image.Image:
+    """Decode ``src`` to a fully loaded RGB image, or raise ``DecodeError``.
+
+    draft_size: allow a JPEG to decode at reduced scale as long as both sides stay >= this (the shorter
+    side the image will be resized to). None decodes every pixel.
+    """
+    if draft_size is not None and (isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size < 1):
+        raise ValueError(f"draft_size must be a positive integer or None; got {draft_size!r}")
     if isinstance(src, Image.Image):
         return _to_rgb(_apply_exif(src))
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -66,6 +77,8 @@ def load_rgb(src: str | os.PathLike | bytes | Image.Image, *, max_pixels: int | 
                 w, h = im.size
                 if limit and w * h > limit:
                     raise DecodeError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {limit}")
+                if draft_size is not None and im.format == "JPEG":
+                    im.draft(im.mode, (draft_size, draft_size))  # largest 1/k with both sides >= draft_size
                 im.load()
                 im = _apply_exif(im)
                 return _to_rgb(im)
