@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import itae
 from itae.clustering import (
+    HDBSCAN_MAX_SAMPLES,
     AgglomerativeClusterer,
     AutoK,
     HDBSCANClusterer,
@@ -194,6 +195,18 @@ def test_agglomerative_recovers_blobs_and_refuses_large_inputs():
         AgglomerativeClusterer(3, max_samples=50).fit(x)
     auto = cluster(x, method="agglomerative", k_range=(2, 5))
     assert auto.k == 3
+
+
+def test_hdbscan_refuses_inputs_above_max_samples():
+    x, _ = blobs(n_per=20, k=3, seed=13)  # 60 rows
+    assert HDBSCANClusterer().max_samples == HDBSCAN_MAX_SAMPLES == 10_000
+    with pytest.raises(ValueError, match=r"HDBSCAN of 60 samples.*max_samples=59.*method='kmeans'.*raise max_samples"):
+        HDBSCANClusterer(min_cluster_size=5, max_samples=59).fit(x)
+    assert HDBSCANClusterer(min_cluster_size=5, max_samples=60).fit(x).n_clusters_ == 3  # at the limit: fine
+    with pytest.raises(ValueError, match="max_samples=10"):
+        cluster(x, method="hdbscan", min_cluster_size=5, max_samples=10)  # passed through by the one-call API
+    result = cluster(x, method="hdbscan", min_cluster_size=5, max_samples=60)
+    assert result.k == 3 and result.params["estimator_params"]["max_samples"] == 60
 
 
 def test_hdbscan_keeps_noise_label():

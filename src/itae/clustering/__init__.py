@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from itae.clustering.api import METHODS, ClusterResult, cluster
 from itae.clustering.autok import AutoK
-from itae.clustering.hierarchical import AgglomerativeClusterer, HDBSCANClusterer
+from itae.clustering.hierarchical import HDBSCAN_MAX_SAMPLES, AgglomerativeClusterer, HDBSCANClusterer
 from itae.clustering.kmeans import SKLEARN_MAX_SAMPLES, KMeansClusterer, faiss_available, resolve_backend
 
 __all__ = [
+    "HDBSCAN_MAX_SAMPLES",
     "METHODS",
     "SKLEARN_MAX_SAMPLES",
     "AgglomerativeClusterer",
