@@ -224,3 +224,21 @@ def test_bench_quick_runs_offline_on_generated_images(tmp_path, capsys):
     # restart: nothing left to run
     assert _run("bench", "--quick", "-o", out, "--no-progress") == 0
     assert "0 runs done, 18 already there" in capsys.readouterr().out
+
+
+def test_embed_fast_decode_and_compile_flags_reach_the_store(assets, tmp_path, capsys):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    out = tmp_path / "store"
+    rc = _run("embed", assets["data"], "-o", out, "--model", assets["model"], "--no-itae", "--fast-decode",
+              "--compile", *COMMON)
+    first = capsys.readouterr()
+    assert rc == 0, first.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocess"]["fast_decode"] is True
+    assert counters["stats"]["unique_graphs"] > 0  # --compile compiled the blocks
+    # resuming the same store without --fast-decode would mix two decodings: refused in one line
+    rc = _run("embed", assets["data"], "-o", out, "--model", assets["model"], "--no-itae", *COMMON)
+    err = capsys.readouterr().err
+    assert rc != 0 and "preprocess" in err and len(err.strip().splitlines()) == 1

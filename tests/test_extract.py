@@ -396,3 +396,44 @@ def test_resume_after_kill_9_is_identical_to_a_clean_run(tmp_path):
         assert (killed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     np.testing.assert_array_equal(np.asarray(a.embeddings()), np.asarray(b.embeddings()))
     assert a.ids == b.ids and a.labels == b.labels and a.errors == b.errors and len(a.errors) == 3
+
+
+def _large_jpegs(root: Path, n: int = 4) -> Path:
+    """Smooth photo-like JPEGs big enough (>= 2 x the resize side of RES) for reduced-scale decoding."""
+    root.mkdir(parents=True)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8))
+        coarse.resize((400, 320), Image.Resampling.BICUBIC).save(root / f"{i}.jpg", quality=92)
+    return root
+
+
+def test_fast_decode_is_recorded_close_to_full_decoding_and_never_mixed_on_resume(tmp_path):
+    root = _large_jpegs(tmp_path / "imgs")
+    bb = adapt(build_model())
+    full = itae.embed(root, bb, out=tmp_path / "full", itae=None, **COMMON)
+    fast = itae.embed(root, bb, out=tmp_path / "fast", itae=None, fast_decode=True, **COMMON)
+    assert "fast_decode" not in full.manifest["preprocess"]  # stores made before the option resume as before
+    assert fast.manifest["preprocess"]["fast_decode"] is True
+    a, b = full.embeddings(mmap=False), fast.embeddings(mmap=False)
+    assert not np.array_equal(a, b)  # the pixels did come from the reduced-scale decode ...
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert rel.max() < 0.05, rel  # ... and stay close to the full decode's
+    with pytest.raises(StoreError, match="preprocess"):
+        itae.embed(root, bb, out=tmp_path / "fast", itae=None, **COMMON)
+    with pytest.raises(TypeError, match="fast_decode"):
+        itae.embed(root, bb, out=tmp_path / "x", itae=None, fast_decode="yes", **COMMON)
+
+
+def test_compiled_extraction_equals_the_eager_one_and_restores_the_model(tmp_path):
+    root = _make_folder(tmp_path / "imgs", per_class=3, corrupt=0)
+    bb = adapt(build_model())
+    cfg = ITAEConfig(threshold=0.5)  # explicit: the fast CLS path (the compiled ITAE path) serves it
+    eager = itae.embed(root, bb, out=tmp_path / "eager", itae=cfg, **COMMON)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = itae.embed(root, bb, out=tmp_path / "compiled", itae=cfg, compile=True, **COMMON)
+    assert counters["stats"]["unique_graphs"] > 0  # the blocks did go through torch.compile
+    np.testing.assert_allclose(compiled.embeddings(mmap=False), eager.embeddings(mmap=False), rtol=1e-4, atol=1e-5)
+    assert all(block._compiled_call_impl is None for block in bb.blocks)  # plain modules again

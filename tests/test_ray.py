@@ -154,6 +154,30 @@ def test_model_stage_in_process_keeps_row_shape_when_a_whole_batch_fails(data, t
                                atol=1e-5)
 
 
+def test_model_stage_in_process_compiles_and_decodes_at_reduced_scale_like_the_local_path(data, tmp_path):
+    """compile and fast_decode in the actor class (no Ray): the local engine's embeddings for both."""
+    from itae.data.sources import open_source
+    from itae.distributed.ray_embed import _Embedder
+
+    _, model = data
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        coarse = np.random.default_rng(i).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((320, 240), Image.Resampling.BICUBIC).save(photos / f"{i}.jpg")
+    ref = _local(photos, model, tmp_path / "local", itae=None, labels="none", fast_decode=True, compile=True)
+    assert ref.manifest["preprocess"]["fast_decode"] is True
+    preprocess = itae.load_backbone(str(model), resolution=RES).preprocess
+    decode = dict(source=open_source(photos), preprocess=preprocess, max_pixels=None, fast_decode=True)
+    stage = _Embedder(str(model), None, "fp32", RES, None, "cls", False, True, preprocess, decode=decode,
+                      compile=True)
+    assert all(block._compiled_call_impl is not None for block in stage.backbone.blocks)
+    out = stage({"item": np.arange(3)})
+    np.testing.assert_allclose(out["embedding"], np.asarray(ref.embeddings()), rtol=0, atol=1e-5)
+    full = _local(photos, model, tmp_path / "full", itae=None, labels="none")
+    assert not np.allclose(np.asarray(full.embeddings()), out["embedding"], rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------- local Ray instance
 
 

@@ -226,6 +226,8 @@ def run(
     image_column: str = "image",
     label_column: str = "label",
     hf_config: str | None = None,
+    fast_decode: bool = False,
+    compile: bool = False,
     overwrite: bool = False,
     cluster_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -251,7 +253,8 @@ def run(
     store = embed(
         source, backbone, out=out / STORE_DIR, itae=itae, feature=feature, normalize=normalize,
         batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
-        calibration_images=calibration_images, progress=progress, overwrite=overwrite,
+        calibration_images=calibration_images, progress=progress, overwrite=overwrite, fast_decode=fast_decode,
+        compile=compile,
     )
     timings["embed_s"] = time.perf_counter() - t0
     atomic_write(out / "errors.csv", lambda f: f.write((store.path / "errors.csv").read_bytes()))

@@ -64,11 +64,13 @@ class _Decoder:
     exactly the local path's. Output rows keep their shape: a failed record has zero pixels and a reason.
     """
 
-    def __init__(self, source: ImageSource, preprocess: Preprocess, max_pixels: int | None) -> None:
+    def __init__(self, source: ImageSource, preprocess: Preprocess, max_pixels: int | None,
+                 fast_decode: bool = False) -> None:
         from itae.data.dataset import ImageDataset
         from itae.data.decode import build_transform
 
-        self.dataset = ImageDataset(source, build_transform(preprocess), max_pixels=max_pixels, uint8=True)
+        self.dataset = ImageDataset(source, build_transform(preprocess), max_pixels=max_pixels, uint8=True,
+                                    fast_decode=fast_decode)
         self.size = preprocess.image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,6 +104,7 @@ class _Embedder:
         fast_cls: bool,
         preprocess: Preprocess,
         decode: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         from itae.data.decode import build_transform
         from itae.engine.fast import supports_fast_cls
@@ -117,6 +120,13 @@ class _Embedder:
         self.dim = self.backbone.embed_dim * (2 if feature == "cls+mean" else 1)
         # The same choice as the local path: the CLS-only fast forward wherever it computes the same thing.
         self.fast = fast_cls and feature == "cls" and supports_fast_cls(self.backbone, self.config)
+        if compile:  # as the local path: only where no ITAE hooks run; compiled for the actor's lifetime
+            if self.config is not None and not self.fast:
+                logger.warning("compile ignored: this ITAE config runs through hooks, which compiled blocks would break")
+            else:
+                from itae.engine.fast import compiled_blocks
+
+                compiled_blocks(self.backbone).__enter__()
         self.transform = build_transform(preprocess)
         self.decoder = None if decode is None else _Decoder(**decode)
 
@@ -180,6 +190,8 @@ def embed_ray(
     split: str | None = None,
     hf_config: str | None = None,
     max_pixels: int | None = None,
+    fast_decode: bool = False,
+    compile: bool = False,
     address: str | None = None,
     num_actors: int = 1,
     num_gpus_per_actor: float | None = None,
@@ -230,6 +242,8 @@ def embed_ray(
         raise ValueError(f"num_gpus_per_actor must be >= 0 or None; got {num_gpus_per_actor!r}")
     if itae is not None and not isinstance(itae, ITAEConfig):
         raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+    if not isinstance(fast_decode, bool):
+        raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
     if address is not None and not isinstance(address, str):
         raise TypeError(f"address must be None, 'auto' or 'ray://host:port'; got {type(address).__name__}")
 
@@ -237,7 +251,8 @@ def embed_ray(
         local, source, os.fspath(backbone_name), arch=arch, out=out, itae=itae, feature=feature,
         normalize=normalize, batch_size=batch_size, precision=precision, dtype=dtype,
         resolution=resolution, labels=labels, image_column=image_column, label_column=label_column,
-        split=split, hf_config=hf_config, max_pixels=max_pixels, calibration_images=calibration_images,
+        split=split, hf_config=hf_config, max_pixels=max_pixels, fast_decode=fast_decode,
+        calibration_images=calibration_images,
         chunk_size=chunk_size, resume=resume, overwrite=overwrite, ray_running=ray.is_initialized(),
     )
     if isinstance(prepared, EmbeddingStore):  # already complete
@@ -251,7 +266,8 @@ def embed_ray(
             _run_pipeline(
                 ray, local, src, preprocess, writer, todo, model=os.fspath(backbone_name), arch=arch,
                 precision=precision, resolution=resolution, config=run_cfg, feature=feature,
-                normalize=normalize, batch_size=batch_size, max_pixels=max_pixels, fast_cls=fast_cls,
+                normalize=normalize, batch_size=batch_size, max_pixels=max_pixels, fast_decode=fast_decode,
+                fast_cls=fast_cls, compile=compile,
                 num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor, num_decoders=num_decoders,
                 progress=progress,
             )
@@ -290,6 +306,7 @@ def _prepare_store(
     split: str | None,
     hf_config: str | None,
     max_pixels: int | None,
+    fast_decode: bool,
     calibration_images: int,
     chunk_size: int,
     resume: bool,
@@ -315,7 +332,7 @@ def _prepare_store(
     preprocess = bb.preprocess  # the resolution is already applied
     manifest = local.new_manifest(
         bb, preprocess, src, name=model, itae=itae, feature=feature, normalize=normalize, precision=precision,
-        calibration_images=calibration_images, chunk_size=chunk_size, labels=labels,
+        calibration_images=calibration_images, chunk_size=chunk_size, labels=labels, fast_decode=fast_decode,
         engine="ray",  # not a setting (resume ignores it): which engine started the store
     )
 
@@ -327,7 +344,7 @@ def _prepare_store(
         workers = 0 if ray_running else local.default_num_workers()
         return local._calibrate(
             bb, src, build_transform(preprocess), cfg, calibration_images, batch_size, out_dir,
-            num_workers=workers, device=device, max_pixels=max_pixels,
+            num_workers=workers, device=device, max_pixels=max_pixels, fast_decode=fast_decode,
         )
 
     try:
@@ -380,7 +397,9 @@ def _run_pipeline(
     normalize: bool,
     batch_size: int,
     max_pixels: int | None,
+    fast_decode: bool,
     fast_cls: bool,
+    compile: bool,
     num_actors: int,
     num_gpus_per_actor: float | None,
     num_decoders: int | None,
@@ -402,7 +421,7 @@ def _run_pipeline(
         # CPU model actors: a separate decoding stage would compete for the same CPUs and add a copy of
         # every image through the object store; each actor decodes its own batches instead.
         decoders = None
-    decode_args = dict(source=src, preprocess=preprocess, max_pixels=max_pixels)
+    decode_args = dict(source=src, preprocess=preprocess, max_pixels=max_pixels, fast_decode=fast_decode)
 
     indices = [i for k in todo for i in range(*writer.chunk_bounds(k))]
     blocks = min(_MAX_INPUT_BLOCKS, -(-len(indices) // batch_size))
@@ -421,7 +440,7 @@ def _run_pipeline(
             fn_constructor_kwargs=dict(model=model, arch=arch, precision=precision, resolution=resolution,
                                        config=None if config is None else config.to_dict(), feature=feature,
                                        normalize=normalize, fast_cls=fast_cls, preprocess=preprocess,
-                                       decode=decode_args if decoders is None else None),
+                                       decode=decode_args if decoders is None else None, compile=compile),
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=num_gpus_per_actor, num_cpus=model_cpus,
         )
