@@ -262,3 +262,22 @@ def test_hub_configuration_reaches_load_dataset(tmp_path, monkeypatch):
     assert len(local) == 2 and len(calls) == 2
     with pytest.raises(ValueError, match="hf_config must be a configuration name"):
         dataset_from_value({"name": "imagenette", "hf_config": ""})
+
+
+def test_a_data_set_name_pointing_at_other_images_is_refused_not_reused(tmp_path):
+    """Results and cached embeddings are kept under the data set's name; pointing that name at other
+    images (another source, configuration or max_images) must not reuse either of them."""
+    first, second = _make_folder(tmp_path / "first"), _make_folder(tmp_path / "second", seed=5)
+    out = tmp_path / "out"
+    methods = {"baseline": None}
+    done = run_bench(_spec(first, seeds=[0], methods=methods), out, progress=False)
+    assert done.ran == 1 and _csv_rows(out / "results.csv")[0]["data"]
+    # finished runs made on other data
+    with pytest.raises(ValueError, match="other data"):
+        run_bench(_spec(second, seeds=[0], methods=methods), out, progress=False)
+    # a new run (seed 1) would take the cached embeddings of the first folder
+    with pytest.raises(ValueError, match="cached embeddings .* other images"):
+        run_bench(_spec(second, seeds=[1], methods=methods), out, progress=False)
+    # the same data under the same name still extends the grid from the cache
+    again = run_bench(_spec(first, seeds=[0, 1], methods=methods), out, progress=False)
+    assert again.ran == 1 and again.skipped == 1

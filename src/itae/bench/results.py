@@ -13,7 +13,7 @@ from itae._io import atomic_write_text
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
     "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
-    "embedding", "settings", "seconds",
+    "embedding", "settings", "data", "seconds",
 )
 SCORES = ("acc", "nmi", "ari")
 

@@ -209,6 +209,14 @@ def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, 
         complete = store.is_complete
     except Exception:  # no store yet, or a partial one: ``embed`` resumes it
         complete = False
+    made_from = store.manifest["source"] if complete else {}
+    if complete and (made_from.get("fingerprint"), made_from.get("num_records"), made_from.get("spec")) != (
+            src.fingerprint(), len(src), src.spec):
+        # the cache is keyed by data set name and split: another source under the same name lands here
+        raise ValueError(
+            f"the cached embeddings in {str(folder)!r} were made from other images than {src.spec!r} "
+            "(the data set's source, configuration or max_images changed); use another out_dir or delete that folder"
+        )
     if not complete:
         store = embed(
             src, lazy.get(), out=folder, itae=config, feature=spec.feature, normalize=spec.normalize,
@@ -278,6 +286,11 @@ def run_bench(
                 f"{str(csv_path)!r} already has run {keys[id(g)]} made with other settings (k, feature, normalize, "
                 "clustering or calibration); use another out_dir or delete that file"
             )
+        if row is not None and row.get("data") and row["data"] != _data_key(g[0], spec):
+            raise ValueError(
+                f"{str(csv_path)!r} already has run {keys[id(g)]} made on other data (the data set's source, "
+                "splits, columns, configuration or max_images); use another out_dir or delete that file"
+            )
     pending = [g for g in grid if keys[id(g)] not in done]
     log = _Log(progress, len(grid))
     log.skipped(len(grid) - len(pending))
@@ -339,7 +352,8 @@ def run_bench(
                         purity=float(scores["purity"]),
                         threshold=None if cal is None else ";".join(f"{t:.6g}" for t in cal["thresholds"]),
                         flagged_fraction=None if cal is None else cal["flagged_fraction"],
-                        embedding=emb_name, settings=settings, seconds=round(time.perf_counter() - t0, 3),
+                        embedding=emb_name, settings=settings, data=_data_key(ds, spec),
+                        seconds=round(time.perf_counter() - t0, 3),
                     )
                     all_rows.append(row)
                     save()
@@ -357,6 +371,15 @@ def run_bench(
         except Exception as e:  # results.csv and results.md are written; the page is a view of them
             print(f"itae bench: report.html not written: {e}", file=sys.stderr)
     return results
+
+
+def _data_key(ds: DatasetSpec, spec: BenchSpec) -> str:
+    """Digest of what decides a data set's images and labels (rows of older versions have none)."""
+    return _digest({
+        "source": str(ds.source), "split": ds.split, "hf_config": ds.hf_config, "max_images": ds.max_images,
+        "image_column": ds.image_column, "label_column": ds.label_column,
+        "train_split": ds.train_split if spec.protocol == "train-test" else None,
+    })
 
 
 def _key(g: tuple, spec: BenchSpec) -> tuple[str, ...]:
