@@ -6,6 +6,7 @@ DINOv2 shapes; generated or real images.
 
   python benchmarks/bench_pipeline.py --images path/to/folder --size s --device cpu
   python benchmarks/bench_pipeline.py --generate 20000 --size l --device cuda --precision bf16 --batch 256
+  python benchmarks/bench_pipeline.py --generate 8000 --side 2048x1536 --fast-decode --modes itae ...
 """
 
 from __future__ import annotations
@@ -25,27 +26,32 @@ import numpy as np
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "g": (1536, 40, 24)}
 
 
-def _write_images(args: tuple[str, int, int, int]) -> None:
+def _write_images(args: tuple[str, int, int, tuple[int, int]]) -> None:
     from PIL import Image
 
-    folder, start, stop, side = args
+    folder, start, stop, (width, height) = args
     rng = np.random.default_rng(start)
     for i in range(start, stop):
         # smooth colour fields with noise: decode cost like a photo's, not like a flat image's
         base = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((side, side), Image.BICUBIC)
-        noise = rng.normal(0, 12, size=(side, side, 3))
+        img = Image.fromarray(base).resize((width, height), Image.BICUBIC)
+        noise = rng.normal(0, 12, size=(height, width, 3))
         arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
         sub = Path(folder) / f"class{i % 10}"
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(sub / f"{i:07d}.jpg", quality=90)
 
 
-def generate(folder: Path, n: int, side: int, workers: int) -> None:
+def generate(folder: Path, n: int, side: tuple[int, int], workers: int) -> None:
     step = max(1, n // (workers * 4))
     jobs = [(str(folder), s, min(n, s + step), side) for s in range(0, n, step)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_images, jobs))
+
+
+def _side(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h or w)
 
 
 def build_model(size: str, device: str):
@@ -66,7 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help="an image folder (labels from subfolders are ignored)")
     ap.add_argument("--generate", type=int, default=0, help="write this many JPEGs to a temporary folder first")
-    ap.add_argument("--side", type=int, default=320, help="side of generated JPEGs")
+    ap.add_argument("--side", type=_side, default=(320, 320), help="size of generated JPEGs: 320 or 2048x1536")
+    ap.add_argument("--fast-decode", action="store_true", help="reduced-scale JPEG decoding (itae embed --fast-decode)")
     ap.add_argument("--size", choices=sorted(SIZES), default="s")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -88,7 +95,7 @@ def main() -> None:
             folder = tmp / "images"
             t0 = time.perf_counter()
             generate(folder, args.generate, args.side, os.cpu_count() or 2)
-            print(f"generated {args.generate} JPEGs ({args.side}px) in {time.perf_counter() - t0:.1f} s")
+            print(f"generated {args.generate} JPEGs ({args.side[0]}x{args.side[1]}) in {time.perf_counter() - t0:.1f} s")
         elif args.images:
             folder = Path(args.images)
         else:
@@ -97,7 +104,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             model = build_model(args.size, args.device)
             cfg = itae.ITAEConfig() if mode == "itae" else None
-            extra = {"compile": True} if args.compile else {}
+            extra = {"compile": args.compile, "fast_decode": args.fast_decode}
             # cold: pays for calibration and compilation; warm: a second pass over the same files with
             # the calibrated thresholds and compiled graphs reused, the steady state of a long run
             for phase in ("cold", "warm"):
@@ -118,7 +125,8 @@ def main() -> None:
             del model
         env = {"torch": torch.__version__, "itae": itae.__version__, "size": args.size, "batch": args.batch,
                "precision": args.precision, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "cpus": os.cpu_count(), "workers": args.workers, "compile": args.compile}
+               "cpus": os.cpu_count(), "workers": args.workers, "compile": args.compile,
+               "fast_decode": args.fast_decode, "side": list(args.side) if args.generate else None}
         print(json.dumps(env))
         print(f"{'mode':<10}{'phase':<6}{'images':>8}{'seconds':>10}{'img/s':>10}")
         for r in rows:

@@ -9,9 +9,10 @@
 #             forward as one graph) and where the time of the best-known variant goes     EXTRA_S
 #   autotune  max-autotune GEMM templates (compiling takes minutes)                       AUTOTUNE_S
 #   pipeline  end to end from 16,000 generated JPEGs (bench_pipeline.py)                  PIPE_S
+#   photos    end to end from 12,000 1024x768 JPEGs, full and reduced-scale decoding      PHOTOS_S
 set -u
 OUT=${OUT:-gpu-results}
-STAGES=${STAGES:-check engine extra autotune pipeline}
+STAGES=${STAGES:-check engine extra autotune pipeline photos}
 mkdir -p "$OUT"
 export PYTHONPATH=src:benchmarks
 L=(--device cuda --size l --batch 256 --dtype bf16)
@@ -49,4 +50,13 @@ if has pipeline; then
     --precision bf16 --batch 256 --workers 15 --compile --modes itae,baseline --json "$OUT/pipeline.json" \
     > "$OUT/pipeline.txt" 2>&1
   show pipeline $? 8
+fi
+if has photos; then
+  for decode in full fast; do
+    flag=(); [[ $decode == fast ]] && flag=(--fast-decode)
+    timeout "${PHOTOS_S:-150}" python3 benchmarks/bench_pipeline.py --generate 12000 --side 1024x768 --size l \
+      --device cuda --precision bf16 --batch 256 --workers 15 --compile --modes itae "${flag[@]}" \
+      --json "$OUT/photos-$decode.json" > "$OUT/photos-$decode.txt" 2>&1
+    show "photos-$decode" $? 4
+  done
 fi
