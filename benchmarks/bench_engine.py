@@ -14,6 +14,8 @@ Further ways to compile the ITAE path, each on its own model instance (--extra):
   autotune      fast-itae-autotune-compiled: regional, mode="max-autotune-no-cudagraphs" (Triton GEMM
                 templates with fused epilogues compete with cuBLAS; compiling takes minutes)
   whole         fast-itae-whole-compiled: the whole forward_cls as one graph (fusion across blocks)
+  fp8           fast-itae-fp8-compiled: regional, FP8 matrix products in every block but the last
+                (precision "fp8", itae.models.fp8; needs --dtype bf16 and compute capability 8.9+)
 --profile VARIANT prints where that variant's time goes (matrix products, attention, fused
 element-wise kernels, other), from torch.profiler over a few batches.
 
@@ -106,7 +108,7 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-EXTRA = ("cudnn", "autotune", "whole")
+EXTRA = ("cudnn", "autotune", "whole", "fp8")
 
 
 def kernel_category(name: str) -> str:
@@ -289,6 +291,14 @@ def _extra_variant(kind: str, args, dtype: torch.dtype, device: str, x: torch.Te
     if kind == "whole":
         whole = torch.compile(forward_cls)
         return lambda: whole(bb, x, cfg)[0]
+    if kind == "fp8":
+        from itae.models.fp8 import quantize_fp8
+
+        if dtype != torch.bfloat16:
+            raise SystemExit("--extra fp8 needs --dtype bf16")
+        bb = quantize_fp8(bb)
+        compiled_blocks(bb).__enter__()
+        return lambda: forward_cls(bb, x, cfg)[0]
     if kind == "autotune":
         compiled_blocks(bb, mode="max-autotune-no-cudagraphs").__enter__()
         return lambda: forward_cls(bb, x, cfg)[0]

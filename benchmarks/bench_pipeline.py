@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--fast-decode", action="store_true", help="reduced-scale JPEG decoding (itae embed --fast-decode)")
     ap.add_argument("--size", choices=sorted(SIZES), default="s")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8"], default="fp32")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--compile", action="store_true")

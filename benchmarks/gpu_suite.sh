@@ -2,17 +2,19 @@
 # All GPU measurements in one go, figures under $OUT. Run from the repository root on a CUDA machine
 # with torch, transformers and timm installed (no install needed: PYTHONPATH=src):
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
-# STAGES picks what runs (default: all, in this order); each stage has its own time limit:
-#   check     correctness of both ITAE paths against a float64 replay (gpu_check.py)       CHECK_S
-#   engine    model only, ViT-L/14: baselines, the itae paths, compiled                   ENGINE_S
-#   extra     further ways to compile the ITAE path (cuDNN attention first, the whole
-#             forward as one graph) and where the time of the best-known variant goes     EXTRA_S
-#   autotune  max-autotune GEMM templates (compiling takes minutes)                       AUTOTUNE_S
-#   pipeline  end to end from 16,000 generated JPEGs (bench_pipeline.py)                  PIPE_S
-#   photos    end to end from 12,000 1024x768 JPEGs, full and reduced-scale decoding      PHOTOS_S
+# STAGES picks which of these run (in the order of this file); each has its own time limit (seconds):
+#   extra     model only, ViT-L/14, bf16, batch 256: the HF baselines, the itae paths compiled, and the
+#             further ways to run the ITAE path (cuDNN attention first, the whole forward as one
+#             graph, FP8 matrix products), plus where the compiled ITAE path's time goes     EXTRA_S
+#   check     correctness of both ITAE paths against a float64 replay, and what fp8 changes  CHECK_S
+#   autotune  max-autotune GEMM templates (compiling takes minutes)                        AUTOTUNE_S
+#   photos    end to end from 12,000 1024x768 JPEGs, full and reduced-scale decoding       PHOTOS_S
+#   engine    model only, the variants of the first published runs                         ENGINE_S
+#   pipeline  end to end from 16,000 generated 256-px JPEGs                                PIPE_S
+# Default: "extra check" (about 6 minutes with start-up); the rest as separate calls.
 set -u
 OUT=${OUT:-gpu-results}
-STAGES=${STAGES:-check engine extra autotune pipeline photos}
+STAGES=${STAGES:-extra check}
 mkdir -p "$OUT"
 export PYTHONPATH=src:benchmarks
 L=(--device cuda --size l --batch 256 --dtype bf16)
@@ -24,20 +26,20 @@ L=(--device cuda --size l --batch 256 --dtype bf16)
 cat "$OUT/env.txt"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 show() { echo "$1 rc=$2"; grep -v -i warn "$OUT/$1.txt" | tail -"$3"; }
-if has check; then
-  timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
-  show check $? 6
-fi
 if has engine; then
   timeout "${ENGINE_S:-180}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 10 --warmup 3 \
     --variants hf-sdpa-autocast,hf-sdpa,fast,fast-itae --json "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
   show engine $? 16
 fi
 if has extra; then
-  timeout "${EXTRA_S:-240}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
-    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole --profile fast-itae-compiled \
+  timeout "${EXTRA_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
+    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole,fp8 --profile fast-itae-compiled \
     --json "$OUT/extra.json" > "$OUT/extra.txt" 2>&1
   show extra $? 20
+fi
+if has check; then
+  timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
+  show check $? 9
 fi
 if has autotune; then
   timeout "${AUTOTUNE_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \

@@ -178,6 +178,22 @@ def test_model_stage_in_process_compiles_and_decodes_at_reduced_scale_like_the_l
     assert not np.allclose(np.asarray(full.embeddings()), out["embedding"], rtol=0, atol=1e-6)
 
 
+def test_model_stage_in_process_with_fp8_equals_the_local_fp8_store(data, tmp_path):
+    from itae.data.sources import open_source
+    from itae.distributed.ray_embed import _Embedder
+    from itae.models.fp8 import is_fp8
+
+    images, model = data
+    ref = _local(images, model, tmp_path / "local", itae=None, precision="fp8")
+    assert ref.manifest["precision"] == "fp8"
+    preprocess = itae.load_backbone(str(model), resolution=RES).preprocess
+    stage = _Embedder(str(model), None, "fp8", RES, None, "cls", False, True, preprocess,
+                      decode=dict(source=open_source(images), preprocess=preprocess, max_pixels=None))
+    assert is_fp8(stage.backbone)
+    out = stage({"item": np.array([0, 1, 2])})
+    np.testing.assert_allclose(out["embedding"], np.asarray(ref.embeddings())[:3], rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------- local Ray instance
 
 

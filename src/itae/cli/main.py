@@ -57,7 +57,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="HF id, timm name, hub name (dinov2_vitb14) or local path (default: %(default)s)")
     g.add_argument("--arch", help="architecture of a bare .safetensors/.pth checkpoint (e.g. dinov2_vitb14)")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="model weights dtype")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8"], default="fp32",
+                   help="model weights dtype; fp8: bf16 with FP8 matrix products (Ada/Hopper GPUs, approximate)")
     g.add_argument("--resolution", type=int, help="input size, rounded to the patch size (default: the model's)")
 
 

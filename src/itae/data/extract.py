@@ -49,9 +49,10 @@ from .store import (
 logger = logging.getLogger("itae.data")
 
 Feature = Literal["cls", "mean", "cls+mean"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8"]
 FEATURES = ("cls", "mean", "cls+mean")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8: bf16 activations with FP8 matrix products in every block but the last (itae.models.fp8)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------ small pieces
@@ -127,21 +128,25 @@ def embed_batches(
             yield pool_features(backbone.forward_features(x), feature, normalize)
 
 
-def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.device, dtype: torch.dtype,
+def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.device, precision: str,
           resolution: int | None) -> tuple[Backbone, Preprocess]:
-    """The backbone on ``device`` in ``dtype`` and the preprocessing at the asked resolution."""
+    """The backbone on ``device`` in ``precision`` and the preprocessing at the asked resolution."""
+    from itae.models.fp8 import apply_precision
+
+    dtype = resolve_precision(precision)
     if isinstance(backbone, (str, os.PathLike)):
         from itae.models.loading import load_backbone
 
         bb = load_backbone(os.fspath(backbone), device=device, dtype=dtype, resolution=resolution)
-        return bb, bb.preprocess  # load_backbone already applied the resolution
+        return apply_precision(bb, precision), bb.preprocess  # load_backbone already applied the resolution
     from itae.models.adapters import adapt
 
     bb = adapt(backbone)
     # Real low-precision weights, not autocast: half the memory traffic on GPU.
     bb.model.to(device=device, dtype=dtype)
     bb.model.eval()
-    return bb, bb.preprocess.with_resolution(resolution) if resolution else bb.preprocess
+    preprocess = bb.preprocess.with_resolution(resolution) if resolution else bb.preprocess
+    return apply_precision(bb, precision), preprocess
 
 
 # ---------------------------------------------------------------------------------------- embed
@@ -187,7 +192,8 @@ def embed(
     feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
     normalize: L2-normalise each stored embedding.
     num_workers: decoding workers (default: one per spare core, at most 8).
-    device: "auto" (cuda, mps, cpu), or a device name. precision: "fp32", "bf16" or "fp16" model weights.
+    device: "auto" (cuda, mps, cpu), or a device name. precision: "fp32", "bf16" or "fp16" model weights, or "fp8"
+        (bf16 with FP8 matrix products in every block but the last, ``itae.models.fp8``: approximate).
     resolution: crop size fed to the model (rounded to the patch size); default: the model's own.
     max_pixels: refuse images larger than this as decompression bombs (default: PIL's limit).
     fast_decode: decode JPEGs of at least twice the resize size at 1/2, 1/4 or 1/8 scale (libjpeg's scaled
@@ -203,7 +209,7 @@ def embed(
     """
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
-    dtype = resolve_precision(precision)
+    resolve_precision(precision)  # an unknown precision fails before anything is opened
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("calibration_images", calibration_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -221,7 +227,7 @@ def embed(
                       hf_config=hf_config)
     out_dir, existing = open_output(out, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
-    bb, preprocess = _load(backbone, dev, dtype, resolution)
+    bb, preprocess = _load(backbone, dev, precision, resolution)
     transform = build_transform(preprocess)
     manifest = new_manifest(
         bb, preprocess, src, name=backbone if isinstance(backbone, str) else None, itae=itae, feature=feature,

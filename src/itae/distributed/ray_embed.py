@@ -112,8 +112,12 @@ class _Embedder:
 
         # Ray exposes only the GPUs granted to this actor; none granted means CPU.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.backbone = load_backbone(model, arch=arch, device=device, dtype=resolve_precision(precision),
-                                      resolution=resolution)
+        from itae.models.fp8 import apply_precision
+
+        self.backbone = apply_precision(
+            load_backbone(model, arch=arch, device=device, dtype=resolve_precision(precision), resolution=resolution),
+            precision,
+        )
         self.config = None if config is None else ITAEConfig.from_dict(config)
         self.feature = feature
         self.normalize = normalize
@@ -328,7 +332,10 @@ def _prepare_store(
     from itae.models.loading import load_backbone
 
     device = local.resolve_device("auto")
-    bb = load_backbone(model, arch=arch, device=device, dtype=dtype, resolution=resolution)
+    from itae.models.fp8 import apply_precision
+
+    bb = apply_precision(load_backbone(model, arch=arch, device=device, dtype=dtype, resolution=resolution),
+                         precision)
     preprocess = bb.preprocess  # the resolution is already applied
     manifest = local.new_manifest(
         bb, preprocess, src, name=model, itae=itae, feature=feature, normalize=normalize, precision=precision,
