@@ -550,35 +550,50 @@ def _extract(
     buffers: dict[int, _ChunkBuffer] = {}
     processed = failed = 0
     t0 = time.perf_counter()
+
+    def finish(batch: dict, emb: torch.Tensor | None) -> None:
+        """Bring one batch's embeddings to the host and into its chunk; commit the chunk when full."""
+        nonlocal processed, failed
+        indices = batch["index"]
+        all_idx = indices.tolist() + list(batch["failed_index"])
+        k = min(all_idx) // writer.chunk_size
+        start, stop = writer.chunk_bounds(k)
+        buf = buffers.setdefault(k, _ChunkBuffer(stop - start))
+        if emb is not None:
+            _check_finite(emb, indices, src)
+            buf.index.append(indices.numpy())
+            buf.embeddings.append(emb.cpu().numpy())
+        buf.failed.extend(zip(batch["failed_index"], batch["failed_reason"], strict=True))
+        buf.seen += len(all_idx)
+        processed += len(all_idx)
+        failed += len(batch["failed_index"])
+        if buf.seen == buf.size:
+            _commit(writer, k, buffers.pop(k), src)
+        bar.update(len(all_idx))
+        rate = processed / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(img_s=f"{rate:.1f}", failed=failed, refresh=False)
+
+    # One batch in flight: batch i+1 is queued on the device before batch i's embeddings are read back
+    # (which waits for the device), so the device does not idle while the host copies, checks and writes.
+    pending: tuple[dict, torch.Tensor | None] | None = None
     try:
         with context, torch.inference_mode():
             for batch in loader:
-                indices = batch["index"]
-                all_idx = indices.tolist() + list(batch["failed_index"])
-                k = min(all_idx) // writer.chunk_size
-                start, stop = writer.chunk_bounds(k)
-                buf = buffers.setdefault(k, _ChunkBuffer(stop - start))
+                emb = None
                 if batch["pixels"] is not None:
                     x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
                     if fast:
                         features = Features(cls=forward_cls(bb, x, cfg)[0])
                     else:
                         features = bb.forward_features(x)
-                    emb = pool_features(features, feature, normalize)  # (B, D) float32
-                    _check_finite(emb, indices, src)
+                    emb = pool_features(features, feature, normalize)  # (B, D) float32, maybe still computing
                     if emb.shape[1] != writer.dim:
                         raise RuntimeError(f"the model gave {emb.shape[1]}-d embeddings, expected {writer.dim}")
-                    buf.index.append(indices.numpy())
-                    buf.embeddings.append(emb.cpu().numpy())
-                buf.failed.extend(zip(batch["failed_index"], batch["failed_reason"], strict=True))
-                buf.seen += len(all_idx)
-                processed += len(all_idx)
-                failed += len(batch["failed_index"])
-                if buf.seen == buf.size:
-                    _commit(writer, k, buffers.pop(k), src)
-                bar.update(len(all_idx))
-                rate = processed / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(img_s=f"{rate:.1f}", failed=failed, refresh=False)
+                if pending is not None:
+                    finish(*pending)
+                pending = (batch, emb)
+            if pending is not None:
+                finish(*pending)
     finally:
         bar.close()
     if buffers:
