@@ -10,14 +10,15 @@ Variants (all in the same run, interleaved, median of repeats):
   fast-itae     itae's CLS-only path with ITAE (the published setting)
   *-compiled    the same with every block compiled by torch.compile (regional compilation)
 Further ways to compile the ITAE path, each on its own model instance (--extra):
-  cudnn         fast-itae-cudnn-compiled: regional, SDPA asked for the cuDNN attention kernel first
+  cudnn         fast-itae-cudnn (uncompiled) and fast-itae-cudnn-compiled (regional): SDPA asked for
+                the cuDNN attention kernel first (--profile shows which attention kernel really ran)
   autotune      fast-itae-autotune-compiled: regional, mode="max-autotune-no-cudagraphs" (Triton GEMM
                 templates with fused epilogues compete with cuBLAS; compiling takes minutes)
   whole         fast-itae-whole-compiled: the whole forward_cls as one graph (fusion across blocks)
   fp8           fast-itae-fp8-compiled: regional, FP8 matrix products in every block but the last
                 (precision "fp8", itae.models.fp8; needs --dtype bf16 and compute capability 8.9+)
---profile VARIANT prints where that variant's time goes (matrix products, attention, fused
-element-wise kernels, other), from torch.profiler over a few batches.
+--profile VARIANT[,VARIANT...] prints where each one's time goes (matrix products, attention, fused
+element-wise kernels, other) and its longest kernels, from torch.profiler over a few batches.
 
   python benchmarks/bench_engine.py --device cpu --size s --batch 16
   python benchmarks/bench_engine.py --device cuda --size l --batch 256 --dtype bf16 --compile
@@ -116,7 +117,7 @@ def kernel_category(name: str) -> str:
     n = name.lower()
     if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")):
         return "attention"
-    if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm",
+    if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "aten::mm", "aten::addmm", "aten::bmm",
                             "aten::matmul", "aten::linear", "mm_", "sm90_", "sm80_", "wgmma")):
         return "matrix products"
     if "conv" in n:
@@ -127,8 +128,9 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_breakdown(fn, device: str, steps: int = 3) -> dict[str, float]:
-    """Milliseconds per call by kernel category: GPU kernels on CUDA, operators' own time on CPU."""
+def profile_breakdown(fn, device: str, steps: int = 3) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+    """Milliseconds per call by kernel category (GPU kernels on CUDA, operators' own time on CPU), and
+    the five longest kernels as (category, name, ms per call)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
@@ -139,6 +141,7 @@ def profile_breakdown(fn, device: str, steps: int = 3) -> dict[str, float]:
             fn()
         _sync(device)
     totals: dict[str, float] = defaultdict(float)
+    kernels: list[tuple[str, str, float]] = []
     for evt in prof.key_averages():
         if device == "cuda":
             if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -147,8 +150,11 @@ def profile_breakdown(fn, device: str, steps: int = 3) -> dict[str, float]:
         else:
             us = evt.self_cpu_time_total
         if us > 0:
-            totals[kernel_category(evt.key)] += us / 1e3 / steps
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+            kind = kernel_category(evt.key)
+            totals[kind] += us / 1e3 / steps
+            kernels.append((kind, evt.key, us / 1e3 / steps))
+    top = sorted(kernels, key=lambda k: -k[2])[:5]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])), top
 
 
 def main() -> None:
@@ -165,7 +171,7 @@ def main() -> None:
     ap.add_argument("--family", choices=["hf", "hub"], default="hf",
                     help="structure of the model behind the itae variants (hub: fused qkv, as torch.hub loads it)")
     ap.add_argument("--extra", default="", help=f"further compiled ITAE variants: any of {','.join(EXTRA)}")
-    ap.add_argument("--profile", default="", help="variant whose time to break down by kernel kind")
+    ap.add_argument("--profile", default="", help="variants (comma list) whose time to break down by kernel kind")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -225,9 +231,13 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown --extra {unknown}; choose from {list(EXTRA)}")
     for kind in extra:
+        if kind == "cudnn":  # uncompiled too: eager SDPA picks its kernel at run time, under the context
+            variants["fast-itae-cudnn"] = _extra_variant("cudnn-eager", args, dtype, device, x, cfg)
         variants[f"fast-itae-{kind}-compiled"] = _extra_variant(kind, args, dtype, device, x, cfg)
-    if args.profile and args.profile not in variants:
-        ap.error(f"--profile {args.profile!r} is not among the variants run: {list(variants)}")
+    profiled = [v for v in args.profile.split(",") if v]
+    missing = [v for v in profiled if v not in variants]
+    if missing:
+        ap.error(f"--profile {missing} not among the variants run: {list(variants)}")
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     first_call: dict[str, float] = {}
@@ -269,19 +279,25 @@ def main() -> None:
         for base in ("hf-sdpa", "hf-sdpa-autocast"):
             if base in by:
                 print(f"{test} vs {base}: {by[test] / by[base]:.2f}x")
-    breakdown = None
-    if args.profile:
-        with torch.inference_mode():
-            breakdown = profile_breakdown(variants[args.profile], device)
+    profiles = {}
+    for name in profiled:
+        try:
+            with torch.inference_mode():
+                breakdown, top = profile_breakdown(variants[name], device)
+        except Exception as e:  # a profiler problem must not lose the timings above
+            print(f"profiling {name} failed: {type(e).__name__}: {e}")
+            continue
+        profiles[name] = {"by_kind_ms": breakdown, "top_kernels": top}
         total = sum(breakdown.values())
-        print(f"where {args.profile}'s time goes ({'GPU kernels' if device == 'cuda' else 'CPU operators'},"
+        print(f"where {name}'s time goes ({'GPU kernels' if device == 'cuda' else 'CPU operators'},"
               f" ms per batch of {args.batch}):")
         for kind, ms in breakdown.items():
             print(f"  {kind:<26}{ms:>9.2f} ms {100 * ms / total:>6.1f}%")
+        for kind, kernel, ms in top:
+            print(f"    {ms:>8.2f} ms  {kind:<22} {kernel[:90]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows, "profile": {args.profile: breakdown} if breakdown else None}, f,
-                      indent=1)
+            json.dump({"env": env, "rows": rows, "profiles": profiles}, f, indent=1)
 
 
 def _extra_variant(kind: str, args, dtype: torch.dtype, device: str, x: torch.Tensor, cfg: ITAEConfig):
@@ -304,11 +320,16 @@ def _extra_variant(kind: str, args, dtype: torch.dtype, device: str, x: torch.Te
         return lambda: forward_cls(bb, x, cfg)[0]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    compiled_blocks(bb).__enter__()
+    if kind == "cudnn":
+        compiled_blocks(bb).__enter__()
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def cudnn_first():
-        with sdpa_kernel(order, set_priority=True):
+        try:
+            context = sdpa_kernel(order, set_priority=True)
+        except TypeError:  # torch without set_priority: cuDNN only
+            context = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        with context:
             return forward_cls(bb, x, cfg)[0]
     return cudnn_first
 

@@ -33,9 +33,10 @@ if has engine; then
 fi
 if has extra; then
   timeout "${EXTRA_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
-    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole,fp8 --profile fast-itae-compiled \
+    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole,fp8 \
+    --profile fast-itae-compiled,fast-itae-cudnn,fast-itae-cudnn-compiled,fast-itae-fp8-compiled \
     --json "$OUT/extra.json" > "$OUT/extra.txt" 2>&1
-  show extra $? 20
+  show extra $? 60
 fi
 if has check; then
   timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
