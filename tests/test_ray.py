@@ -232,7 +232,8 @@ def test_cli_ray_engine_without_itae_equals_the_local_store(data, tmp_path, ray_
     ref = itae.embed(images, str(model), out=tmp_path / "local", itae=None, batch_size=8, resolution=RES,
                      num_workers=0, progress=False)
     code = main(["embed", str(images), "-o", str(tmp_path / "ray"), "--engine", "ray", "--model", str(model),
-                 "--no-itae", "--resolution", str(RES), "--batch-size", "8", "--no-progress"])
+                 "--no-itae", "--resolution", str(RES), "--batch-size", "8", "--no-progress",
+                 "--ray-decoders", "1", "--ray-gpus-per-actor", "0"])
     assert code == 0, capsys.readouterr().err
     assert "embedded 40 images (1 skipped)" in capsys.readouterr().out
     got = EmbeddingStore(tmp_path / "ray")

@@ -155,7 +155,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             normalize=args.normalize, batch_size=args.batch_size, precision=args.precision,
             resolution=args.resolution, labels=args.labels, split=args.split, hf_config=args.hf_config,
             image_column=args.image_column, label_column=args.label_column, address=args.ray_address,
-            num_actors=args.ray_actors, fast_decode=args.fast_decode, compile=args.compile,
+            num_actors=args.ray_actors, num_gpus_per_actor=args.ray_gpus_per_actor,
+            num_decoders=args.ray_decoders, fast_decode=args.fast_decode, compile=args.compile,
             calibration_images=args.calibration_images, overwrite=args.overwrite, progress=not args.no_progress,
         )
     else:
@@ -297,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="local process or Ray Data")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--ray-actors", type=int, default=1, help="model replicas (one per GPU)")
+    p.add_argument("--ray-gpus-per-actor", type=float,
+                   help="GPUs per model replica (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--ray-decoders", type=int,
+                   help="CPU decoding actors (0: decode inside the model actors; default: autoscale with GPU "
+                        "replicas, 0 with CPU ones)")
     _add_model(p)
     _add_itae(p)
     _add_data(p)
