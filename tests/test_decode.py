@@ -204,6 +204,13 @@ def test_draft_size_decodes_a_large_jpeg_at_reduced_scale_keeping_both_sides_abo
     assert load_rgb(data, draft_size=600).size == (1200, 900)  # 900 // 600 = 1: no reduction
 
 
+def test_draft_size_applies_to_cameras_multi_picture_jpegs():
+    im = _smooth_photo(1200, 900)
+    data = _encode(im, "MPO", save_all=True, append_images=[im], quality=92)
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert load_rgb(data, draft_size=256).size == (600, 450)
+
+
 def test_draft_size_leaves_small_jpegs_and_other_formats_untouched():
     small = _encode(_smooth_photo(300, 200), "JPEG", quality=92)
     np.testing.assert_array_equal(np.asarray(load_rgb(small, draft_size=128)), np.asarray(load_rgb(small)))

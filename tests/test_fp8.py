@@ -28,10 +28,11 @@ def test_float8_linear_is_the_product_of_its_quantized_operands():
     x = torch.randn(5, 7, 64, dtype=torch.bfloat16) * torch.logspace(-2, 2, 7).view(1, 7, 1).bfloat16()
     y = f8(x)
     assert y.shape == (5, 7, 48) and y.dtype == torch.bfloat16
-    # the same arithmetic by hand in float64: per-token input scales, per-output weight scales
-    x2 = x.reshape(-1, 64).double()
-    x_scale = x2.abs().amax(dim=1, keepdim=True) / 448.0
-    xq = (x2 / x_scale).to(E4M3).double() * x_scale
+    # the same arithmetic by hand: per-token input scales (the input scaled in its own bf16, as the layer
+    # does), per-output weight scales, then the products in float64
+    x2 = x.reshape(-1, 64)
+    x_scale = x2.abs().amax(dim=1, keepdim=True).float() / 448.0
+    xq = (x2 * (1.0 / x_scale).bfloat16()).to(E4M3).double() * x_scale.double()
     wq = f8.weight_fp8.double() * f8.weight_scale.double().t()
     ref = (xq @ wq.t() + lin.bias.double()).reshape(5, 7, 48)
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

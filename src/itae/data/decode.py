@@ -77,7 +77,7 @@ def load_rgb(
                 w, h = im.size
                 if limit and w * h > limit:
                     raise DecodeError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {limit}")
-                if draft_size is not None and im.format == "JPEG":
+                if draft_size is not None and im.format in ("JPEG", "MPO"):  # MPO: cameras' multi-picture JPEG
                     im.draft(im.mode, (draft_size, draft_size))  # largest 1/k with both sides >= draft_size
                 im.load()
                 im = _apply_exif(im)
