@@ -4,14 +4,14 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
 # STAGES picks which of these run (in the order of this file); each has its own time limit (seconds):
 #   extra     model only, ViT-L/14, bf16, batch 256: the HF baselines, the itae paths compiled, and the
-#             further ways to run the ITAE path (cuDNN attention first, the whole forward as one
-#             graph, FP8 matrix products), plus where the compiled ITAE path's time goes     EXTRA_S
+#             further ways to run the ITAE path (cuDNN attention first, FP8 matrix products),
+#             plus where each one's time goes (kernel kinds, longest kernels)               EXTRA_S
 #   check     correctness of both ITAE paths against a float64 replay, and what fp8 changes  CHECK_S
-#   autotune  max-autotune GEMM templates (compiling takes minutes)                        AUTOTUNE_S
+#   autotune  slow compiles: max-autotune GEMM templates, and the whole forward as one graph AUTOTUNE_S
 #   photos    end to end from 12,000 1024x768 JPEGs, full and reduced-scale decoding       PHOTOS_S
 #   engine    model only, the variants of the first published runs                         ENGINE_S
 #   pipeline  end to end from 16,000 generated 256-px JPEGs                                PIPE_S
-# Default: "extra check" (about 6 minutes with start-up); the rest as separate calls.
+# Default: "extra check" (estimated 4-6 minutes, not yet timed); the rest as separate calls.
 set -u
 OUT=${OUT:-gpu-results}
 STAGES=${STAGES:-extra check}
@@ -33,18 +33,18 @@ if has engine; then
 fi
 if has extra; then
   timeout "${EXTRA_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
-    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,whole,fp8 \
+    --variants hf-sdpa-autocast,hf-sdpa --extra cudnn,fp8 \
     --profile fast-itae-compiled,fast-itae-cudnn,fast-itae-cudnn-compiled,fast-itae-fp8-compiled \
     --json "$OUT/extra.json" > "$OUT/extra.txt" 2>&1
   show extra $? 60
 fi
 if has check; then
-  timeout "${CHECK_S:-60}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
+  timeout "${CHECK_S:-120}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
   show check $? 9
 fi
 if has autotune; then
-  timeout "${AUTOTUNE_S:-300}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
-    --variants hf-sdpa --extra autotune --profile fast-itae-autotune-compiled \
+  timeout "${AUTOTUNE_S:-420}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 8 --warmup 3 \
+    --variants hf-sdpa --extra autotune,whole --profile fast-itae-autotune-compiled,fast-itae-whole-compiled \
     --json "$OUT/autotune.json" > "$OUT/autotune.txt" 2>&1
   show autotune $? 16
 fi
