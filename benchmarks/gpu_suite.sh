@@ -17,7 +17,10 @@ OUT=${OUT:-gpu-results}
 STAGES=${STAGES:-extra check}
 mkdir -p "$OUT"
 export PYTHONPATH=src:benchmarks
-L=(--device cuda --size l --batch 256 --dtype bf16)
+# MODEL_ARGS / CHECK_ARGS override the model-only settings, e.g. for a quick smoke test on a CPU:
+#   MODEL_ARGS="--device cpu --size s --batch 2 --resolution 112 --dtype bf16" CHECK_ARGS="--device cpu --size s --batch 2"
+read -r -a L <<< "${MODEL_ARGS:---device cuda --size l --batch 256 --dtype bf16}"
+read -r -a C <<< "${CHECK_ARGS:---device cuda --size l}"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -25,7 +28,7 @@ L=(--device cuda --size l --batch 256 --dtype bf16)
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-show() { echo "$1 rc=$2"; grep -v -i warn "$OUT/$1.txt" | tail -"$3"; }
+show() { echo "$1 rc=$2"; grep -v -i -e warn -e USDT "$OUT/$1.txt" | tail -"$3"; }
 if has engine; then
   timeout "${ENGINE_S:-180}" python3 benchmarks/bench_engine.py "${L[@]}" --compile --repeats 10 --warmup 3 \
     --variants hf-sdpa-autocast,hf-sdpa,fast,fast-itae --json "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
@@ -39,7 +42,7 @@ if has extra; then
   show extra $? 60
 fi
 if has check; then
-  timeout "${CHECK_S:-120}" python3 benchmarks/gpu_check.py --size l --device cuda > "$OUT/check.txt" 2>&1
+  timeout "${CHECK_S:-120}" python3 benchmarks/gpu_check.py "${C[@]}" > "$OUT/check.txt" 2>&1
   show check $? 9
 fi
 if has autotune; then
