@@ -271,7 +271,8 @@ def test_bad_input_is_refused_cleanly(tmp_path):
         itae.embed(good, bb, out=tmp_path / "busy", itae=None, **COMMON)
     assert os.listdir(tmp_path / "busy") == ["thesis.tex"]
     for kw, match in ((dict(feature="max"), "feature"), (dict(precision="fp64"), "precision"),
-                      (dict(batch_size=0), "batch_size"), (dict(chunk_size=-1), "chunk_size")):
+                      (dict(batch_size=0), "batch_size"), (dict(chunk_size=-1), "chunk_size"),
+                      (dict(num_workers=-1), "num_workers"), (dict(num_workers=1.5), "num_workers")):
         with pytest.raises(ValueError, match=match):
             itae.embed(good, bb, out=tmp_path / "o4", **{**COMMON, **kw})
     if not torch.cuda.is_available():
@@ -455,3 +456,15 @@ def test_compiled_extraction_equals_the_eager_one_and_restores_the_model(tmp_pat
     assert entered == [True]  # the blocks ran compiled
     np.testing.assert_allclose(compiled.embeddings(mmap=False), eager.embeddings(mmap=False), rtol=1e-4, atol=1e-5)
     assert all(block._compiled_call_impl is None for block in bb.blocks)  # plain modules again
+
+
+def test_default_decoding_workers_follow_the_cores_and_the_device(monkeypatch):
+    from itae.data.extract import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)), raising=False)
+    assert default_num_workers("cuda") == 32  # a GPU must be kept fed
+    assert default_num_workers("cpu") == default_num_workers() == 8  # workers take cores from a CPU model
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert default_num_workers("cuda") == default_num_workers("cpu") == 1  # one core left for the main process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert default_num_workers("cuda") == 0

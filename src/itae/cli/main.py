@@ -94,7 +94,7 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature", choices=["cls", "mean", "cls+mean"], default="cls", help="what to keep per image")
     g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, help="decoding workers (default: spare cores, at most 8)")
+    g.add_argument("--workers", type=int, help="decoding workers (default: spare cores, at most 32 with a GPU, 8 without)")
     g.add_argument("--fast-decode", action="store_true",
                    help="decode large JPEGs at 1/2-1/8 scale (2-6x faster for photos; pixels differ slightly)")
     g.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile (GPU runs)")

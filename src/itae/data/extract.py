@@ -86,13 +86,16 @@ def resolve_precision(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def default_num_workers() -> int:
-    """One decoding worker per spare CPU core, at most 8 (the main process runs the model)."""
+def default_num_workers(device: str | torch.device | None = None) -> int:
+    """One decoding worker per spare CPU core (the main process runs the model): at most 32 when the model
+    runs on a GPU, which decoding must keep fed, and at most 8 otherwise, where the workers take cores from
+    the model itself."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    cap = 32 if device is not None and torch.device(device).type == "cuda" else 8
+    return max(0, min(cap, cores - 1))
 
 
 def pool_features(features: Features, feature: Feature = "cls", normalize: bool = False) -> torch.Tensor:
@@ -191,7 +194,7 @@ def embed(
         thresholds are stored in the manifest and reused on resume. None embeds with the unmodified model.
     feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
     normalize: L2-normalise each stored embedding.
-    num_workers: decoding workers (default: one per spare core, at most 8).
+    num_workers: decoding workers (default: one per spare core, at most 32 with a GPU and 8 without).
     device: "auto" (cuda, mps, cpu), or a device name. precision: "fp32", "bf16" or "fp16" model weights, or "fp8"
         (bf16 with FP8 matrix products in every block but the last, ``itae.models.fp8``: approximate).
     resolution: crop size fed to the model (rounded to the patch size); default: the model's own.
@@ -215,10 +218,9 @@ def embed(
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     if not isinstance(fast_decode, bool):
         raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
-    if num_workers is None:
-        num_workers = default_num_workers()
-    elif num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0; got {num_workers}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 or None; got {num_workers!r}")
     if itae is not None and not isinstance(itae, ITAEConfig):
         raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
 
@@ -227,6 +229,8 @@ def embed(
                       hf_config=hf_config)
     out_dir, existing = open_output(out, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
+    if num_workers is None:
+        num_workers = default_num_workers(dev)
     bb, preprocess = _load(backbone, dev, precision, resolution)
     transform = build_transform(preprocess)
     manifest = new_manifest(

@@ -348,7 +348,7 @@ def _prepare_store(
 
         # Forking DataLoader workers from a process that already runs Ray is fragile: decode
         # in-process then (calibration reads only a few hundred images).
-        workers = 0 if ray_running else local.default_num_workers()
+        workers = 0 if ray_running else local.default_num_workers(device)
         return local._calibrate(
             bb, src, build_transform(preprocess), cfg, calibration_images, batch_size, out_dir,
             num_workers=workers, device=device, max_pixels=max_pixels, fast_decode=fast_decode,
