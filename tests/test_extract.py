@@ -468,3 +468,25 @@ def test_default_decoding_workers_follow_the_cores_and_the_device(monkeypatch):
     assert default_num_workers("cuda") == default_num_workers("cpu") == 1  # one core left for the main process
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
     assert default_num_workers("cuda") == 0
+
+
+def test_out_of_memory_says_what_to_do_and_a_rerun_resumes(tmp_path):
+    root = _make_folder(tmp_path / "imgs", per_class=8, corrupt=0)
+    bb = adapt(build_model(planted=False))
+    clean = itae.embed(root, bb, out=tmp_path / "clean", itae=None, chunk_size=4, fast_cls=False, **COMMON)
+    inner, calls = bb.forward_features_fn, []
+
+    def runs_out_on_the_third_batch(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(x)
+
+    bb.forward_features_fn = runs_out_on_the_third_batch
+    with pytest.raises(RuntimeError, match=r"out of cpu memory with a batch of 4 images .*smaller batch_size.*"
+                                           r"1 committed chunk\(s\) are kept"):
+        itae.embed(root, bb, out=tmp_path / "out", itae=None, chunk_size=4, fast_cls=False, **COMMON)
+    bb.forward_features_fn = inner
+    again = itae.embed(root, bb, out=tmp_path / "out", itae=None, chunk_size=4, fast_cls=False,
+                       **{**COMMON, "batch_size": 2})  # a smaller batch on resume is allowed
+    np.testing.assert_allclose(again.embeddings(mmap=False), clean.embeddings(mmap=False), rtol=1e-5, atol=1e-6)

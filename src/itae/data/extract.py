@@ -585,12 +585,15 @@ def _extract(
             for batch in loader:
                 emb = None
                 if batch["pixels"] is not None:
-                    x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
-                    if fast:
-                        features = Features(cls=forward_cls(bb, x, cfg)[0])
-                    else:
-                        features = bb.forward_features(x)
-                    emb = pool_features(features, feature, normalize)  # (B, D) float32, maybe still computing
+                    try:
+                        x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
+                        if fast:
+                            features = Features(cls=forward_cls(bb, x, cfg)[0])
+                        else:
+                            features = bb.forward_features(x)
+                        emb = pool_features(features, feature, normalize)  # (B, D) float32, maybe still computing
+                    except torch.OutOfMemoryError as e:
+                        raise _out_of_memory(e, bb.device, len(batch["index"]), writer) from None
                     if emb.shape[1] != writer.dim:
                         raise RuntimeError(f"the model gave {emb.shape[1]}-d embeddings, expected {writer.dim}")
                 if pending is not None:
@@ -602,6 +605,15 @@ def _extract(
         bar.close()
     if buffers:
         raise RuntimeError(f"extraction ended with unfinished chunks {sorted(buffers)}")
+
+
+def _out_of_memory(err: BaseException, device: torch.device, batch: int, writer: StoreWriter) -> RuntimeError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return RuntimeError(
+        f"out of {device.type} memory with a batch of {batch} images ({first[:160]}); use a smaller batch_size "
+        f"(--batch-size), or precision 'bf16'. The {len(writer.committed_chunks())} committed chunk(s) are kept "
+        "and a rerun resumes from them"
+    )
 
 
 def _check_finite(emb: torch.Tensor, indices: torch.Tensor, src: ImageSource) -> None:
