@@ -244,3 +244,17 @@ def test_embed_fast_decode_and_compile_flags_reach_the_store(assets, tmp_path, c
     rc = _run("embed", assets["data"], "-o", out, "--model", assets["model"], "--no-itae", *COMMON)
     err = capsys.readouterr().err
     assert rc != 0 and "preprocess" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cluster_max_samples_for_pairwise_methods(assets, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert _run("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON) == 0
+    capsys.readouterr()
+    # 24 embeddings: above a limit of 10, so refused in one line that names the option ...
+    assert _run("cluster", store, "-k", 3, "-o", tmp_path / "a", "--method", "agglomerative", "--max-samples", 10) != 0
+    err = capsys.readouterr().err
+    assert "--max-samples" in err and len(err.strip().splitlines()) == 1
+    # ... fine within it, and meaningless for k-means
+    assert _run("cluster", store, "-k", 3, "-o", tmp_path / "b", "--method", "agglomerative", "--max-samples", 30) == 0
+    assert _run("cluster", store, "-k", 3, "-o", tmp_path / "c", "--max-samples", 30) != 0
+    assert "k-means has no size limit" in capsys.readouterr().err

@@ -110,6 +110,18 @@ def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> Non
     g.add_argument("--seeds", type=_int_list, default=(0,), help="k-means seeds, e.g. 0,1,2 (scores: mean and std)")
     g.add_argument("--spherical", action="store_true", help="cosine k-means on normalised embeddings")
     g.add_argument("--k-range", type=_k_range, default=(2, 20), help="range for automatic k, e.g. 2:20")
+    g.add_argument("--max-samples", type=int,
+                   help="largest input agglomerative / HDBSCAN accept (default 20,000 / 10,000: they need all "
+                        "pairwise distances)")
+
+
+def _cluster_options(args: argparse.Namespace) -> dict:
+    options: dict = {"k_range": args.k_range} if args.k is None else {}
+    if args.max_samples is not None:
+        if args.method == "kmeans":
+            raise ValueError("--max-samples applies to --method agglomerative and hdbscan; k-means has no size limit")
+        options["max_samples"] = args.max_samples
+    return options
 
 
 def _itae_config(args: argparse.Namespace):
@@ -179,7 +191,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from itae.pipeline import cluster_store
 
     result = cluster_store(args.store, args.k, out=args.out or args.store, method=args.method, seeds=args.seeds,
-                           spherical=args.spherical, **({"k_range": args.k_range} if args.k is None else {}))
+                           spherical=args.spherical, **_cluster_options(args))
     print(f"{result.k} clusters; assignments in {Path(args.out or args.store) / 'assignments.csv'}")
     return 0
 
@@ -203,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
         image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
         fast_decode=args.fast_decode, compile=args.compile,
-        cluster_options={"k_range": args.k_range} if args.k is None else None,
+        cluster_options=_cluster_options(args),
     )
     m = record["metrics"]
     line = f"{record['n_images']} images -> {record['clustering']['k']} clusters"

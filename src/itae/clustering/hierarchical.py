@@ -68,7 +68,7 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
         if n > self.max_samples:
             raise ValueError(
                 f"agglomerative clustering of {n} samples needs O(n^2) memory (limit max_samples={self.max_samples}); "
-                "use KMeansClusterer (method='kmeans') for large inputs, or raise max_samples"
+                "use KMeansClusterer (method='kmeans') for large inputs, or raise max_samples (itae cluster --max-samples)"
             )
         _arrays.check_embeddings(x, spherical=self.spherical)
         data = _arrays.as_float32(x, spherical=self.spherical)
@@ -142,7 +142,7 @@ class HDBSCANClusterer(ClusterMixin, BaseEstimator):
             raise ValueError(
                 f"HDBSCAN of {n} samples does O(n^2) distance work on embeddings and would run for a long time "
                 f"(limit max_samples={self.max_samples}); use KMeansClusterer (method='kmeans') for large "
-                "inputs, or raise max_samples"
+                "inputs, or raise max_samples (itae cluster --max-samples)"
             )
         _arrays.check_embeddings(x, spherical=self.spherical)
         data = _arrays.as_float32(x, spherical=self.spherical)
