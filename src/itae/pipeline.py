@@ -1,8 +1,9 @@
 """From images to scored clusters: the steps behind ``itae run``, as a Python API.
 
-``run`` = ``itae.embed`` (into ``OUT/embeddings``) -> ``cluster_store`` (``OUT/assignments.csv``) ->
-``evaluate_assignments`` (``OUT/metrics.json``, when labels are known) -> report (``OUT/report.html``),
-with ``OUT/errors.csv`` and ``OUT/run.json`` (resolved configuration, versions, timings).
+``run`` = ``itae.embed`` (into ``OUT/embeddings``) -> ``cluster_store`` (``OUT/assignments.csv`` and
+``OUT/clustering.json``) -> ``evaluate_assignments`` (``OUT/metrics.json``, when labels are known) -> report
+(``OUT/report.html``), with ``OUT/errors.csv`` and ``OUT/run.json`` (resolved configuration, versions,
+timings; ``"status": "running"`` until the run finishes). A run replaces an earlier run's outputs in OUT.
 Every file is written whole or not at all (temporary file, then rename).
 """
 
@@ -32,7 +33,13 @@ ASSIGNMENTS = "assignments.csv"
 METRICS = "metrics.json"
 RUN = "run.json"
 REPORT = "report.html"
+CLUSTERING = "clustering.json"
+ERRORS = "errors.csv"
+INSPECT_DIR = "inspect"
 STORE_DIR = "embeddings"
+# What a run writes besides its (resumable) store: removed when a new run starts in the same folder, so
+# no file of an earlier run (another k, labels, --no-report) is left looking like this run's.
+RUN_OUTPUTS = (ASSIGNMENTS, METRICS, REPORT, CLUSTERING, ERRORS, RUN)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -54,6 +61,8 @@ def _jsonable(x: Any) -> Any:
 def check_output_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and prove it writable, before any work is done."""
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {str(path)!r} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".itae-write-test-{os.getpid()}"
@@ -100,6 +109,10 @@ def cluster_store(
     emb = store.embeddings(mmap=True)
     check_k(k, emb.shape[0])
     result = cluster(emb, k, method=method, seeds=tuple(seeds), spherical=spherical, **kw)
+    _write_json(out / CLUSTERING, {
+        "store": str(store.path), "method": method, "k": result.k, "k_requested": k, "seeds": list(seeds),
+        "spherical": spherical, "params": result.params, "k_scores": result.k_scores,
+    })
     labels = store.labels
     extra_seeds = [s for s in result.per_seed_labels if len(result.per_seed_labels) > 1]
     buf = io.StringIO()
@@ -242,6 +255,10 @@ def run(
     source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split,
                          hf_config=hf_config)
     check_k(k, len(source))
+    _clear_previous_run(out)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # Written first and replaced at the end: a run that stops half-way says so.
+    _write_json(out / RUN, {"status": "running", "started": started, "data": str(data), "out": str(out)})
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -254,10 +271,10 @@ def run(
         source, backbone, out=out / STORE_DIR, itae=itae, feature=feature, normalize=normalize,
         batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
         calibration_images=calibration_images, progress=progress, overwrite=overwrite, fast_decode=fast_decode,
-        compile=compile,
+        compile=compile, labels=labels,
     )
     timings["embed_s"] = time.perf_counter() - t0
-    atomic_write(out / "errors.csv", lambda f: f.write((store.path / "errors.csv").read_bytes()))
+    atomic_write(out / ERRORS, lambda f: f.write((store.path / ERRORS).read_bytes()))
     n = len(store)
 
     t0 = time.perf_counter()
@@ -272,6 +289,8 @@ def run(
 
     resolved_itae = store.itae_config
     record: dict[str, Any] = {
+        "status": "complete",
+        "started": started,
         "data": str(data),
         "out": str(out),
         "model": backbone.name,
@@ -296,6 +315,26 @@ def run(
     return record
 
 
+def _clear_previous_run(out: Path) -> None:
+    """Remove an earlier run's outputs from ``out`` (its store stays, to be resumed or refused).
+
+    Only in a folder that holds a run (``run.json`` or ``assignments.csv``): elsewhere these names may
+    be the user's own files, and nothing is removed.
+    """
+    if not ((out / RUN).is_file() or (out / ASSIGNMENTS).is_file()):
+        return
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    inspect = out / INSPECT_DIR
+    if inspect.is_dir():
+        for png in inspect.glob("*.png"):  # the report's diagnostics; anything else there is left alone
+            png.unlink()
+        try:
+            inspect.rmdir()
+        except OSError:
+            pass
+
+
 def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, record, *, backbone=None) -> Path:
     """``out/report.html`` for a finished run (diagnostics included when the backbone is given)."""
     from .data.decode import DecodeError, load_rgb
@@ -312,7 +351,7 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
     pngs: list[Path] = []
     if backbone is not None:
         try:
-            pngs = _diagnostic_pngs(backbone, source, store.itae_config, out / "inspect")
+            pngs = _diagnostic_pngs(backbone, source, store.itae_config, out / INSPECT_DIR)
         except Exception as e:  # diagnostics are a bonus: a report without them beats no report
             log.warning("itae: artifact diagnostics skipped: %s", e)
     config = {k: v for k, v in record.items() if k not in ("metrics", "versions", "timings")}
