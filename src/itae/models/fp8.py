@@ -16,10 +16,14 @@ never on by default.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .base import Backbone
+
+logger = logging.getLogger("itae.models")
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
@@ -117,6 +121,9 @@ def quantize_fp8(backbone: Backbone) -> Backbone:
                     replaced += 1
     if replaced == 0:
         return backbone
+    if backbone.device.type == "cpu":
+        logger.warning("precision 'fp8' on the CPU runs a slow reference of the FP8 arithmetic (for checks); "
+                       "it is not faster than fp32 or bf16 there")
     from .adapters import adapt
 
     described = adapt(backbone.model, name=backbone.name)
