@@ -24,8 +24,9 @@ from itae.metrics import (
 
 
 def _brute_force_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Best accuracy over every one-to-one map from clusters to classes (small label sets only)."""
-    classes, clusters = np.unique(y_true), np.unique(y_pred)
+    """Best accuracy over every one-to-one map from clusters to classes (small label sets only); noise
+    (-1) is mapped to no class."""
+    classes, clusters = np.unique(y_true), np.unique(np.asarray(y_pred)[np.asarray(y_pred) != -1])
     best = 0
     if len(clusters) <= len(classes):
         maps = (dict(zip(clusters, perm)) for perm in itertools.permutations(classes, len(clusters)))
@@ -116,16 +117,98 @@ def test_string_labels_equal_integer_labels():
     assert as_strings == pytest.approx(as_ints)
 
 
-def test_noise_label_is_its_own_cluster():
-    y_true = [0, 0, 0, 1, 1, 1]
-    y_pred = [5, 5, -1, 7, 7, -1]
+def test_noise_is_not_a_cluster_and_never_counts_as_correct():
+    # Class "c" has 4 noise points and a 1-point cluster. Matching noise as a cluster (the old rule) gave
+    # "c" the noise column: acc and purity 10/12. Noise is now never matched nor anyone's majority.
+    y_true = ["a", "a", "a", "b", "b", "b", "c", "c", "c", "c", "a", "c"]
+    y_pred = [0, 0, 0, 1, 1, 1, -1, -1, -1, -1, -1, 2]
     result = evaluate(y_true, y_pred)
-    assert result["n_clusters"] == 3
-    # Each class is matched to its 2-point cluster, so -1 stays unmatched and both noise points are wrong.
-    assert result["acc"] == pytest.approx(4 / 6)
-    # If the noise is the best match for a class, it counts for it (at most one class).
-    assert evaluate([0, 0, 1, 1, 1], [-1, -1, 7, 7, -1])["acc"] == pytest.approx(4 / 5)
-    assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred))
+    assert result["acc"] == pytest.approx(7 / 12)  # a->0, b->1, c->2; the 5 noise points are wrong
+    assert result["purity"] == pytest.approx(7 / 12)
+    assert (result["n_images"], result["n_clusters"], result["n_classes"]) == (12, 3, 3)
+    assert result["n_noise"] == 5
+    assert result["noise_fraction"] == pytest.approx(5 / 12)
+    # NMI and ARI take the noise as one more group: scikit-learn's scores on the raw labels.
+    assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+    assert result["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+    # The one-score functions follow the same rule.
+    assert cluster_acc(y_true, y_pred) == pytest.approx(7 / 12)
+    assert purity(y_true, y_pred) == pytest.approx(7 / 12)
+    assert nmi(y_true, y_pred) == pytest.approx(result["nmi"], abs=1e-12)
+    assert ari(y_true, y_pred) == pytest.approx(result["ari"], abs=1e-12)
+    # As does the table path, told which column is noise (-1 sorts first).
+    table, _, clusters = confusion(y_true, y_pred)
+    assert clusters.tolist() == [-1, 0, 1, 2]
+    assert scores_from_table(table, noise_column=0) == pytest.approx(result)
+
+
+def test_noise_only_and_noise_free_edge_cases():
+    everything_noise = evaluate([0, 0, 1, 1], [-1, -1, -1, -1])
+    assert everything_noise["acc"] == 0.0 and everything_noise["purity"] == 0.0
+    assert (everything_noise["n_clusters"], everything_noise["n_noise"]) == (0, 4)
+    assert everything_noise["noise_fraction"] == 1.0
+    assert everything_noise["nmi"] == 0.0 and everything_noise["ari"] == 0.0
+    # Without noise there are no noise keys; a string "-1" or a true label -1 is not noise.
+    assert "n_noise" not in evaluate([0, 1], [1, 0]) and "noise_fraction" not in evaluate([0, 1], [1, 0])
+    as_string = evaluate(["x", "x", "y"], ["-1", "-1", "3"])
+    assert as_string["acc"] == 1.0 and as_string["n_clusters"] == 2 and "n_noise" not in as_string
+    true_minus_one = evaluate([-1, -1, 2], [0, 0, 1])
+    assert true_minus_one["acc"] == 1.0 and "n_noise" not in true_minus_one
+
+
+def test_noise_free_scores_are_unchanged_by_the_noise_rule():
+    # Numbers from the implementation before noise was set apart (noise was then one more cluster).
+    rng = np.random.default_rng(20240611)
+    y_true = rng.integers(0, 6, 300)
+    y_pred = np.where(rng.random(300) < 0.6, (y_true * 3 + 1) % 7, rng.integers(0, 7, 300))
+    assert evaluate(y_true, y_pred) == {
+        "acc": 0.6533333333333333, "nmi": 0.38691205118378824, "ari": 0.37922473868335194,
+        "purity": 0.6766666666666666, "n_images": 300, "n_clusters": 7, "n_classes": 6,
+    }
+    assert cluster_acc(y_true, y_pred) == 0.6533333333333333
+    assert purity(y_true, y_pred) == 0.6766666666666666
+    y_true = rng.integers(0, 8, 120)
+    y_pred = rng.integers(0, 4, 120)
+    assert evaluate(y_true, y_pred) == {
+        "acc": 0.21666666666666667, "nmi": 0.04890538134694596, "ari": -0.00691181015049551,
+        "purity": 0.225, "n_images": 120, "n_clusters": 4, "n_classes": 8,
+    }
+
+
+def test_random_noisy_labelings_match_brute_force_and_sklearn():
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        n = int(rng.integers(1, 30))
+        y_true = rng.integers(0, int(rng.integers(1, 5)), n)
+        y_pred = rng.integers(-1, int(rng.integers(1, 5)), n)
+        result = evaluate(y_true, y_pred)
+        real = y_pred >= 0
+        assert result["acc"] == pytest.approx(_brute_force_acc(y_true, y_pred), abs=1e-12)
+        assert cluster_acc(y_true, y_pred) == pytest.approx(result["acc"], abs=1e-12)
+        # Purity: the majority of every real cluster, over all n points.
+        majority = sum(np.bincount(y_true[y_pred == c]).max() for c in np.unique(y_pred[real]))
+        assert result["purity"] == pytest.approx(majority / n, abs=1e-12)
+        assert purity(y_true, y_pred) == pytest.approx(result["purity"], abs=1e-12)
+        assert result["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred), abs=1e-12)
+        assert result["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred), abs=1e-12)
+        assert result["n_clusters"] == len(np.unique(y_pred[real]))
+        if real.all():
+            assert "n_noise" not in result
+        else:
+            assert result["n_noise"] == int((~real).sum())
+            assert result["noise_fraction"] == pytest.approx((~real).mean())
+
+
+def test_accumulator_sets_noise_apart_when_it_appears_in_a_later_chunk():
+    y_true = [0, 0, 1, 1, 2, 2, 2]
+    y_pred = [4, 4, 5, 5, -1, -1, 5]
+    acc = ContingencyAccumulator().update(y_true[:4], y_pred[:4])
+    assert "n_noise" not in acc.result() and acc.noise_column is None
+    acc.update(y_true[4:], y_pred[4:])
+    assert acc.noise_column == 2
+    assert acc.result() == pytest.approx(evaluate(y_true, y_pred), abs=1e-12)
+    assert acc.result()["acc"] == pytest.approx(4 / 7)
+    assert acc.result()["n_noise"] == 2
 
 
 def test_confusion_orders_rows_and_columns_by_label():
@@ -176,6 +259,13 @@ def test_summarize_mean_and_sample_std():
 
 def test_itae_evaluate_is_exported():
     assert itae.evaluate([0, 1], [1, 0])["acc"] == 1.0
+
+
+def test_no_labels_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no labels to score against \(embed with labels=\.\.\., e\.g\. labels='from-folders'\)"):
+        itae.evaluate(None, [0, 1])
+    with pytest.raises(ValueError, match="no labels to score against"):
+        ContingencyAccumulator().update(None, [0, 1])
 
 
 @pytest.mark.parametrize(

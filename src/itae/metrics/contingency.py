@@ -11,18 +11,54 @@ Conventions (shared with `itae.metrics.scores`):
   usual choice in deep-clustering papers), natural logarithm.
 - ARI: Hubert and Arabie's adjusted Rand index.
 - Purity: each cluster votes for its majority class.
-- Labels are compared by value; a noise label (-1 from HDBSCAN) is simply one more cluster.
+- Labels are compared by value (ints or strings).
+
+Noise. A predicted label equal to the integer -1 (HDBSCAN's noise: points in no cluster) is not a cluster:
+- ``n_clusters`` counts the real clusters only (the distinct predicted labels other than -1); when any
+  point is noise the result also has ``n_noise`` (how many points) and ``noise_fraction`` (n_noise /
+  n_images). Without noise these two keys are absent, and every number is what it would be without this rule.
+- ACC: the Hungarian matching is between the classes and the real clusters only; noise points are never
+  counted correct, and they stay in the denominator (n_images).
+- Purity: noise is never anyone's majority; its points count as impure (and stay in the denominator).
+- NMI and ARI: the noise points form one more group, as if -1 were a cluster label (so these two equal
+  scikit-learn's scores on the raw labels). A large noise group of mixed classes lowers them.
+- -1 among the true labels (y_true) is an ordinary class.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse
 
+NOISE = -1
+"""The predicted label of a point in no cluster (HDBSCAN); see the module docstring for how it is scored."""
+
+
+def is_noise(label: object) -> bool:
+    """Whether a predicted label is the noise label: a number (not a bool or string) equal to -1."""
+    return (
+        isinstance(label, (int, float, np.integer, np.floating))
+        and not isinstance(label, (bool, np.bool_))
+        and label == NOISE
+    )
+
+
+def noise_index(labels: Sequence[object] | np.ndarray) -> int | None:
+    """Position of the noise label in a sequence of distinct cluster labels, or None when absent."""
+    for i, label in enumerate(labels):
+        if is_noise(label.item() if isinstance(label, np.generic) else label):
+            return i
+    return None
+
 
 def _as_labels(y: object, name: str) -> np.ndarray:
+    if y is None:
+        if name == "y_true":
+            raise ValueError("no labels to score against (embed with labels=..., e.g. labels='from-folders')")
+        raise ValueError(f"{name} is None; give one cluster label per image")
     arr = np.asarray(y)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of labels, got shape {arr.shape}")
@@ -47,33 +83,50 @@ def _entropy(counts: np.ndarray, n: int) -> float:
     return float(-np.sum((p / n) * (np.log(p) - math.log(n))))
 
 
-def scores_from_table(table: sparse.sparray | np.ndarray) -> dict[str, float | int]:
+def matched_and_majority(dense: np.ndarray, noise_column: int | None = None) -> tuple[int, int]:
+    """(points correct under the Hungarian matching, points in their cluster's majority class) of a dense
+    (classes, clusters) table, leaving the noise column (if any) out of both."""
+    from scipy.optimize import linear_sum_assignment
+
+    if noise_column is not None:
+        dense = np.delete(dense, noise_column, axis=1)
+    if dense.size == 0:  # no real clusters (all noise) or no classes
+        return 0, 0
+    r, c = linear_sum_assignment(dense, maximize=True)  # rectangular when the numbers differ
+    return int(dense[r, c].sum()), int(dense.max(axis=0).sum())
+
+
+def scores_from_table(
+    table: sparse.sparray | np.ndarray, *, noise_column: int | None = None
+) -> dict[str, float | int]:
     """acc, nmi, ari, purity, n_images, n_classes, n_clusters from a (classes, clusters) count table.
 
-    Rows and columns must be non-empty (every class and cluster present at least once).
+    Rows and columns must be non-empty (every class and cluster present at least once). ``noise_column``:
+    the column holding the noise points (predicted label -1), if any; it is scored as the module docstring
+    says (never matched, never pure, one more group for NMI and ARI; ``n_noise`` and ``noise_fraction``
+    are added).
     """
     csr = sparse.csr_array(table, dtype=np.int64)
     n = int(csr.sum())
     if n == 0:
         raise ValueError("the contingency table is empty; there are no labels to score")
-    n_classes, n_clusters = csr.shape
+    n_classes, n_groups = csr.shape
+    if noise_column is not None and not -n_groups <= noise_column < n_groups:
+        raise ValueError(f"noise_column {noise_column} is out of range for a table of {n_groups} clusters")
     rows = np.asarray(csr.sum(axis=1)).ravel().astype(np.int64)  # class sizes
-    cols = np.asarray(csr.sum(axis=0)).ravel().astype(np.int64)  # cluster sizes
+    cols = np.asarray(csr.sum(axis=0)).ravel().astype(np.int64)  # cluster sizes (noise group included)
     coo = csr.tocoo()
     nz = coo.data.astype(np.int64)
 
-    from scipy.optimize import linear_sum_assignment
+    # ACC and purity over the real clusters only (dense: classes x clusters, small).
+    matched, majority = matched_and_majority(csr.toarray(), noise_column)
+    acc = matched / n
+    purity = majority / n
 
-    # Hungarian matching on the dense table (classes x clusters); rectangular when the numbers differ.
-    dense = csr.toarray()
-    r, c = linear_sum_assignment(dense, maximize=True)
-    acc = float(dense[r, c].sum()) / n
-    purity = float(dense.max(axis=0).sum()) / n
-
-    # NMI, following scikit-learn's special cases so the two agree exactly.
-    if n_classes == n_clusters == 1:
+    # NMI, following scikit-learn's special cases so the two agree exactly; noise is one more group here.
+    if n_classes == n_groups == 1:
         nmi = 1.0
-    elif n_classes == 1 or n_clusters == 1:
+    elif n_classes == 1 or n_groups == 1:
         nmi = 0.0
     else:
         p = nz / n
@@ -97,15 +150,20 @@ def scores_from_table(table: sparse.sparray | np.ndarray) -> dict[str, float | i
     else:
         ari = 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
-    return {
+    out: dict[str, float | int] = {
         "acc": acc,
         "nmi": float(nmi),
         "ari": float(ari),
         "purity": purity,
         "n_images": n,
-        "n_clusters": int(n_clusters),
+        "n_clusters": int(n_groups) - (noise_column is not None),
         "n_classes": int(n_classes),
     }
+    if noise_column is not None:
+        n_noise = int(cols[noise_column])
+        out["n_noise"] = n_noise
+        out["noise_fraction"] = n_noise / n
+    return out
 
 
 class ContingencyAccumulator:
@@ -164,8 +222,14 @@ class ContingencyAccumulator:
         """(n_classes, n_clusters) sparse int64 counts."""
         return self._table
 
+    @property
+    def noise_column(self) -> int | None:
+        """Column of the noise label (-1) in the table, or None when no point so far is noise."""
+        return noise_index(self._cluster_index)
+
     def result(self) -> dict[str, float | int]:
-        """acc, nmi, ari, purity, n_images, n_clusters, n_classes of everything added so far."""
+        """acc, nmi, ari, purity, n_images, n_clusters, n_classes (and n_noise, noise_fraction when some
+        prediction is -1) of everything added so far."""
         if self.n_samples == 0:
             raise ValueError("no labels were added; call update(y_true, y_pred) before result()")
-        return scores_from_table(self._table)
+        return scores_from_table(self._table, noise_column=self.noise_column)

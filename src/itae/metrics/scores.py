@@ -1,7 +1,10 @@
 """One-shot clustering scores, their summary over seeds, and the confusion table.
 
-See `itae.metrics.contingency` for the conventions (Hungarian ACC, arithmetic NMI, noise label -1 as one
-more cluster). `nmi` and `ari` call scikit-learn directly; `evaluate` computes all scores from one
+See `itae.metrics.contingency` for the conventions (Hungarian ACC, arithmetic NMI) and for the noise rule:
+a predicted label -1 (HDBSCAN noise) is not a cluster. It is left out of ``n_clusters`` (``evaluate``
+reports ``n_noise`` and ``noise_fraction`` instead), is never matched to a class, so noise points never
+count as correct in ACC nor as pure in purity (they stay in the denominator), and is one more group for
+NMI and ARI. `nmi` and `ari` call scikit-learn directly; `evaluate` computes all scores from one
 contingency table, and the tests hold the two paths equal.
 """
 
@@ -12,7 +15,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from itae.metrics.contingency import ContingencyAccumulator, check_pair, scores_from_table
+from itae.metrics.contingency import (
+    NOISE,
+    ContingencyAccumulator,
+    check_pair,
+    is_noise,
+    matched_and_majority,
+    noise_index,
+    scores_from_table,
+)
 
 SCORE_KEYS = ("acc", "nmi", "ari", "purity")
 
@@ -28,7 +39,8 @@ def confusion(y_true: object, y_pred: object) -> tuple[np.ndarray, np.ndarray, n
     """Counts of (class, cluster) pairs.
 
     Returns (table, classes, clusters): table is (n_classes, n_clusters) int64 with rows in the sorted
-    order of `classes` and columns in the sorted order of `clusters`.
+    order of `classes` and columns in the sorted order of `clusters`. The noise label -1, when present,
+    is a column like the others (the first, as it sorts first); see `noise_index`.
     """
     t, p = _check_nonempty(y_true, y_pred)
     classes, rows = np.unique(t, return_inverse=True)
@@ -42,23 +54,22 @@ def cluster_acc(y_true: object, y_pred: object) -> float:
     """Accuracy under the best one-to-one matching of clusters to classes (Hungarian).
 
     With more clusters than classes (or the reverse) the matching is rectangular and points of unmatched
-    clusters count as wrong.
+    clusters count as wrong. Noise points (label -1) are never matched, so they always count as wrong.
     """
-    from scipy.optimize import linear_sum_assignment
-
-    table, _, _ = confusion(y_true, y_pred)
-    r, c = linear_sum_assignment(table, maximize=True)
-    return float(table[r, c].sum()) / float(table.sum())
+    table, _, clusters = confusion(y_true, y_pred)
+    matched, _ = matched_and_majority(table, noise_index(clusters))
+    return matched / float(table.sum())
 
 
 def purity(y_true: object, y_pred: object) -> float:
-    """Share of points whose cluster's majority class is their class."""
-    table, _, _ = confusion(y_true, y_pred)
-    return float(table.max(axis=0).sum()) / float(table.sum())
+    """Share of points whose cluster's majority class is their class (noise points, label -1, never are)."""
+    table, _, clusters = confusion(y_true, y_pred)
+    _, majority = matched_and_majority(table, noise_index(clusters))
+    return majority / float(table.sum())
 
 
 def nmi(y_true: object, y_pred: object) -> float:
-    """Normalised mutual information, arithmetic normalisation (scikit-learn)."""
+    """Normalised mutual information, arithmetic normalisation (scikit-learn); noise (-1) is one more group."""
     from sklearn.metrics import normalized_mutual_info_score
 
     t, p = _check_nonempty(y_true, y_pred)
@@ -66,7 +77,7 @@ def nmi(y_true: object, y_pred: object) -> float:
 
 
 def ari(y_true: object, y_pred: object) -> float:
-    """Adjusted Rand index (scikit-learn)."""
+    """Adjusted Rand index (scikit-learn); noise (-1) is one more group."""
     from sklearn.metrics import adjusted_rand_score
 
     t, p = _check_nonempty(y_true, y_pred)
@@ -76,8 +87,10 @@ def ari(y_true: object, y_pred: object) -> float:
 def evaluate(y_true: object, y_pred: object, *, chunk_size: int = 1_000_000) -> dict[str, float | int]:
     """acc, nmi, ari, purity, n_images, n_clusters, n_classes of a labelling against ground truth.
 
-    Labels may be ints or strings; -1 (noise) is one more cluster. Computed from one contingency table,
-    built `chunk_size` labels at a time.
+    Labels may be ints or strings. A predicted -1 is noise (see `itae.metrics.contingency`): it is not
+    counted in n_clusters, never matched to a class (noise points count as wrong in acc and impure in
+    purity) and is one more group for nmi and ari; with any noise the result also has n_noise and
+    noise_fraction. Computed from one contingency table, built `chunk_size` labels at a time.
     """
     t, p = _check_nonempty(y_true, y_pred)
     acc = ContingencyAccumulator()
@@ -115,12 +128,15 @@ def summarize(runs: Sequence[Mapping[str, object]], *, ddof: int = 1) -> dict[st
 
 
 __all__ = [
+    "NOISE",
     "SCORE_KEYS",
     "ari",
     "cluster_acc",
     "confusion",
     "evaluate",
+    "is_noise",
     "nmi",
+    "noise_index",
     "purity",
     "scores_from_table",
     "summarize",
