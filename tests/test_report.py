@@ -321,3 +321,104 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pixels = np.asarray(im.convert("L"))
     assert pixels.shape == (2000, 1280)
     assert pixels.std() > 10  # something was drawn, not a blank page
+
+
+def _visible(path: Path) -> str:
+    return Page(path.read_text(encoding="utf-8")).all_text
+
+
+def _section_text(path: Path, sid: str) -> str:
+    text = path.read_text(encoding="utf-8")
+    section = text[text.index(f'<section id="{sid}">'):]
+    return Page(section[: section.index("</section>")]).all_text
+
+
+def test_noise_is_a_noise_group_not_a_cluster_matched_to_a_label(tmp_path):
+    # 6 real clusters of 10 images each (labels l0..l5) and 40 noise images, 30 of them of class l5: a
+    # matching that took noise for a cluster would give it l5.
+    clusters = np.concatenate([np.repeat(np.arange(6), 10), np.full(40, -1)])
+    labels = [f"l{c}" for c in np.repeat(np.arange(6), 10)] + ["l5"] * 30 + ["l0"] * 10
+    n = len(clusters)
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(n, 6)).astype(np.float32)
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=[f"id{i}" for i in range(n)],
+        cluster_labels=clusters, true_labels=labels, embeddings=embeddings, map_method="pca",
+        thumbnails=lambda name: tiny_image((0, 0, 0)), max_thumbs_per_cluster=2,
+    )
+    text = path.read_text(encoding="utf-8")
+    visible = _visible(path)
+    assert "100 images · 6 clusters · 40 noise images (40.0%, in no cluster)" in visible
+    assert "7 clusters" not in visible and "of 7 clusters" not in visible
+    # Accuracy: the 60 clustered images are all matched correctly; the 40 noise images count as wrong.
+    assert "accuracy under this matching: 60.00%" in visible
+    noise_row = re.search(r'<tr class="noise">(.*?)</tr>', text).group(1)
+    assert ">noise<" in noise_row and "(none: not a cluster)" in noise_row
+    assert "cluster -1" not in visible
+    # Gallery: six clusters, then the noise group.
+    assert "Showing 6 of 6 clusters" in visible and "Then the noise: 40 images in no cluster" in visible
+    headings = re.findall(r"<h3>(.*?) <span", text)
+    assert headings == [f"cluster {c}" for c in range(6)] + ["noise"]
+    assert "most frequent label l5 (75%)" in visible
+    assert "Noise (in no cluster) is drawn in grey" in visible
+
+
+def test_noise_row_is_shown_even_when_clusters_are_capped(tmp_path):
+    clusters = np.concatenate([np.repeat(np.arange(8), 5), np.full(3, -1)])
+    labels = np.concatenate([np.repeat(np.arange(8), 5), [0, 1, 2]]).tolist()
+    path = write_report(
+        tmp_path / "r.html", title="t", metrics=None, config={}, ids=[str(i) for i in range(len(clusters))],
+        cluster_labels=clusters, true_labels=labels, max_confusion=4, max_clusters_shown=3,
+    )
+    visible = _visible(path)
+    assert "Showing 4 of 8 clusters and 4 of 8 labels" in visible
+    assert "Showing 3 of 8 clusters" in visible
+    assert path.read_text(encoding="utf-8").count('<tr class="noise">') == 1
+
+
+def test_multi_seed_metrics_are_a_table_not_python_reprs(tmp_path):
+    # The shape itae.pipeline.evaluate_assignments writes with several seeds.
+    runs = [{"acc": 0.245 + 0.01 * s, "nmi": 0.3, "ari": 0.1, "purity": 0.4, "n_images": 200, "n_clusters": 10,
+             "n_classes": 10, "seed": s} for s in (0, 1, 2)]
+    metrics = {k: v for k, v in runs[0].items() if k != "seed"}
+    metrics.update(seeds=runs, n_runs=3, mean={"acc": 0.255, "nmi": 0.3, "ari": 0.1, "purity": 0.4},
+                   std={"acc": 0.01, "nmi": 0.0, "ari": 0.0, "purity": 0.0})
+    path = write_report(tmp_path / "r.html", title="t", metrics=metrics, config={}, ids=["a", "b"],
+                        cluster_labels=[0, 1])
+    text = path.read_text(encoding="utf-8")
+    visible = _visible(path)
+    shown = _section_text(path, "metrics")
+    for raw in ("{", "}", "[", "]", "'"):
+        assert raw not in shown, raw
+    assert "seed 0 (first seed)" in visible and "mean ± std over 3 seeds" in visible
+    assert "first seed (seed 0)" in visible and "over all 3 seeds (0, 1, 2)" in visible
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"<tr><th>(\w+)</th>(.*?)</tr>", text)}
+    assert rows["acc"] == "<td>0.2450</td><td>0.2550 ± 0.0100</td>"
+    assert rows["n_clusters"] == "<td>10</td><td></td>"
+    assert "seeds" not in rows and "mean" not in rows and "std" not in rows
+    # The per-seed table: one row per seed, the scores that vary or are summarised.
+    assert "Per seed" in visible
+    per_seed = text[text.index("Per seed"):]
+    assert re.search(r"<th>seed</th><th>acc</th><th>nmi</th><th>ari</th><th>purity</th></tr>", per_seed)
+    assert "<td>2</td><td>0.2650</td>" in per_seed
+
+
+def test_nested_metric_values_are_spelled_out(tmp_path):
+    path = write_report(tmp_path / "r.html", title="t", config={}, ids=["a"], cluster_labels=[0],
+                        metrics={"acc": 0.5, "extra": {"x": 1, "y": 0.25}, "tags": ["a", "b"],
+                                 "runs": [{"seed": 0, "acc": 0.5}]})
+    visible = _section_text(path, "metrics")
+    assert "extra · x" in visible and "0.2500" in visible and "a, b" in visible
+    assert "{" not in visible and "[" not in visible
+
+
+def test_shown_run_is_named_in_each_section_it_concerns(tmp_path):
+    path = write_small_report(tmp_path / "r.html", shown_run="c10 · demo:planted · itae · seed 1",
+                              metrics_note="Scores in %.")
+    text = path.read_text(encoding="utf-8")
+    for sid in ("confusion", "map", "gallery"):
+        section = text[text.index(f'<section id="{sid}">'):]
+        section = section[: section.index("</section>")]
+        assert "Run shown: c10 · demo:planted · itae · seed 1" in section, sid
+    metrics = text[text.index('<section id="metrics">'):]
+    assert metrics[: metrics.index("</section>")].count("Scores in %.") == 1

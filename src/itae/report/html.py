@@ -4,6 +4,11 @@ The page needs no network and no JavaScript: CSS is inline, images are base64 da
 one PNG. Everything drawn is sampled and capped, so a run over 100,000 images still gives a page of a
 few MB that opens fast; the page says what was sampled. Every string that comes from data (ids,
 labels, config values, metric names) goes through ``html.escape``.
+
+Noise (cluster label -1, from HDBSCAN) follows the rule of `itae.metrics`: it is not a cluster. The page
+counts clusters without it, shows it as one "noise" row of the confusion table that is matched to no
+label (its points count as wrong in the accuracy printed there), draws it in grey on the map, and shows
+it as a "noise" group after the clusters in the gallery.
 """
 
 from __future__ import annotations
@@ -43,8 +48,13 @@ def _e(value: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A cell value as escaped text; containers are spelled out, never shown as a Python repr."""
     if isinstance(value, bool) or value is None:
         return _e(value)
+    if isinstance(value, Mapping):
+        return _DOT.join(f"{_e(k)} {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
     if isinstance(value, (int, np.integer)):
         return f"{int(value):,}"
     if isinstance(value, (float, np.floating)):
@@ -70,6 +80,20 @@ def _data_uri(data: bytes) -> str:
 def _short(text: str, limit: int) -> str:
     """Keep the end of long ids (the file name is the informative part)."""
     return text if len(text) <= limit else "\u2026" + text[-(limit - 1):]
+
+
+def _noise_row(cluster_ids: np.ndarray) -> int | None:
+    """Index of the noise label (-1) among sorted distinct cluster ids, or None."""
+    from itae.metrics.contingency import noise_index
+
+    return noise_index(cluster_ids)
+
+
+def _noise_mask(clusters: np.ndarray) -> np.ndarray:
+    """(n,) bool: which points are noise (label -1; only numeric cluster labels can be)."""
+    if clusters.dtype.kind not in "iuf":
+        return np.zeros(clusters.shape, dtype=bool)
+    return clusters == -1
 
 
 def _as_label_array(labels: Sequence[Any]) -> np.ndarray:
@@ -165,6 +189,15 @@ def _pca(x: np.ndarray, k: int) -> np.ndarray:
     return x @ vt[:k].T
 
 
+_NOISE_RGBA = np.array([[0.72, 0.72, 0.72, 1.0]])  # noise points on the map: light grey
+
+
+def _is_noise_id(c: Any) -> bool:
+    from itae.metrics.contingency import is_noise
+
+    return is_noise(c.item() if isinstance(c, np.generic) else c)
+
+
 def _category_colors(k: int) -> np.ndarray:
     from matplotlib import colormaps
 
@@ -201,8 +234,13 @@ def _scatter_png(
         matched = dict(zip(matching.rows.tolist(), matching.cols.tolist(), strict=True))
         spare = iter(range(n_labels, n_labels + k))
         for r in range(k):
-            colour_of_cluster[r] = matched[r] if r in matched else next(spare)
-        palette = _category_colors(int(colour_of_cluster.max(initial=n_labels - 1)) + 1)
+            if r != matching.noise_row:
+                colour_of_cluster[r] = matched[r] if r in matched else next(spare)
+        n_colours = int(max((colour_of_cluster[r] for r in range(k) if r != matching.noise_row),
+                            default=n_labels - 1)) + 1
+        palette = np.vstack([_category_colors(n_colours), _NOISE_RGBA])  # the last colour is noise's grey
+        if matching.noise_row is not None:
+            colour_of_cluster[matching.noise_row] = n_colours
         c_inv = np.searchsorted(matching.cluster_ids, clusters[emap.index])
         l_inv = np.searchsorted(matching.label_ids, labels[emap.index])
         panels.append(("coloured by cluster", matching.cluster_ids, colour_of_cluster, c_inv, palette))
@@ -212,7 +250,14 @@ def _scatter_png(
             if values is None:
                 continue
             cats, inv = np.unique(values[emap.index], return_inverse=True)
-            panels.append((name, cats, np.arange(len(cats)), inv, _category_colors(len(cats))))
+            colour_index = np.arange(len(cats))
+            palette = _category_colors(len(cats))
+            noise = _noise_row(cats) if values is clusters else None
+            if noise is not None:  # clusters keep the colours they would have without noise; noise is grey
+                colour_index = np.where(colour_index > noise, colour_index - 1, colour_index)
+                colour_index[noise] = len(cats) - 1
+                palette = np.vstack([_category_colors(max(len(cats) - 1, 1))[: len(cats) - 1], _NOISE_RGBA])
+            panels.append((name, cats, colour_index, inv, palette))
 
     fig = Figure(figsize=(6.2 * len(panels), 5.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -220,6 +265,9 @@ def _scatter_png(
     m = emap.coords.shape[0]
     size = float(np.clip(300.0 / np.sqrt(max(m, 1)), 0.4, 14.0))
     draw_order = np.random.default_rng(0).permutation(m)  # so no category is painted systematically on top
+    noise = _noise_mask(clusters[emap.index])
+    if noise.any():  # noise first, so the clusters are painted over it
+        draw_order = np.concatenate([draw_order[noise[draw_order]], draw_order[~noise[draw_order]]])
     for ax, (name, cats, colour_index, inv, palette) in zip(axes, panels, strict=True):
         colors = palette[colour_index]  # one colour per category
         ax.scatter(
@@ -233,7 +281,8 @@ def _scatter_png(
             spine.set_color("#cccccc")
         if len(cats) <= 20:
             handles = [
-                Line2D([], [], marker="o", linestyle="", color=colors[i], markersize=6, label=_short(str(c), 18))
+                Line2D([], [], marker="o", linestyle="", color=colors[i], markersize=6,
+                       label="noise" if name == "coloured by cluster" and _is_noise_id(c) else _short(str(c), 18))
                 for i, c in enumerate(cats)
             ]
             ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
@@ -246,13 +295,22 @@ def _scatter_png(
 
 @dataclass(frozen=True)
 class _Matching:
-    """Contingency table (k clusters, L labels) and the one-to-one matching that maximises agreement."""
+    """Contingency table (k clusters, L labels) and the one-to-one matching that maximises agreement.
+
+    The noise row (cluster -1), when there is one, is in the table but never matched.
+    """
 
     cluster_ids: np.ndarray
     label_ids: np.ndarray
     table: np.ndarray
     rows: np.ndarray  # matched cluster rows
     cols: np.ndarray  # their label columns
+    noise_row: int | None = None
+
+    @property
+    def n_clusters(self) -> int:
+        """Real clusters: noise not counted."""
+        return len(self.cluster_ids) - (self.noise_row is not None)
 
     @property
     def accuracy(self) -> float:
@@ -266,8 +324,14 @@ def _match(clusters: np.ndarray, labels: np.ndarray) -> _Matching:
     label_ids, l_inv = np.unique(labels, return_inverse=True)
     table = np.zeros((len(cluster_ids), len(label_ids)), dtype=np.int64)
     np.add.at(table, (c_inv, l_inv), 1)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return _Matching(cluster_ids, label_ids, table, rows, cols)
+    noise_row = _noise_row(cluster_ids)
+    real = np.array([r for r in range(len(cluster_ids)) if r != noise_row], dtype=np.int64)
+    if real.size:
+        rows, cols = linear_sum_assignment(table[real], maximize=True)  # noise is matched to no label
+        rows = real[rows]
+    else:
+        rows, cols = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return _Matching(cluster_ids, label_ids, table, rows, cols, noise_row)
 
 
 def _confusion_html(matching: _Matching, max_size: int) -> str:
@@ -280,21 +344,32 @@ def _confusion_html(matching: _Matching, max_size: int) -> str:
     shown_cols = np.arange(len(label_ids))
     if len(shown_cols) > max_size:
         shown_cols = np.sort(np.argsort(-label_counts, kind="stable")[:max_size])
+    noise_row = matching.noise_row
     shown_rows = [match[c] for c in shown_cols if c in match]
     for r in np.argsort(-cluster_counts, kind="stable"):
         if len(shown_rows) >= max_size:
             break
-        if r not in shown_rows:
+        if r not in shown_rows and r != noise_row:
             shown_rows.append(int(r))
+    n_shown_clusters = len(shown_rows)
+    if noise_row is not None:
+        shown_rows.append(noise_row)  # always shown, last, besides the cap on clusters
 
     notes = [
         f"Rows are clusters, matched one-to-one to labels by the Hungarian method (accuracy under this matching: "
         f"{100.0 * acc:.2f}%); each row is shaded by the share of the cluster in each label."
     ]
-    if len(shown_cols) < len(label_ids) or len(shown_rows) < len(cluster_ids):
+    if noise_row is not None:
+        n_noise, n_all = int(cluster_counts[noise_row]), int(table.sum())
         notes.append(
-            f"Showing {len(shown_rows)} of {len(cluster_ids)} clusters and {len(shown_cols)} of {len(label_ids)} "
-            f"labels (the largest labels and their matched clusters); the totals count all labels."
+            f"The last row, noise, holds the {n_noise:,} images ({100.0 * n_noise / max(n_all, 1):.1f}%) that "
+            "are in no cluster: it is not a cluster, is matched to no label, and its images count as wrong in "
+            "the accuracy above."
+        )
+    if len(shown_cols) < len(label_ids) or n_shown_clusters < matching.n_clusters:
+        notes.append(
+            f"Showing {n_shown_clusters} of {matching.n_clusters} clusters and {len(shown_cols)} of "
+            f"{len(label_ids)} labels (the largest labels and their matched clusters); the totals count all labels."
         )
     head = "".join(f'<th class="rot" title="{_e(label_ids[c])}"><span>{_e(_short(str(label_ids[c]), 16))}</span></th>'
                    for c in shown_cols)
@@ -310,11 +385,15 @@ def _confusion_html(matching: _Matching, max_size: int) -> str:
             style = ""
             if v:  # darker for a larger share of the cluster; white text where the shade is dark
                 ink = ";color:#fff" if share > 0.55 else ""
-                style = f' style="background:rgba(37,99,235,{0.08 + 0.82 * share:.2f}){ink}"'
+                rgb = "110,118,129" if r == noise_row else "37,99,235"  # noise in grey
+                style = f' style="background:rgba({rgb},{0.08 + 0.82 * share:.2f}){ink}"'
             cells.append(f"<td{cls}{style}>{f'{v:,}' if v else ''}</td>")
         matched = "" if matched_col is None else _e(_short(str(label_ids[matched_col]), 24))
+        if r == noise_row:
+            matched = "(none: not a cluster)"
+        row_class = ' class="noise"' if r == noise_row else ""
         body.append(
-            f'<tr><th class="rowh">{_e(_cluster_name(cluster_ids[r]))}</th><td class="muted">{matched}</td>'
+            f'<tr{row_class}><th class="rowh">{_e(_cluster_name(cluster_ids[r]))}</th><td class="muted">{matched}</td>'
             + "".join(cells) + f'<td class="tot">{total:,}</td></tr>'
         )
     return (
@@ -325,7 +404,7 @@ def _confusion_html(matching: _Matching, max_size: int) -> str:
 
 
 def _cluster_name(c: Any) -> str:
-    return "noise" if isinstance(c, (int, np.integer)) and int(c) == -1 else f"cluster {c}"
+    return "noise" if _is_noise_id(c) else f"cluster {c}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,12 +434,15 @@ def _get_thumbnail(thumbnails: Thumbnails, key: str) -> Any:
 
 
 def _centroid_distances(embeddings: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Distance of each point to its cluster's mean; NaN for noise, which has no centre."""
     x = np.asarray(embeddings, dtype=np.float32)
     cluster_ids, inv = np.unique(clusters, return_inverse=True)
     sums = np.zeros((len(cluster_ids), x.shape[1]), dtype=np.float64)
     np.add.at(sums, inv, x)
     centroids = sums / np.bincount(inv, minlength=len(cluster_ids))[:, None]
-    return np.linalg.norm(x - centroids[inv].astype(np.float32), axis=1)
+    distances = np.linalg.norm(x - centroids[inv].astype(np.float32), axis=1).astype(np.float64)
+    distances[_noise_mask(clusters)] = np.nan
+    return distances
 
 
 def _gallery_html(
@@ -376,26 +458,36 @@ def _gallery_html(
 ) -> str:
     n = len(clusters)
     cluster_ids, inv, counts = np.unique(clusters, return_inverse=True, return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:max_clusters]
-    # Members of every cluster, nearest to the centroid first, from one stable sort.
+    noise_row = _noise_row(cluster_ids)
+    n_clusters = len(cluster_ids) - (noise_row is not None)
+    order = [int(r) for r in np.argsort(-counts, kind="stable") if r != noise_row][:max_clusters]
+    # Members of every cluster, nearest to the centroid first, from one stable sort (noise: no centroid,
+    # NaN distances, so input order).
     key = distances if distances is not None else np.arange(n)
     by_cluster = np.lexsort((key, inv))
     starts = np.concatenate([[0], np.cumsum(counts)])
     note = (
-        f"Showing {len(order)} of {len(cluster_ids)} clusters, largest first; up to {per_cluster} images each, "
+        f"Showing {len(order)} of {n_clusters} clusters, largest first; up to {per_cluster} images each, "
         + ("nearest to the cluster centroid first." if distances is not None else "in input order.")
     )
+    if noise_row is not None:
+        order.append(noise_row)
+        note += (f" Then the noise: {int(counts[noise_row]):,} images in no cluster (not a cluster), "
+                 f"up to {per_cluster} of them in input order.")
     parts = [f'<p class="note">{_e(note)}</p>']
     failed = 0
     for rank in order:
         c = cluster_ids[rank]
         members = by_cluster[starts[rank]: starts[rank + 1]]
+        if rank == noise_row:
+            members = np.sort(members)  # input order: noise has no centre to be near
         size = int(counts[rank])
         meta = [f"{size:,} images", f"{100.0 * size / n:.1f}%"]
         if labels is not None:
             labs, lab_counts = np.unique(labels[members], return_counts=True)
             top = int(np.argmax(lab_counts))
-            meta.append(f"majority label {_short(str(labs[top]), 30)} ({100.0 * lab_counts[top] / size:.0f}%)")
+            which = "most frequent label" if rank == noise_row else "majority label"
+            meta.append(f"{which} {_short(str(labs[top]), 30)} ({100.0 * lab_counts[top] / size:.0f}%)")
         cells = []
         for i in members[:per_cluster]:
             name = str(ids[i])
@@ -424,7 +516,13 @@ def _gallery_html(
 # Tables
 
 
+_SEED_KEYS = ("seeds", "n_runs", "mean", "std")  # the extra keys of a multi-seed run's metrics
+
+
 def _metrics_html(metrics: Mapping[str, Any] | None) -> str:
+    """The metrics table. Accepts: a flat dict (one run: metric -> value); one run scored over several
+    seeds (``itae.pipeline.evaluate_assignments``: the first seed's scores at the top level plus ``seeds``,
+    ``n_runs``, ``mean`` and ``std``); or a dict of dicts (one row per name, e.g. one per configuration)."""
     if not metrics:
         return '<p class="note">No metrics for this run.</p>'
     if all(isinstance(v, Mapping) for v in metrics.values()):
@@ -437,8 +535,63 @@ def _metrics_html(metrics: Mapping[str, Any] | None) -> str:
             for name, row in metrics.items()
         )
         return f'<table class="metrics"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>'
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in metrics.items())
-    return f'<table class="metrics"><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{body}</tbody></table>'
+    if isinstance(metrics.get("mean"), Mapping) and isinstance(metrics.get("std"), Mapping):
+        return _seed_metrics_html(metrics)
+    rows, tables = _flat_rows(metrics)
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return (f'<table class="metrics"><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{body}</tbody>'
+            "</table>" + tables)
+
+
+def _flat_rows(metrics: Mapping[str, Any], skip: Sequence[str] = ()) -> tuple[list[tuple[str, str]], str]:
+    """(name, formatted value) rows of the scalar entries, nested dicts flattened to "key · sub"; lists of
+    dicts become tables of their own (returned as HTML)."""
+    rows: list[tuple[str, str]] = []
+    tables = ""
+    for key, value in metrics.items():
+        if key in skip:
+            continue
+        if isinstance(value, Mapping):
+            rows += [(f"{key}{_DOT}{sub}", _fmt(v)) for sub, v in value.items()]
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            tables += f"<h3>{_e(key)}</h3>" + _rows_table(value)
+        else:
+            rows.append((str(key), _fmt(value)))
+    return rows, tables
+
+
+def _seed_metrics_html(metrics: Mapping[str, Any]) -> str:
+    seeds = [r for r in metrics.get("seeds") or [] if isinstance(r, Mapping)]
+    mean, std = metrics["mean"], metrics["std"]
+    n_runs = metrics.get("n_runs", len(seeds))
+    first = seeds[0].get("seed") if seeds else None
+    shown = "first seed" if first is None else f"seed {first}"
+    seed_list = ", ".join(str(r["seed"]) for r in seeds if "seed" in r)
+    note = (
+        f"The first column is the run of the first seed ({shown}), the one whose clusters the sections below "
+        f"show; the second is the mean \u00b1 sample standard deviation over all {n_runs} seeds"
+        + (f" ({seed_list})" if seed_list else "") + "."
+    )
+    rows, tables = _flat_rows(metrics, skip=_SEED_KEYS)
+    names = [name for name, _ in rows]
+    rows += [(k, "") for k in mean if k not in names]  # a summarised score missing at the top level
+    body = []
+    for name, value in rows:
+        spread = ""
+        if name in mean:
+            spread = f"{_fmt(mean[name])} \u00b1 {_fmt(std.get(name, float('nan')))}"
+        body.append(f"<tr><th>{_e(name)}</th><td>{value}</td><td>{spread}</td></tr>")
+    html_ = (
+        f'<p class="note">{_e(note)}</p><table class="metrics"><thead><tr><th>metric</th>'
+        f"<th>{_e(shown)} (first seed)</th><th>mean \u00b1 std over {_e(n_runs)} seeds</th></tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+    if seeds:
+        constant = {k for k in seeds[0] if all(r.get(k) == seeds[0][k] for r in seeds)} - {"seed"}
+        columns = ["seed"] + [k for k in seeds[0] if k != "seed" and (k in mean or k not in constant)]
+        per_seed = [{c: r.get(c, "") for c in columns} for r in seeds]
+        html_ += "<h3>Per seed</h3>" + _rows_table(per_seed)
+    return html_ + tables
 
 
 def _rows_table(rows: Sequence[Any]) -> str:
@@ -475,6 +628,7 @@ section{margin-top:30px}
 h2{font-size:17px;font-weight:600;margin:0 0 10px;padding-bottom:6px;border-bottom:1px solid var(--line)}
 h3{font-size:14px;font-weight:600;margin:16px 0 6px}
 .note{color:var(--muted);font-size:13px;margin:4px 0 10px}.warn{color:#9a6700}
+.note.shown{color:var(--fg);font-weight:600}
 .muted{color:var(--muted);font-weight:400}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 table.metrics th,table.metrics td{padding:5px 14px;border-bottom:1px solid var(--line);text-align:right}
@@ -541,6 +695,8 @@ def write_report(
     thumb_size: int = 80,
     map_method: str = "auto",
     seed: int = 0,
+    shown_run: str | None = None,
+    metrics_note: str | None = None,
 ) -> Path:
     """Write a self-contained HTML report of one clustering run; return its path.
 
@@ -549,6 +705,9 @@ def write_report(
     ``centroid_distances`` is None. thumbnails: id -> PIL image, array or image path (callable or mapping),
     called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
     extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header.
+    metrics: see ``_metrics_html`` for the shapes accepted; ``metrics_note`` is printed above its table.
+    shown_run: which run the confusion table, map and gallery show, when the page covers several (e.g. a
+    benchmark grid); each of those sections then starts by naming it.
     """
     n = len(ids)
     clusters = np.asarray(cluster_labels).reshape(-1)
@@ -572,8 +731,11 @@ def write_report(
     elif embeddings is not None:
         centroid_distances = _centroid_distances(embeddings, clusters)
 
-    k = len(np.unique(clusters))
+    noise = _noise_mask(clusters)
+    k = len(np.unique(clusters[~noise]))
     summary = [f"{n:,} images", f"{k:,} clusters"]
+    if noise.any():
+        summary.append(f"{int(noise.sum()):,} noise images ({100.0 * noise.mean():.1f}%, in no cluster)")
     if labels is not None:
         summary.append(f"{len(np.unique(labels)):,} labels")
     try:
@@ -583,7 +745,11 @@ def write_report(
     summary.append(f"generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z').strip()}")
     summary.append(f"itae {version}")
 
-    sections = [_section("metrics", "Metrics", _metrics_html(metrics))]
+    metrics_body = _metrics_html(metrics)
+    if metrics_note:
+        metrics_body = f'<p class="note">{_e(metrics_note)}</p>' + metrics_body
+    sections = [_section("metrics", "Metrics", metrics_body)]
+    shown = f'<p class="note shown">Run shown: {_e(shown_run)}</p>' if shown_run else ""
     for i, (table_title, rows) in enumerate(extra_tables or []):
         sections.append(_section(f"table-{i}", str(table_title), _rows_table(rows)))
 
@@ -592,7 +758,7 @@ def write_report(
         confusion = _confusion_html(matching, max_confusion)
     else:
         confusion = '<p class="note">No ground-truth labels were given for this run.</p>'
-    sections.append(_section("confusion", "Clusters against labels", confusion))
+    sections.append(_section("confusion", "Clusters against labels", shown + confusion))
 
     if embeddings is not None:
         emap = embedding_map(
@@ -602,13 +768,15 @@ def write_report(
         note = emap.description
         if matching is not None:
             note += " Each cluster is drawn in the colour of its matched label."
+        if _noise_mask(clusters).any():
+            note += " Noise (in no cluster) is drawn in grey, under the clusters."
         body = (f'<p class="note">{_e(note)}</p>'
                 f'<img class="figure" src="{_data_uri(png)}" alt="2-D map of the embeddings">')
     else:
         body = '<p class="note">No embeddings were given; no map drawn.</p>'
-    sections.append(_section("map", "Embedding map", body))
+    sections.append(_section("map", "Embedding map", shown + body))
 
-    sections.append(_section("gallery", "Gallery", _gallery_html(
+    sections.append(_section("gallery", "Gallery", shown + _gallery_html(
         ids, clusters, labels, centroid_distances, thumbnails,
         max_clusters=max_clusters_shown, per_cluster=max_thumbs_per_cluster, thumb_size=thumb_size,
     )))
