@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 from pathlib import Path
@@ -112,6 +113,33 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
                 assert float(delta) == pytest.approx(values.mean() - base.mean(), abs=0.006)
     assert len(cells) == 6
     assert result.summary[0]["acc"][0] == pytest.approx(np.mean([float(r["acc"]) for r in rows[:3]]))
+    _check_report(out / "report.html", rows)
+
+
+def _check_report(path: Path, rows: list[dict]) -> None:
+    """report.html names the run it shows, gives scores in % only, and explains the shared registers rows."""
+    text = path.read_text(encoding="utf-8")
+    visible = re.sub(r"<[^>]+>", " ", re.sub(r'src="data:[^"]+"', "", text))
+    # the shown run: planted ITAE (it flags the most patches), seed 0, with its own scores in %
+    shown = next(r for r in rows if (r["model"], r["method"], r["seed"]) == ("demo:planted", "itae", "0"))
+    name = (f"Run shown: data set shapes · model demo:planted · method itae · seed 0 "
+            f"(ACC {100 * float(shown['acc']):.2f}%")
+    for sid in ("confusion", "map", "gallery"):
+        section = text[text.index(f'<section id="{sid}">'):]
+        assert name in section[: section.index("</section>")], sid
+    # the confusion table's matching accuracy is that run's ACC
+    assert f"accuracy under this matching: {100 * float(shown['acc']):.2f}%" in visible
+    metrics = text[text.index('<section id="metrics">'):]
+    metrics = metrics[: metrics.index("</section>")]
+    assert "ACC %" in metrics and f"<td>{100 * float(shown['acc']):.2f}</td>" in metrics
+    assert "shapes · demo:planted · itae · seed 0" in metrics
+    # percent everywhere: no score is printed as a fraction with 4 decimals
+    tables = text[text.index('<section id="metrics">'):text.index('<section id="confusion">')]
+    assert not re.search(r"<td>-?0\.\d{4}</td>", tables), tables
+    # the registers rows of both demo models come from the same reference model, and the page says so
+    assert visible.count("registers (demo:registers)") == 2
+    assert "the registers rows of demo:clean and demo:planted are one and the same reference model, " \
+           "demo:registers" in html.unescape(visible)
 
 
 def test_restart_after_interruption_skips_finished_runs_and_reuses_embeddings(tmp_path, monkeypatch):

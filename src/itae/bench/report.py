@@ -1,7 +1,9 @@
 """``report.html`` for a benchmark grid: the results table, and one run shown in full.
 
 The shown run is the first data set's ITAE run that flags the most patches (else its first run): its
-2-D map, confusion matrix, gallery and the artifact diagnostics of a few of its images.
+2-D map, confusion matrix, gallery and the artifact diagnostics of a few of its images. The page names
+that run (data set, model, method, seed) in each section that shows it, and gives every score in percent,
+as ``results.md`` does.
 """
 
 from __future__ import annotations
@@ -15,24 +17,73 @@ import numpy as np
 log = logging.getLogger("itae.bench")
 
 REPORT = "report.html"
+SCORES = ("acc", "nmi", "ari")
 
 
 def _pct(mean_std: tuple[float, float]) -> str:
     return f"{100 * mean_std[0]:.2f} ± {100 * mean_std[1]:.2f}"
 
 
-def _summary_tables(summary: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], list[list[str]]]:
-    metrics: dict[str, dict[str, float]] = {}
-    table = [["data set", "protocol", "model", "method", "runs", "ACC %", "NMI %", "ARI %", "ΔACC", "ΔNMI", "ΔARI"]]
+def _method_label(entry: dict[str, Any]) -> str:
+    """The method, with the model that embedded when it is not the row's model (the registers method)."""
+    backbone = entry.get("backbone") or entry["model"]
+    return entry["method"] if backbone == entry["model"] else f"{entry['method']} ({backbone})"
+
+
+def _shared_backbones(summary: list[dict[str, Any]]) -> list[str]:
+    """Notes for rows of different models that were embedded by one same model (the registers method maps
+    every model of a family to one counterpart, e.g. all demo:* models to demo:registers): those rows are
+    the same runs, so their numbers are identical by construction."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
     for e in summary:
-        metrics[f"{e['dataset']} · {e['model']} · {e['method']}"] = {s: e[s][0] for s in ("acc", "nmi", "ari")}
+        backbone = e.get("backbone") or e["model"]
+        if backbone != e["model"]:
+            groups.setdefault((e["dataset"], e["protocol"], e["method"], backbone), []).append(e["model"])
+    notes = []
+    for (dataset, _protocol, method, backbone), models in groups.items():
+        if len(models) > 1:
+            notes.append(
+                f"On {dataset}, the {method} rows of {' and '.join(models)} are one and the same reference model, "
+                f"{backbone} (the {method} method replaces each model by its with-registers counterpart, and "
+                f"these models share it): the same runs, so the same numbers. Only their Δ differ, as each is "
+                "taken against its own model's baseline."
+            )
+    return notes
+
+
+def _summary_rows(summary: list[dict[str, Any]]) -> list[list[str]]:
+    table = [["data set", "protocol", "model", "method", "runs", "ACC %", "NMI %", "ARI %",
+              "ΔACC (points)", "ΔNMI (points)", "ΔARI (points)"]]
+    for e in summary:
         delta = e.get("delta")
         table.append([
-            e["dataset"], e["protocol"], e["model"], e["method"], str(e["runs"]),
-            _pct(e["acc"]), _pct(e["nmi"]), _pct(e["ari"]),
-            *(["—"] * 3 if not delta else [f"{100 * delta[s]:+.2f}" for s in ("acc", "nmi", "ari")]),
+            e["dataset"], e["protocol"], e["model"], _method_label(e), str(e["runs"]),
+            *(_pct(e[s]) for s in SCORES),
+            *(["—"] * 3 if not delta else [f"{100 * delta[s]:+.2f}" for s in SCORES]),
         ])
-    return metrics, table
+    return table
+
+
+def _shown_run_metrics(shown: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The shown run's own scores, in %, as one row named by the run."""
+    def pct(key: str) -> str:
+        value = shown.get(key)
+        return "—" if value in (None, "") else f"{100 * float(value):.2f}"
+
+    name = f"{shown['dataset']} · {shown['model']} · {shown['method']} · seed {shown['seed']}"
+    return {name: {
+        "embedded by": shown.get("backbone") or shown["model"], "k": str(shown["k"]),
+        "images": str(shown.get("n_images", "")), "ACC %": pct("acc"), "NMI %": pct("nmi"), "ARI %": pct("ari"),
+        "purity %": pct("purity"), "patches flagged %": pct("flagged_fraction"),
+    }}
+
+
+def _shown_run_name(shown: dict[str, Any]) -> str:
+    backbone = shown.get("backbone") or shown["model"]
+    model = shown["model"] if backbone == shown["model"] else f"{shown['model']} (embedded by {backbone})"
+    return (f"data set {shown['dataset']} · model {model} · method {shown['method']} · seed {shown['seed']} "
+            f"(ACC {100 * float(shown['acc']):.2f}%, NMI {100 * float(shown['nmi']):.2f}%, "
+            f"ARI {100 * float(shown['ari']):.2f}%)")
 
 
 def write_bench_report(results, *, diagnostics: bool = True) -> Path:
@@ -43,7 +94,6 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
     from .runner import _cluster, _safe, load_model, open_dataset
 
     spec, out = results.spec, Path(results.out_dir)
-    metrics, table = _summary_tables(results.summary)
     rows = results.rows
     if not rows:
         raise ValueError("no finished runs to report")
@@ -82,10 +132,21 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
         except Exception as e:  # diagnostics are a bonus: the table matters more
             log.warning("itae bench: artifact diagnostics skipped: %s", e)
     config = {"spec": spec.to_dict(), "shown_run": {k: shown[k] for k in ("dataset", "model", "method", "seed")}}
+    why = ("the ITAE run that flags the most patches on the first data set" if shown in engineered
+           else "the first run on the first data set")
+    table_notes = [
+        "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the baseline "
+        "method of the same data set, protocol and model, in points.",
+        *_shared_backbones(results.summary),
+    ]
     return write_report(
         out / REPORT,
         title=f"itae bench: {', '.join(d.name for d in spec.datasets)}",
-        metrics=metrics, config=config, ids=store.ids, cluster_labels=pred, true_labels=list(classes[y]),
+        metrics=_shown_run_metrics(shown),
+        metrics_note=f"The run that the confusion table, map and gallery below show ({why}); scores in %. "
+                     "Every run of the grid is in the next table.",
+        config=config, ids=store.ids, cluster_labels=pred, true_labels=list(classes[y]),
         embeddings=x, thumbnails=thumbnail, diagnostics_pngs=pngs,
-        extra_tables=[("All runs: mean ± sample std over seeds, Δ against the baseline (points)", table)],
+        extra_tables=[("All runs", _summary_rows(results.summary), table_notes)],
+        shown_run=_shown_run_name(shown),
     )

@@ -686,7 +686,7 @@ def write_report(
     centroid_distances: np.ndarray | None = None,
     thumbnails: Thumbnails | None = None,
     diagnostics_pngs: Sequence[PngLike | tuple[str, PngLike]] | None = None,
-    extra_tables: Sequence[tuple[str, Sequence[Any]]] | None = None,
+    extra_tables: Sequence[tuple[str, Sequence[Any]] | tuple[str, Sequence[Any], Sequence[str]]] | None = None,
     max_points: int = 20000,
     tsne_max_points: int = 5000,
     max_thumbs_per_cluster: int = 12,
@@ -704,7 +704,8 @@ def write_report(
     embeddings: (n, D) features, or an (n, 2) precomputed map; also used for centroid distances when
     ``centroid_distances`` is None. thumbnails: id -> PIL image, array or image path (callable or mapping),
     called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
-    extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header.
+    extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header,
+    or (title, rows, notes) with notes printed under the table.
     metrics: see ``_metrics_html`` for the shapes accepted; ``metrics_note`` is printed above its table.
     shown_run: which run the confusion table, map and gallery show, when the page covers several (e.g. a
     benchmark grid); each of those sections then starts by naming it.
@@ -750,8 +751,9 @@ def write_report(
         metrics_body = f'<p class="note">{_e(metrics_note)}</p>' + metrics_body
     sections = [_section("metrics", "Metrics", metrics_body)]
     shown = f'<p class="note shown">Run shown: {_e(shown_run)}</p>' if shown_run else ""
-    for i, (table_title, rows) in enumerate(extra_tables or []):
-        sections.append(_section(f"table-{i}", str(table_title), _rows_table(rows)))
+    for i, (table_title, rows, *notes) in enumerate(extra_tables or []):
+        below = "".join(f'<p class="note">{_e(n)}</p>' for n in (notes[0] if notes else ()))
+        sections.append(_section(f"table-{i}", str(table_title), _rows_table(rows) + below))
 
     matching = _match(clusters, labels) if labels is not None else None
     if matching is not None:
