@@ -153,6 +153,8 @@ def test_known_models_cover_the_three_families():
 def test_unknown_name_lists_the_families():
     with pytest.raises(ModelLoadError, match="unknown model 'dino-v9'.*Hugging Face id.*timm name.*torch.hub name"):
         load_backbone("dino-v9")
+    with pytest.raises(ModelLoadError, match="offline demo models.*demo:clean.*demo:planted.*demo:registers"):
+        load_backbone("dino-v9")
 
 
 @pytest.mark.parametrize(

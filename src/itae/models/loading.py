@@ -111,7 +111,7 @@ def load_backbone(
     name = str(name_or_path).strip()
     if not name:
         raise ModelLoadError("empty model name; pass a model name such as facebook/dinov2-base or a local path")
-    from .demo import is_demo_name, load_demo
+    from .demo import DEMO_MODELS, is_demo_name, load_demo
 
     if is_demo_name(name):  # the offline planted-artifact demonstration models
         return load_demo(name, device=device, dtype=dtype, resolution=resolution)
@@ -135,7 +135,7 @@ def load_backbone(
                 f"unknown model {name!r}; use a Hugging Face id (facebook/dinov2-base, "
                 "facebook/dinov2-with-registers-base, ...), a timm name (timm/vit_base_patch14_dinov2.lvd142m, "
                 "timm/vit_base_patch14_reg4_dinov2.lvd142m, ...), a torch.hub name (dinov2_vitb14, "
-                "dinov2_vitb14_reg, ...) or a local path"
+                f"dinov2_vitb14_reg, ...), a local path, or one of the offline demo models ({', '.join(DEMO_MODELS)})"
             )
     model = model.to(device=device, dtype=dtype).eval()
     backbone = adapt(model, name=label)
