@@ -12,12 +12,16 @@ better) and Davies-Bouldin (lower is better) are offered as cheaper alternatives
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from itae.clustering import _arrays
 from itae.clustering.hierarchical import AgglomerativeClusterer
 from itae.clustering.kmeans import KMeansClusterer
+
+log = logging.getLogger(__name__)
 
 CRITERIA = {"silhouette": 1.0, "calinski_harabasz": 1.0, "davies_bouldin": -1.0}  # sign: higher is better
 
@@ -92,9 +96,17 @@ class AutoK(ClusterMixin, BaseEstimator):
         # A sample in file order, so a memory map is read forwards; the whole input when it is small enough.
         sample = x if whole else _arrays.sample_rows(x, self.sample_size, seed=self.seed, spherical=False)
         m = sample.shape[0]
-        k_max = min(k_max, m - 1)  # the silhouette is defined for 2 <= k <= m - 1
-        if k_min > k_max:
-            raise ValueError(f"k_range {self.k_range!r} needs more than {m} samples; pass a smaller k_min")
+        if k_max > m - 1:  # the silhouette is defined for 2 <= k <= m - 1
+            if k_min > m - 1:
+                raise ValueError(
+                    f"k_range {self.k_range!r} needs more than {m} samples; pass a smaller k_min "
+                    f"(on the command line: --k-range 2:{m - 1})"
+                )
+            log.warning(
+                "k range %d:%d capped to %d:%d: choosing k on %d %s allows at most %d clusters",
+                k_min, k_max, k_min, m - 1, m, "rows" if whole else "sampled rows", m - 1,
+            )
+            k_max = m - 1
 
         scored = _arrays.as_float32(sample, spherical=self.spherical)
         sign = CRITERIA[self.criterion]
