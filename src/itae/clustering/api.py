@@ -76,7 +76,9 @@ def cluster(
     first = None
     if method == "hdbscan":
         if k is not None:
-            raise ValueError("method='hdbscan' chooses the number of clusters itself; pass k=None")
+            raise ValueError(
+                "method='hdbscan' chooses the number of clusters itself; pass k=None (on the command line, omit -k)"
+            )
         first = HDBSCANClusterer(spherical=spherical, **kw).fit(x)
     elif k is None:
         sample_size = kw.pop("sample_size", 10_000)

@@ -37,6 +37,7 @@ from .store import (
     StoreError,
     StoreWriter,
     clear_store_files,
+    describe_setting_differences,
     foreign_files,
     library_versions,
     prepare_output,
@@ -74,9 +75,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='auto' or 'cpu'")
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='auto' or 'cpu' (--device auto or cpu)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' was asked for but MPS is not available; use device='auto' or 'cpu'")
+        raise ValueError("device 'mps' was asked for but MPS is not available; use device='auto' or 'cpu' (--device auto or cpu)")
     return dev
 
 
@@ -315,7 +316,7 @@ def open_output(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> tup
     if existing is not None and not overwrite and not resume:
         raise StoreError(
             f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
-            "overwrite=True to replace it"
+            "overwrite=True (--overwrite) to replace it"
         )
     return out_dir, existing
 
@@ -386,10 +387,10 @@ def open_writer(
     if existing is not None and not overwrite:
         diffs = setting_differences(existing, manifest)
         if diffs:
-            detail = "; ".join(f"{d}: store has {_get(existing, d)!r}, asked {_get(manifest, d)!r}" for d in diffs)
+            detail = describe_setting_differences(existing, manifest, diffs)
             raise StoreError(
                 f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another folder, the "
-                "same settings, or overwrite=True"
+                "same settings, or overwrite=True (--overwrite)"
             )
         if existing.get("versions") != manifest["versions"]:
             logger.warning("resuming a store written with other library versions: %s", existing.get("versions"))
@@ -624,7 +625,7 @@ def _check_finite(emb: torch.Tensor, indices: torch.Tensor, src: ImageSource) ->
     names = ", ".join(repr(src.ids[i]) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     raise ValueError(
         f"non-finite (NaN or inf) embedding for image {names}; refusing to write it. Committed chunks are "
-        "kept and a rerun resumes; with fp16 this is usually an overflow, so try precision='bf16' or 'fp32'"
+        "kept and a rerun resumes; with fp16 this is usually an overflow, so try precision='bf16' or 'fp32' (--precision)"
     )
 
 

@@ -110,11 +110,13 @@ class FolderSource(ImageSource):
                 raise ValueError(
                     f"labels='from-folders' takes each image's label from its immediate subfolder, but "
                     f"{len(top)} image(s) lie directly in {str(self.root)!r} (e.g. {top[0]!r}); "
-                    "move them into class folders or use labels='none'"
+                    "move them into class folders or use labels='none' (--labels none)"
                 )
             label_list = [r.split("/", 1)[0] for r in rel]
         elif labels == "column":
-            raise ValueError("labels='column' needs a CSV list or a data set; for a folder use labels='from-folders'")
+            raise ValueError(
+                "labels='column' needs a CSV list or a data set; for a folder use labels='from-folders' (--labels from-folders)"
+            )
         super().__init__(spec or str(root), rel, label_list)
 
     def read(self, index: int) -> Payload:
@@ -159,7 +161,7 @@ class ListSource(ImageSource):
             if labels != "none":
                 raise ValueError(
                     f"labels={labels!r} needs a label column: use a .csv list with a header "
-                    f"'path,{label_column}', or labels='none'"
+                    f"'path,{label_column}', or labels='none' (--labels none)"
                 )
             paths, label_list = self._read_text(), None
         if not paths:
@@ -185,7 +187,9 @@ class ListSource(ImageSource):
                     f"columns are {header}"
                 )
             if labels == "from-folders":
-                raise ValueError("labels='from-folders' applies to folders; for a CSV list use labels='column'")
+                raise ValueError(
+                    "labels='from-folders' applies to folders; for a CSV list use labels='column' (--labels column)"
+                )
             paths: list[str] = []
             label_list: list[str] | None = [] if labels == "column" else None
             for line_no, row in enumerate(reader, start=2):
@@ -225,7 +229,9 @@ class WebDatasetSource(ImageSource):
         self, shards: list[Path], *, labels: LabelMode = "none", label_column: str = "label", spec: str | None = None
     ) -> None:
         if labels == "from-folders":
-            raise ValueError("labels='from-folders' applies to folders; for WebDataset shards use labels='column'")
+            raise ValueError(
+                "labels='from-folders' applies to folders; for WebDataset shards use labels='column' (--labels column)"
+            )
         self.shards = [Path(s) for s in shards]
         names = [s.name for s in self.shards]
         if len(set(names)) != len(names):
@@ -250,7 +256,7 @@ class WebDatasetSource(ImageSource):
         if missing_label is not None:
             raise ValueError(
                 f"labels='column' but sample {missing_label!r} has no .cls/.txt/.json member "
-                f"(or its JSON has no {label_column!r} key); use labels='none'"
+                f"(or its JSON has no {label_column!r} key); use labels='none' (--labels none)"
             )
         self._members = members
         super().__init__(spec or ",".join(map(str, self.shards)), ids, label_list)
@@ -412,7 +418,9 @@ class HFDatasetSource(ImageSource):
                 "reading a HF data set needs the 'datasets' package: pip install 'itae[datasets]'"
             ) from e
         if labels == "from-folders":
-            raise ValueError("labels='from-folders' applies to folders; for a HF data set use labels='column'")
+            raise ValueError(
+                "labels='from-folders' applies to folders; for a HF data set use labels='column' (--labels column)"
+            )
         name = spec[3:] if spec.startswith("hf:") else spec
         local = Path(name)
         if local.is_dir():
@@ -430,7 +438,7 @@ class HFDatasetSource(ImageSource):
             except Exception as e:  # the library raises many types; the user needs one clear line
                 hint = ""
                 if hf_config is None and "config" in str(e).lower():  # e.g. "Config name is missing"
-                    hint = f" (to choose a configuration, write hf:{name}:CONFIG or pass hf_config=...)"
+                    hint = f" (to choose a configuration, write hf:{name}:CONFIG, or pass hf_config=... / --hf-config)"
                 raise ValueError(
                     f"{spec!r} is neither an image folder, a list, WebDataset shards nor a loadable HF data set: "
                     f"{e}{hint}"
@@ -440,7 +448,7 @@ class HFDatasetSource(ImageSource):
             splits = list(data)
             if split is None:
                 if len(splits) != 1:
-                    raise ValueError(f"the data set {spec!r} has splits {splits}; choose one with split=...")
+                    raise ValueError(f"the data set {spec!r} has splits {splits}; choose one with split=... (--split)")
                 split = splits[0]
             if split not in data:
                 raise ValueError(f"the data set {spec!r} has no split {split!r}; splits are {splits}")

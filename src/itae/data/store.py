@@ -112,7 +112,9 @@ class EmbeddingStore:
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise FileNotFoundError(f"no embedding store at {str(self.path)!r} (no {MANIFEST}); run itae.embed first")
+            raise FileNotFoundError(
+                f"no embedding store at {str(self.path)!r} (no {MANIFEST}); run itae embed (itae.embed in Python) first"
+            )
         with open(manifest, encoding="utf-8") as f:
             self.manifest: dict[str, Any] = json.load(f)
         if self.manifest.get("format") != FORMAT:
@@ -156,8 +158,8 @@ class EmbeddingStore:
     def _require_complete(self) -> None:
         if not self.is_complete:
             raise StoreError(
-                f"the store at {str(self.path)!r} is incomplete (the run was interrupted); run itae.embed again "
-                "with the same settings to resume it"
+                f"the store at {str(self.path)!r} is incomplete (the run was interrupted); run itae embed "
+                "(itae.embed in Python) again with the same settings to resume it"
             )
 
     def __len__(self) -> int:
@@ -220,7 +222,7 @@ def prepare_output(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and check that files can be written in it, or raise a clear error."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise StoreError(f"output {str(out)!r} exists and is not a folder; give a folder path for the store")
+        raise StoreError(f"{str(out)!r} is a file, not a folder; give a folder path for the store")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -268,7 +270,51 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         with open(p, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"cannot read {str(p)!r}: {e}; pass overwrite=True to start this store again") from None
+        raise StoreError(
+            f"cannot read {str(p)!r}: {e}; pass overwrite=True (--overwrite) to start this store again"
+        ) from None
+
+
+def _setting(manifest: dict[str, Any], dotted: str) -> Any:
+    value: Any = manifest
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A setting's value for a message: long hex digests (fingerprints) cut to their first 12 characters."""
+    if isinstance(value, str) and len(value) > 16 and all(c in "0123456789abcdef" for c in value):
+        return repr(value[:12] + "...")
+    return repr(value)
+
+
+def _labels_setting(manifest: dict[str, Any]) -> str:
+    src = manifest.get("source", {})
+    if not src.get("has_labels"):
+        return "none"
+    return str(src.get("labels") or "yes")
+
+
+def describe_setting_differences(old: dict[str, Any], new: dict[str, Any], diffs: list[str]) -> str:
+    """``diffs`` (from ``setting_differences``) in words: "labels: store has none, asked from-folders; ..."."""
+    old_mode, new_mode = _setting(old, "source.labels"), _setting(new, "source.labels")
+    labels_differ = "source.has_labels" in diffs or (
+        "source.fingerprint" in diffs and None not in (old_mode, new_mode) and old_mode != new_mode
+    )
+    parts = []
+    if labels_differ:  # said plainly, with the label mode of each side, rather than as has_labels True/False
+        parts.append(f"labels: store has {_labels_setting(old)}, asked {_labels_setting(new)}")
+    for d in diffs:
+        if d == "source.has_labels":
+            continue
+        note = " (of the image ids and their labels)" if d == "source.fingerprint" and labels_differ else ""
+        was, now = _setting(old, d), _setting(new, d)
+        if isinstance(was, dict) and isinstance(now, dict):  # e.g. itae_requested: only the keys that differ
+            keys = [key for key in {**was, **now} if was.get(key) != now.get(key)]
+            was, now = {key: was.get(key) for key in keys}, {key: now.get(key) for key in keys}
+        parts.append(f"{d}{note}: store has {_shown(was)}, asked {_shown(now)}")
+    return "; ".join(parts)
 
 
 def setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -448,6 +494,6 @@ def _manifest_text(manifest: dict[str, Any]) -> str:
 
 __all__ = [
     "EmbeddingStore", "StoreError", "StoreWriter", "atomic_write", "atomic_write_text", "chunk_name",
-    "clear_store_files", "foreign_files", "library_versions", "prepare_output", "read_manifest",
-    "remove_chunks", "setting_differences", "write_errors_csv",
+    "clear_store_files", "describe_setting_differences", "foreign_files", "library_versions", "prepare_output",
+    "read_manifest", "remove_chunks", "setting_differences", "write_errors_csv",
 ]
