@@ -258,3 +258,179 @@ def test_cluster_max_samples_for_pairwise_methods(assets, tmp_path, capsys):
     assert _run("cluster", store, "-k", 3, "-o", tmp_path / "b", "--method", "agglomerative", "--max-samples", 30) == 0
     assert _run("cluster", store, "-k", 3, "-o", tmp_path / "c", "--max-samples", 30) != 0
     assert "k-means has no size limit" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ usability details
+
+
+@pytest.mark.parametrize("layers", [("--layers", "-2,-1"), ("--layers=-2,-1",), ("--layers", "-1")])
+def test_negative_layer_lists_parse_in_every_spelling(layers):
+    from itae.cli.main import build_parser, join_number_lists
+
+    args = build_parser().parse_args(join_number_lists(["run", "data", "-o", "out", *layers]))
+    assert args.layers == ((-2, -1) if "-2" in "".join(layers) else (-1,))
+
+
+def test_negative_threshold_lists_and_non_numbers_are_left_alone():
+    from itae.cli.main import build_parser, join_number_lists
+
+    argv = join_number_lists(["run", "d", "-o", "o", "--threshold", "-0.5,-1e-3", "--layers", "-2,-1", "--seeds", "0,1"])
+    assert "--threshold=-0.5,-1e-3" in argv and "--seeds" in argv  # a list without a leading '-' needs no help
+    args = build_parser().parse_args(argv)
+    assert args.threshold == (-0.5, -1e-3) and args.layers == (-2, -1) and args.seeds == (0, 1)
+    # an option after --layers is not swallowed, and nothing after "--" is touched
+    assert join_number_lists(["--layers", "--model", "x"]) == ["--layers", "--model", "x"]
+    assert join_number_lists(["--", "--layers", "-1,-2"]) == ["--", "--layers", "-1,-2"]
+
+
+def test_documented_layers_example_runs(assets, tmp_path, capsys):
+    out = tmp_path / "two-layers"
+    rc = _run("run", assets["data"], "-k", 3, "-o", out, "--model", assets["model"], "--layers", "-2,-1",
+              "--no-report", *COMMON)
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["itae"]["layers"] == [-2, -1]
+
+
+@pytest.mark.parametrize("case", ["missing_data", "unknown_model", "nested"])
+def test_failed_command_removes_the_output_folder_it_created(assets, tmp_path, capsys, case):
+    data, model, out = assets["data"], assets["model"], tmp_path / "e1"
+    if case == "missing_data":
+        data = tmp_path / "missing_folder"
+    elif case == "unknown_model":
+        model = "no-such-model-anywhere"
+    else:
+        out = tmp_path / "a" / "b" / "e1"
+        model = "no-such-model-anywhere"
+    assert _run("run", data, "-k", 3, "-o", out, "--model", model, *COMMON) != 0
+    assert "itae: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # the embed command too
+    assert _run("embed", data, "-o", out, "--model", model, *COMMON) != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_failed_command_keeps_an_existing_output_folder_and_files(assets, tmp_path):
+    out = tmp_path / "mine"
+    (out / "empty-sub").mkdir(parents=True)
+    assert _run("run", tmp_path / "missing", "-k", 3, "-o", out, *COMMON) != 0
+    assert (out / "empty-sub").is_dir()  # existed before: not ours to remove
+    # a folder the failed command created, but that holds more than its run.json, stays with everything in it
+    new = tmp_path / "new"
+    rc = _run("run", assets["data"], "-k", 1000, "-o", new, "--model", assets["model"], *COMMON)
+    assert rc != 0 and not new.exists()  # k checked before anything is written
+    rc = _run("run", assets["data"], "-k", 3, "-o", new, "--model", assets["model"], "--method", "hdbscan", *COMMON)
+    assert rc != 0
+    assert (new / "embeddings" / "manifest.json").is_file()  # the store, to be resumed, is kept
+
+
+def test_global_flags_after_the_subcommand(assets, tmp_path, capsys):
+    store = tmp_path / "store"
+    rc = _run("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON, "-v")
+    assert rc == 0, capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # --traceback after the subcommand re-raises
+        _run("run", tmp_path / "missing", "-k", 3, "-o", tmp_path / "o", *COMMON, "--traceback")
+    with pytest.raises(ValueError, match="larger than the number of images"):
+        _run("--traceback", "cluster", tmp_path / "store", "-k", 1000)
+    # ... and before it, as ever; a flag given neither place stays off
+    from itae.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "evaluate", "x"]).verbose is True
+    assert parser.parse_args(["evaluate", "x", "-v"]).verbose is True
+    assert parser.parse_args(["evaluate", "x"]).verbose is False
+    assert parser.parse_args(["evaluate", "x"]).traceback is False
+    assert parser.parse_args(["evaluate", "x", "--config", "c.json"]).config == "c.json"
+
+
+def test_inspect_does_not_offer_no_itae(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    assert "--no-itae" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "x.png", "-o", "fig", "--no-itae"])
+    assert e.value.code != 0
+
+
+def test_evaluate_prints_the_metrics_file_headline(assets, tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc = _run("run", assets["data"], "-k", 3, "-o", out, "--model", assets["model"], "--labels", "from-folders",
+              "--seeds", "0,1,2", "--no-report", *COMMON)
+    assert rc == 0, capsys.readouterr().err
+    summary = capsys.readouterr().out
+    # the run's line names the seed of the headline scores, the mean over the seeds and the undecodable image
+    assert "seed 0: ACC" in summary and "mean over 3 seeds: ACC" in summary
+    assert "1 more could not be decoded, see errors.csv" in summary
+    assert _run("evaluate", out) == 0
+    printed = capsys.readouterr().out
+    shown = json.loads(printed)
+    written = json.loads((out / "metrics.json").read_text())
+    assert shown == {k: v for k, v in written.items() if k != "seeds"}
+    assert {"acc", "nmi", "ari", "purity", "n_images", "n_clusters", "n_classes", "mean", "std"} <= set(shown)
+    assert '\n  "acc"' in printed  # indented as the file is
+
+
+def test_run_summary_with_one_seed_and_no_labels(assets, tmp_path, capsys):
+    rc = _run("run", assets["data"], "-k", 3, "-o", tmp_path / "one", "--model", assets["model"], "--no-report",
+              "--no-itae", *COMMON)
+    assert rc == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == "24 images -> 3 clusters (1 more could not be decoded, see errors.csv)"
+
+
+def test_embed_summary_is_true_for_fresh_and_complete_stores(assets, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON)
+    assert _run(*args) == 0
+    fresh = capsys.readouterr().out.strip()
+    assert fresh == f"store {store}: 24 images embedded, 1 could not be decoded (listed in errors.csv)"
+    assert _run(*args) == 0  # already complete: the same true sentence
+    assert capsys.readouterr().out.strip() == fresh
+
+
+def test_resume_refusal_says_plainly_that_labels_differ(assets, tmp_path, capsys):
+    import re
+
+    store = tmp_path / "store"
+    args = ("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON)
+    assert _run(*args) == 0
+    capsys.readouterr()
+    assert _run(*args, "--labels", "from-folders") != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "labels: store has none, asked from-folders" in err, err
+    assert "--overwrite" in err and "has_labels" not in err
+    assert not re.search(r"[0-9a-f]{13,}", err), err  # fingerprints shortened to 12 characters
+
+
+def test_store_output_that_is_a_file(assets, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert _run("embed", assets["data"], "-o", afile, "--model", assets["model"], *COMMON) != 0
+    assert f"{str(afile)!r} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+
+def test_hdbscan_with_k_names_the_flag(assets, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert _run("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON) == 0
+    capsys.readouterr()
+    assert _run("cluster", store, "-k", 3, "--method", "hdbscan") != 0
+    assert "omit -k" in capsys.readouterr().err
+
+
+def test_capped_k_range_is_logged(assets, tmp_path, capsys):
+    import logging
+
+    store = tmp_path / "store"
+    assert _run("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON) == 0
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("itae.clustering.autok")
+    logger.addHandler(handler)
+    try:
+        assert _run("cluster", store, "--k-range", "5:300", "-o", tmp_path / "auto") == 0
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert messages == ["k range 5:300 capped to 5:23: choosing k on 24 rows allows at most 23 clusters"]

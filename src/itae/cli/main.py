@@ -15,12 +15,40 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+# Options whose value may be a comma list of negative numbers ("--layers -2,-1"): argparse would take
+# "-2,-1" for an option, so main() joins such pairs into "--layers=-2,-1" before parsing.
+NUMBER_LIST_OPTIONS = ("--layers", "--threshold", "--seeds")
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER_LIST = re.compile(rf"\s*{_NUMBER}\s*(?:,\s*{_NUMBER}\s*)*,?")
+
+
+def join_number_lists(argv: list[str]) -> list[str]:
+    """``--layers -2,-1`` -> ``--layers=-2,-1`` (and likewise for the other NUMBER_LIST_OPTIONS)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":  # everything after it is positional
+            out.extend(argv[i:])
+            break
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if (token in NUMBER_LIST_OPTIONS and value is not None and value.startswith("-")
+                and _NUMBER_LIST.fullmatch(value)):
+            out.append(f"{token}={value}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -62,9 +90,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, help="input size, rounded to the patch size (default: the model's)")
 
 
-def _add_itae(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ITAE (on by default)")
-    g.add_argument("--no-itae", action="store_true", help="the unmodified model (baseline)")
+def _add_itae(p: argparse.ArgumentParser, *, baseline: bool = True) -> None:
+    g = p.add_argument_group("ITAE (on by default)" if baseline else "ITAE")
+    if baseline:
+        g.add_argument("--no-itae", action="store_true", help="the unmodified model (baseline)")
     g.add_argument("--source", choices=["q", "k", "v"], default="v", help="projection whose patch norms flag artifacts")
     g.add_argument("--threshold", type=_threshold, default="auto",
                    help="'auto' (calibrated on the data, label-free), a number, or one per layer")
@@ -127,7 +156,7 @@ def _cluster_options(args: argparse.Namespace) -> dict:
 def _itae_config(args: argparse.Namespace):
     from itae.config import ITAEConfig
 
-    if args.no_itae:
+    if getattr(args, "no_itae", False):
         return None
     return ITAEConfig(
         source=args.source, threshold=args.threshold, side=args.side, layers=tuple(args.layers), rows=args.rows,
@@ -183,8 +212,46 @@ def cmd_embed(args: argparse.Namespace) -> int:
             progress=not args.no_progress, overwrite=args.overwrite, fast_decode=args.fast_decode,
             compile=args.compile,
         )
-    print(f"embedded {len(store)} images ({len(store.errors)} skipped) into {store.path}")
+    print(_store_summary(store))
     return 0
+
+
+def _store_summary(store) -> str:
+    """What a store holds, true whether this command filled it, finished it or found it complete."""
+    line = f"store {store.path}: {len(store)} images embedded"
+    n_failed = len(store.errors)
+    if n_failed:
+        line += f", {n_failed} could not be decoded (listed in errors.csv)"
+    return line
+
+
+def _plus_minus() -> str:
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "\u00b1".encode(encoding)
+    except (LookupError, UnicodeEncodeError):
+        return "+/-"
+    return "\u00b1"
+
+
+def _run_summary(record: dict[str, Any]) -> str:
+    """``itae run``'s result line: images, clusters, scores (naming the seed they are of), decoding failures."""
+    line = f"{record['n_images']} images -> {record['clustering']['k']} clusters"
+    n_errors = record.get("n_errors") or 0
+    if n_errors:
+        line += f" ({n_errors} more could not be decoded, see errors.csv)"
+    m = record["metrics"]
+    if m:
+        scores = ("acc", "nmi", "ari")
+        first = "  ".join(f"{s.upper()} {100 * m[s]:.2f}" for s in scores)
+        seeds = record["clustering"].get("seeds") or [0]
+        if "mean" in m:  # several seeds: the headline scores are those of the first one
+            pm = _plus_minus()
+            mean = "  ".join(f"{s.upper()} {100 * m['mean'][s]:.2f} {pm} {100 * m['std'][s]:.2f}" for s in scores)
+            line += f"; seed {seeds[0]}: {first}; mean over {m.get('n_runs', len(seeds))} seeds: {mean}"
+        else:
+            line += f"; {first}"
+    return line
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -200,7 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from itae.pipeline import evaluate_assignments
 
     metrics = evaluate_assignments(args.assignments)
-    print(json.dumps({k: metrics[k] for k in ("acc", "nmi", "ari", "purity", "n_images", "n_clusters")}, indent=1))
+    # metrics.json as written, less the per-seed details ("seeds") that only the file holds
+    print(json.dumps({k: v for k, v in metrics.items() if k != "seeds"}, indent=2))
     return 0
 
 
@@ -217,11 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fast_decode=args.fast_decode, compile=args.compile,
         cluster_options=_cluster_options(args),
     )
-    m = record["metrics"]
-    line = f"{record['n_images']} images -> {record['clustering']['k']} clusters"
-    if m:
-        line += f"; ACC {100 * m['acc']:.2f}  NMI {100 * m['nmi']:.2f}  ARI {100 * m['ari']:.2f}"
-    print(line)
+    print(_run_summary(record))
     print(f"outputs in {args.out}" + ("" if args.no_report else f" (open {Path(args.out) / 'report.html'})"))
     return 0
 
@@ -236,8 +300,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from itae.report.figures import images_from_pixel_values, write_inspection
 
     cfg = _itae_config(args)
-    if cfg is None:
-        raise ValueError("inspect shows ITAE's diagnostics; drop --no-itae")
     backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)
     transform = build_transform(backbone.preprocess)
     pixels = []
@@ -279,6 +341,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- parser
 
 
+def _add_global(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """-v, --config, --traceback; with ``suppress`` (on the subcommands) an absent flag sets nothing."""
+    g = p.add_argument_group("general")
+    off = argparse.SUPPRESS if suppress else False
+    g.add_argument("-v", "--verbose", action="store_true", default=off, help="log calibration and progress details")
+    g.add_argument("--config", default=argparse.SUPPRESS if suppress else None,
+                   help="a JSON/TOML file of option defaults (command-line flags win)")
+    g.add_argument("--traceback", action="store_true", default=off, help="show the full traceback of an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="itae",
@@ -286,14 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every option can also come from --config FILE (JSON, or TOML on Python 3.11+), keys as option names.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('itae').__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log calibration and progress details")
-    parser.add_argument("--config", help="a JSON/TOML file of option defaults (command-line flags win)")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    _add_global(parser)
+    # The same flags after the subcommand ("itae run ... -v"). Their default is SUPPRESS there, so a flag
+    # not given after the subcommand leaves the value given (or defaulted) before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="embed, cluster, score and report", description="Embed DATA, cluster it into K "
                        "groups, score against labels when known, and write OUT/ (assignments.csv, metrics.json, "
-                       "errors.csv, run.json, report.html, embeddings/).")
+                       "errors.csv, run.json, report.html, embeddings/).", parents=[common])
     p.add_argument("data", help="folder, .txt/.csv list, WebDataset .tar shards, or HF data set (id or saved folder)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -304,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("embed", help="embed images into a resumable store")
+    p = sub.add_parser("embed", help="embed images into a resumable store", parents=[common])
     p.add_argument("data", help="folder, .txt/.csv list, WebDataset .tar shards, or HF data set")
     p.add_argument("-o", "--out", required=True, help="store folder")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="local process or Ray Data")
@@ -321,24 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("cluster", help="cluster a finished embedding store")
+    p = sub.add_parser("cluster", help="cluster a finished embedding store", parents=[common])
     p.add_argument("store", help="store folder written by itae embed")
     p.add_argument("-o", "--out", help="where assignments.csv goes (default: the store folder)")
     _add_cluster(p)
     p.set_defaults(func=cmd_cluster)
 
-    p = sub.add_parser("evaluate", help="score assignments.csv against its labels")
+    p = sub.add_parser("evaluate", help="score assignments.csv against its labels", parents=[common])
     p.add_argument("assignments", help="assignments.csv, or the folder holding it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("inspect", help="figures of the artifacts and of the CLS attention before/after ITAE")
+    p = sub.add_parser("inspect", help="figures of the artifacts and of the CLS attention before/after ITAE",
+                       parents=[common])
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-o", "--out", required=True, help="folder for the PNG figures")
     _add_model(p)
-    _add_itae(p)
+    _add_itae(p, baseline=False)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds")
+    p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds", parents=[common])
     p.add_argument("--spec", help="grid spec (JSON)")
     p.add_argument("--quick", action="store_true", help="offline preset: the planted-artifact demo on a local folder")
     p.add_argument("--data", help="labelled image folder (<class>/<image>) for --quick (default: generated images)")
@@ -375,7 +450,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         return args
     defaults = _load_config_file(args.config)
     sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen subcommand's parser
-    known = {a.dest for a in sub._actions}
+    known = {a.dest for a in sub._actions} - {"config", "help"}
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
@@ -397,9 +472,42 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _missing_top(path: str | os.PathLike) -> Path | None:
+    """The outermost folder of ``path`` (itself or an ancestor) that does not exist yet, or None."""
+    p = Path(os.path.abspath(path))
+    if os.path.lexists(p):
+        return None
+    top = p
+    while not os.path.lexists(top.parent) and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _remove_failed_output(top: Path, run_dir: Path | None) -> None:
+    """Undo what a failed command left in ``top``, a folder it created: the folders under it (and ``top``),
+    bottom-up, as far as they are empty. In a run folder that holds nothing else, the ``run.json`` that
+    ``itae run`` writes first ("status": "running") goes too: it only says that a run was begun. Every other
+    file is kept, and with it the folders that hold it (e.g. a store that a rerun resumes)."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    files = [Path(folder) / name for folder, _, names in os.walk(top) for name in names]
+    if run_dir is not None and len(files) == 1 and files[0] == Path(os.path.abspath(run_dir)) / "run.json":
+        try:
+            begun_only = json.loads(files[0].read_text(encoding="utf-8")).get("status") == "running"
+        except (OSError, ValueError, AttributeError):
+            begun_only = False
+        if begun_only:
+            files[0].unlink()
+    for folder, _, _ in os.walk(top, topdown=False):
+        try:
+            os.rmdir(folder)  # fails, and so keeps the folder, unless it is empty
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = join_number_lists(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         args = _apply_config(parser, argv)
     except (ValueError, FileNotFoundError) as e:
@@ -409,8 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     _configure_logging(args.verbose, args.command in ("run", "embed", "inspect", "bench"))
+    # An output folder that this command creates and then leaves empty because it failed is removed again.
+    out = getattr(args, "out", None)
+    created = _missing_top(out) if out else None
+    ok = False
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        ok = rc == 0
+        return rc
     except KeyboardInterrupt:
         print("itae: interrupted (an embedding run resumes where it stopped when started again)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -419,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"itae: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if created is not None and not ok:
+            _remove_failed_output(created, out if args.command == "run" else None)
 
 
 if __name__ == "__main__":
