@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .results import shared_backbone_notes
+
 log = logging.getLogger("itae.bench")
 
 REPORT = "report.html"
@@ -28,27 +30,6 @@ def _method_label(entry: dict[str, Any]) -> str:
     """The method, with the model that embedded when it is not the row's model (the registers method)."""
     backbone = entry.get("backbone") or entry["model"]
     return entry["method"] if backbone == entry["model"] else f"{entry['method']} ({backbone})"
-
-
-def _shared_backbones(summary: list[dict[str, Any]]) -> list[str]:
-    """Notes for rows of different models that were embedded by one same model (the registers method maps
-    every model of a family to one counterpart, e.g. all demo:* models to demo:registers): those rows are
-    the same runs, so their numbers are identical by construction."""
-    groups: dict[tuple[str, str, str, str], list[str]] = {}
-    for e in summary:
-        backbone = e.get("backbone") or e["model"]
-        if backbone != e["model"]:
-            groups.setdefault((e["dataset"], e["protocol"], e["method"], backbone), []).append(e["model"])
-    notes = []
-    for (dataset, _protocol, method, backbone), models in groups.items():
-        if len(models) > 1:
-            notes.append(
-                f"On {dataset}, the {method} rows of {' and '.join(models)} are one and the same reference model, "
-                f"{backbone} (the {method} method replaces each model by its with-registers counterpart, and "
-                f"these models share it): the same runs, so the same numbers. Only their Δ differ, as each is "
-                "taken against its own model's baseline."
-            )
-    return notes
 
 
 def _summary_rows(summary: list[dict[str, Any]]) -> list[list[str]]:
@@ -137,7 +118,7 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
     table_notes = [
         "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the baseline "
         "method of the same data set, protocol and model, in points.",
-        *_shared_backbones(results.summary),
+        *shared_backbone_notes(results.summary),
     ]
     return write_report(
         out / REPORT,

@@ -78,6 +78,27 @@ def summarize_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def shared_backbone_notes(summary: list[dict[str, Any]]) -> list[str]:
+    """Notes for rows of different models that were embedded by one same model (the registers method maps
+    every model of a family to one counterpart, e.g. all demo:* models to demo:registers): those rows are
+    the same runs, so their numbers are identical by construction."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for e in summary:
+        backbone = e.get("backbone") or e["model"]
+        if backbone != e["model"]:
+            groups.setdefault((e["dataset"], e["protocol"], e["method"], backbone), []).append(e["model"])
+    notes = []
+    for (dataset, _protocol, method, backbone), models in groups.items():
+        if len(models) > 1:
+            notes.append(
+                f"On {dataset}, the {method} rows of {' and '.join(models)} are one and the same reference model, "
+                f"{backbone} (the {method} method replaces each model by its with-registers counterpart, and "
+                f"these models share it): the same runs, so the same numbers. Only their Δ differ, as each is "
+                "taken against its own model's baseline."
+            )
+    return notes
+
+
 def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark results") -> str:
     """results.md: per data set and protocol, a table of mean +- std (%, over seeds) and deltas (points)."""
     lines = [f"# {title}", "",
@@ -96,4 +117,5 @@ def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark resul
             deltas = ["—"] * 3 if e["delta"] is None else [f"{100 * e['delta'][s]:+.2f}" for s in SCORES]
             lines.append(f"| {e['model']} | {method} | {e['runs']} | " + " | ".join(scores + deltas) + " |")
         lines.append("")
+        lines += [f"{note}\n" for note in shared_backbone_notes(entries)]
     return "\n".join(lines)

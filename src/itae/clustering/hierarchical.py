@@ -89,7 +89,10 @@ class HDBSCANClusterer(ClusterMixin, BaseEstimator):
     """Density-based clustering that finds the number of clusters itself (:class:`sklearn.cluster.HDBSCAN`).
 
     Points in no dense region get the label **-1 (noise)**; it is kept in `labels_`, is not counted in
-    `n_clusters_`, has no centre, and its distance is NaN. The metrics treat -1 as one more cluster.
+    `n_clusters_`, has no centre, and its distance is NaN. The metrics (``itae.metrics``) do not count
+    -1 as a cluster: it is left out of ``n_clusters`` (reported as ``n_noise`` and ``noise_fraction``) and
+    never matched to a class, so noise points count as wrong in ACC and as impure in purity; for NMI and
+    ARI it is one more group.
 
     Parameters
     ----------
