@@ -266,13 +266,6 @@ def embed(
     return store
 
 
-def _get(manifest: dict[str, Any], dotted: str) -> Any:
-    value: Any = manifest
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
