@@ -229,5 +229,5 @@ def calibrate(
         norms=norms,
         num_images=count,
     )
-    log.info("itae: %s", result.summary())
+    log.debug("itae: %s", result.summary())  # callers that know the context log it (e.g. embed)
     return result
