@@ -85,7 +85,7 @@ def test_baseline_and_config_file(assets, tmp_path):
         ("k0", "at least 1"),
         ("k_too_big", "larger than the number of images"),
         ("unknown_model", "model"),
-        ("unwritable", "not writable"),
+        ("unwritable", "cannot create output folder"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(assets, tmp_path, capsys, case, expected):

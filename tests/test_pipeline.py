@@ -82,7 +82,9 @@ def test_cluster_store_keeps_how_k_was_chosen(assets, tmp_path):
 def test_an_output_path_that_is_a_file_is_refused_in_one_line(assets, tmp_path):
     images, model = assets
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+    from itae.data.store import StoreError
+
+    with pytest.raises(StoreError, match="is a file, not a folder"):
         run(images, 2, tmp_path / "afile", model=model, **COMMON)
 
 

@@ -59,18 +59,10 @@ def _jsonable(x: Any) -> Any:
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
-    """Create ``out`` if needed and prove it writable, before any work is done."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"output folder {str(path)!r} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".itae-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from None
-    return path
+    """Create ``out`` if needed and prove it writable, before any work is done (the store's own check)."""
+    from .data.store import prepare_output
+
+    return prepare_output(out)
 
 
 def check_k(k: int | None, n: int | None = None) -> None:

@@ -87,6 +87,31 @@ def resolve_precision(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def check_embed_arguments(
+    *, feature: str, precision: str, itae: ITAEConfig | None, fast_decode: bool, counts: dict[str, int | None],
+    **positive: int,
+) -> torch.dtype:
+    """The argument checks both engines (``embed``, ``embed_ray``) make before opening anything.
+
+    ``positive``: integers that must be >= 1; ``counts``: integers that must be >= 0, or None.
+    Returns the precision's dtype.
+    """
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
+    dtype = resolve_precision(precision)
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an integer >= 0 or None; got {value!r}")
+    if not isinstance(fast_decode, bool):
+        raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
+    if itae is not None and not isinstance(itae, ITAEConfig):
+        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+    return dtype
+
+
 def default_num_workers(device: str | torch.device | None = None) -> int:
     """One decoding worker per spare CPU core (the main process runs the model): at most 32 when the model
     runs on a GPU, which decoding must keep fed, and at most 8 otherwise, where the workers take cores from
@@ -211,19 +236,11 @@ def embed(
 
     Images that cannot be decoded are skipped and listed in ``out/errors.csv``. Returns the finished store.
     """
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
-    resolve_precision(precision)  # an unknown precision fails before anything is opened
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("calibration_images", calibration_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if not isinstance(fast_decode, bool):
-        raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 0):
-        raise ValueError(f"num_workers must be an integer >= 0 or None; got {num_workers!r}")
-    if itae is not None and not isinstance(itae, ITAEConfig):
-        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+    check_embed_arguments(
+        feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
+        counts={"num_workers": num_workers},
+        batch_size=batch_size, chunk_size=chunk_size, calibration_images=calibration_images,
+    )
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split,

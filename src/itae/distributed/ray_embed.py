@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from itae.config import ITAEConfig
-from itae.data.extract import FEATURES, Feature, Precision, resolve_precision
+from itae.data.extract import Feature, Precision, resolve_precision
 from itae.data.sources import ImageSource, LabelMode
 from itae.data.store import EmbeddingStore, StoreWriter
 from itae.models.base import Preprocess
@@ -227,27 +227,18 @@ def embed_ray(
     ray = _import_ray()
     from itae.data import extract as local
 
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
     if not isinstance(backbone_name, (str, os.PathLike)):
         raise TypeError(
             f"the Ray engine loads the model by name in each actor; pass a model name or path, not a "
             f"{type(backbone_name).__name__} (for an in-memory model use itae.embed)"
         )
-    dtype = resolve_precision(precision)
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
-                        ("calibration_images", calibration_images), ("num_actors", num_actors)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if num_decoders is not None and (isinstance(num_decoders, bool) or not isinstance(num_decoders, int)
-                                     or num_decoders < 0):
-        raise ValueError(f"num_decoders must be an integer >= 0 or None; got {num_decoders!r}")
+    dtype = local.check_embed_arguments(
+        feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
+        counts={"num_decoders": num_decoders},
+        batch_size=batch_size, chunk_size=chunk_size, calibration_images=calibration_images, num_actors=num_actors,
+    )
     if num_gpus_per_actor is not None and not num_gpus_per_actor >= 0:
         raise ValueError(f"num_gpus_per_actor must be >= 0 or None; got {num_gpus_per_actor!r}")
-    if itae is not None and not isinstance(itae, ITAEConfig):
-        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
-    if not isinstance(fast_decode, bool):
-        raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
     if address is not None and not isinstance(address, str):
         raise TypeError(f"address must be None, 'auto' or 'ray://host:port'; got {type(address).__name__}")
 
