@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .results import shared_backbone_notes
+from .cache import embedding_dir
+from .datasets import open_dataset
+from .protocol import cluster_run, load_model
+from .published import comparison_note, reference_set
+from .results import comparison_cells, shared_backbone_notes
 
 log = logging.getLogger("itae.bench")
 
@@ -67,28 +71,40 @@ def _shown_run_name(shown: dict[str, Any]) -> str:
             f"ARI {100 * float(shown['ari']):.2f}%)")
 
 
+def _comparison_tables(results) -> list[tuple[str, list[list[str]], list[str]]]:
+    """The published figures beside ours, and the cells that could not be run, as report tables."""
+    tables = []
+    if results.comparison:
+        header = ["data set", "model", "method", "score", "ours %", "published %", "Δ (points)", "reproduced"]
+        tables.append(("Published figures beside ours",
+                       [header, *(comparison_cells(c) for c in results.comparison)],
+                       [comparison_note(reference_set(results.spec.reference))]))
+    if results.missing:
+        tables.append(("Missing cells", [["data set", "model", "method", "why"],
+                                         *([*cell, why] for cell, why in results.missing.items())],
+                       ["Cells of the grid that could not be run; the rest of the grid went on."]))
+    return tables
+
+
 def write_bench_report(results, *, diagnostics: bool = True) -> Path:
     """Write ``<out_dir>/report.html`` for a finished (or partly finished) grid; return its path."""
     from itae.data.store import EmbeddingStore
     from itae.report.html import write_report
 
-    from .runner import _cluster, _safe, load_model, open_dataset
-
     spec, out = results.spec, Path(results.out_dir)
     rows = results.rows
     if not rows:
         raise ValueError("no finished runs to report")
-    ds = spec.datasets[0]
+    ds = next(d for d in spec.datasets if any(r["dataset"] == d.name for r in rows))  # the first with runs
     first = [r for r in rows if r["dataset"] == ds.name and r["protocol"] == spec.protocol]
     engineered = [r for r in first if r["method"] != "baseline" and r.get("flagged_fraction") not in (None, "")]
     # show where ITAE acts: the engineered run that flags the most patches, else the first run
     shown = max(engineered, key=lambda r: float(r["flagged_fraction"]), default=first[0])
-    sub = f"{spec.feature}{'-normalized' if spec.normalize else ''}"
-    folder = out / "cache" / _safe(ds.name) / _safe(str(ds.split)) / _safe(shown["backbone"]) / sub / shown["embedding"]
+    folder = embedding_dir(out, ds.name, ds.split, shown["backbone"], spec.feature, spec.normalize, shown["embedding"])
     store = EmbeddingStore(folder)
     x = np.asarray(store.embeddings(mmap=False), dtype=np.float32)
     classes, y = np.unique(np.asarray(store.labels), return_inverse=True)
-    pred = _cluster(spec, x, None, int(shown["k"]), int(shown["seed"]))
+    pred = cluster_run(spec, x, None, int(shown["k"]), int(shown["seed"]))
     source = open_dataset(ds, ds.split)
     index = {ident: i for i, ident in enumerate(source.ids)}
 
@@ -107,14 +123,14 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
             from itae.pipeline import _diagnostic_pngs
 
             cfg = store.itae_config or ITAEConfig()
-            backbone = load_model(shown["backbone"], spec.device)
+            backbone = load_model(shown["backbone"], spec.device, spec.model_root)
             pngs = [(f"{shown['model']} · {shown['method']}: CLS attention before and after ITAE", p)
                     for p in _diagnostic_pngs(backbone, source, cfg, out / "inspect")]
         except Exception as e:  # diagnostics are a bonus: the table matters more
             log.warning("itae bench: artifact diagnostics skipped: %s", e)
     config = {"spec": spec.to_dict(), "shown_run": {k: shown[k] for k in ("dataset", "model", "method", "seed")}}
-    why = ("the ITAE run that flags the most patches on the first data set" if shown in engineered
-           else "the first run on the first data set")
+    why = (f"the ITAE run that flags the most patches on {ds.name}" if shown in engineered
+           else f"the first run on {ds.name}")
     table_notes = [
         "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the baseline "
         "method of the same data set, protocol and model, in points.",
@@ -128,6 +144,6 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
                      "Every run of the grid is in the next table.",
         config=config, ids=store.ids, cluster_labels=pred, true_labels=list(classes[y]),
         embeddings=x, thumbnails=thumbnail, diagnostics_pngs=pngs,
-        extra_tables=[("All runs", _summary_rows(results.summary), table_notes)],
+        extra_tables=[("All runs", _summary_rows(results.summary), table_notes), *_comparison_tables(results)],
         shown_run=_shown_run_name(shown),
     )

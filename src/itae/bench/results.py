@@ -10,10 +10,12 @@ from typing import Any
 
 from itae._io import atomic_write_text
 
+from .published import verdict
+
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
     "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
-    "embedding", "settings", "data", "seconds",
+    "embedding", "settings", "data", "seconds", "weights",
 )
 SCORES = ("acc", "nmi", "ari")
 
@@ -99,8 +101,12 @@ def shared_backbone_notes(summary: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark results") -> str:
-    """results.md: per data set and protocol, a table of mean +- std (%, over seeds) and deltas (points)."""
+def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark results",
+             comparison: Sequence[dict[str, Any]] | None = None, comparison_note: str = "",
+             missing: dict[tuple[str, str, str], str] | None = None, notes: Sequence[str] = ()) -> str:
+    """results.md: per data set and protocol, a table of mean +- std (%, over seeds) and deltas (points);
+    then, when given, our numbers beside the published ones (``published.compare``) and the grid's cells
+    that could not be run (``missing``: (data set, model, method) -> why)."""
     lines = [f"# {title}", "",
              "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the "
              "`baseline` method of the same data set, protocol and model, in points.", ""]
@@ -118,4 +124,25 @@ def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark resul
             lines.append(f"| {e['model']} | {method} | {e['runs']} | " + " | ".join(scores + deltas) + " |")
         lines.append("")
         lines += [f"{note}\n" for note in shared_backbone_notes(entries)]
+    if not summary:
+        lines += ["No run has finished yet.", ""]
+    if comparison:
+        lines += ["## Published figures beside ours", "", comparison_note, "",
+                  "| data set | model | method | score | ours | published | Δ | reproduced |",
+                  "|---|---|---|---|---:|---:|---:|---|"]
+        lines += ["| " + " | ".join(comparison_cells(c)) + " |" for c in comparison]
+        lines.append("")
+    if missing:
+        lines += ["## Missing cells", "", "Cells of the grid that could not be run (the rest of the grid went on).", "",
+                  "| data set | model | method | why |", "|---|---|---|---|"]
+        lines += [f"| {d} | {m} | {meth} | {why} |" for (d, m, meth), why in missing.items()]
+        lines.append("")
+    lines += [f"{note}\n" for note in notes]
     return "\n".join(lines)
+
+
+def comparison_cells(c: dict[str, Any]) -> list[str]:
+    """One row of the published-figures table: data set, model, method, score, ours, published, Δ, verdict."""
+    ours = "—" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}"
+    diff = "—" if c["difference"] is None else f"{c['difference']:+.2f}"
+    return [c["dataset"], c["model"], c["method"], c["score"].upper(), ours, f"{c['published']:.2f}", diff, verdict(c)]

@@ -9,15 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from itae.config import ITAEConfig
 
+from .published import reference_set
+
 PROTOCOLS = ("test", "train-test")
 FEATURES = ("cls", "mean", "cls+mean")
-CLUSTER_METHODS = ("kmeans", "agglomerative")
+CLUSTER_METHODS = ("kmeans", "minibatch-kmeans", "agglomerative")
 REGISTERS = "registers"
 
 
@@ -65,7 +68,12 @@ def _hf(name: str, source: str, *, split: str = "test", train_split: str = "trai
 
 
 # Usual hub ids. The data sets are loaded through ``datasets.load_dataset(source, hf_config, split=...)``;
-# any entry can be pointed at a local copy by giving the same name with another ``source``.
+# any entry can be pointed at a local copy by giving the same name with another ``source`` (or, in the
+# presets, a folder of that name under ``data_root``). The evaluation split is the test split where the
+# data set has a labelled one: CIFAR-10/100 test (10,000 images, columns img / label, fine_label),
+# STL-10 test (8,000, image / label), ImageNet-10 and ImageNet-Dog-15 test (MTEB's copies). Tiny-ImageNet
+# has no labelled test split: its validation split, "valid" (10,000 images, 50 per class), stands for it,
+# as in the clustering literature and in MTEB.
 KNOWN_DATASETS: dict[str, DatasetSpec] = {
     d.name: d
     for d in (
@@ -74,6 +82,8 @@ KNOWN_DATASETS: dict[str, DatasetSpec] = {
         _hf("cifar100-20", "uoft-cs/cifar100", image="img", label="coarse_label"),
         _hf("stl10", "tanganke/stl10"),
         _hf("tiny-imagenet", "zh-plus/tiny-imagenet", split="valid"),
+        _hf("imagenet10", "JamieSJS/imagenet-10"),
+        _hf("imagenet-dog15", "JamieSJS/imagenet-dog-15"),
         _hf("imagenette", "frgfm/imagenette", split="validation", hf_config="320px"),
         _hf("mnist", "ylecun/mnist"),
     )
@@ -125,6 +135,11 @@ class BenchSpec:
     k: clusters (default: the number of classes of the evaluation split).
     feature / normalize: what is embedded (``itae.embed``). spherical: cosine k-means.
     n_init: k-means restarts per seed. calibration_images: images used to calibrate each "auto" threshold.
+    cluster_method: "kmeans" (scikit-learn k-means), "minibatch-kmeans" (MiniBatchKMeans on every row, batches
+        of ``minibatch_size``: MTEB's protocol) or "agglomerative".
+    reference: the published figures shown beside ours ("paper", "mteb"; see ``itae.bench.published``).
+    model_root: a folder of local model copies: a model is read from ``<model_root>/<last part of its name>``
+        (``dinov2-base`` for ``facebook/dinov2-base``) when that exists, else from the hub.
     """
 
     datasets: tuple[DatasetSpec, ...]
@@ -142,6 +157,9 @@ class BenchSpec:
     calibration_images: int = 512
     device: str = "auto"
     num_workers: int | None = None
+    minibatch_size: int = 500
+    reference: str | None = None
+    model_root: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +186,11 @@ class BenchSpec:
             raise ValueError("the train-test protocol assigns test images to k-means centroids; use cluster_method='kmeans'")
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) < 2):
             raise ValueError(f"k must be at least 2 (or None for the number of classes); got {self.k!r}")
-        for name in ("n_init", "batch_size", "calibration_images"):
+        if self.reference is not None:
+            reference_set(self.reference)  # unknown names are refused here
+        if self.model_root is not None:
+            object.__setattr__(self, "model_root", os.fspath(self.model_root))
+        for name in ("n_init", "batch_size", "calibration_images", "minibatch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -180,7 +202,8 @@ class BenchSpec:
             "methods": {m.name: m.to_value() for m in self.methods},
             "seeds": list(self.seeds),
             **{k: getattr(self, k) for k in ("protocol", "k", "feature", "normalize", "cluster_method", "spherical",
-                                             "n_init", "batch_size", "calibration_images", "device", "num_workers")},
+                                             "n_init", "batch_size", "calibration_images", "device", "num_workers",
+                                             "minibatch_size", "reference", "model_root")},
         }
 
     @classmethod
@@ -210,7 +233,10 @@ class BenchSpec:
     def settings_key(self) -> str:
         """Hash of every setting that changes a run's numbers apart from its grid coordinates."""
         keys = ("k", "feature", "normalize", "cluster_method", "spherical", "n_init", "calibration_images")
-        return _digest({k: getattr(self, k) for k in keys})
+        settings = {k: getattr(self, k) for k in keys}
+        if self.cluster_method == "minibatch-kmeans":  # absent otherwise: older results keep their key
+            settings["minibatch_size"] = self.minibatch_size
+        return _digest(settings)
 
 
 def _digest(obj: Any) -> str:
@@ -299,4 +325,117 @@ def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tupl
         models=("demo:clean", "demo:planted"),
         methods=(MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()), MethodSpec(REGISTERS, registers=True)),
         seeds=seeds,
+    )
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+MODEL_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+PAPER_SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named grid: its data sets, clustering protocol, methods and the published figures it is checked against."""
+
+    name: str
+    datasets: tuple[str, ...]
+    cluster_method: str
+    methods: tuple[MethodSpec, ...]
+    reference: str
+    description: str
+
+
+# The paper's reading of ITAE, pinned (value norms, low side, calibrated threshold, last block, CLS row,
+# min): the package defaults may move, the reproduction must not.
+PAPER_ITAE = ITAEConfig(source="v", side="low", threshold="auto", layers=(-1,), rows="cls", mode="min")
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        "paper", ("cifar10", "cifar100", "stl10", "tiny-imagenet"), "kmeans",
+        (MethodSpec("baseline"), MethodSpec("itae", PAPER_ITAE), MethodSpec(REGISTERS, registers=True)),
+        "paper",
+        "the paper's protocol: k-means (k = number of classes) on the final CLS embedding of the test split; "
+        "ACC (Hungarian), NMI, ARI over several seeds",
+    ),
+    "mteb": Preset(
+        "mteb", ("cifar10", "cifar100", "imagenet10", "imagenet-dog15", "tiny-imagenet"), "minibatch-kmeans",
+        (MethodSpec("baseline"), MethodSpec("itae", PAPER_ITAE)),
+        "mteb",
+        "MTEB's image-clustering protocol: MiniBatchKMeans (batch 500, k = number of classes) on the final CLS "
+        "embedding of the evaluation split; NMI is MTEB's main score",
+    ),
+}
+
+
+def with_data_root(ds: DatasetSpec, data_root: str | os.PathLike | None) -> DatasetSpec:
+    """``ds`` read from ``<data_root>/<name>`` when that exists (a save_to_disk copy or an image folder)."""
+    if data_root is None:
+        return ds
+    local = Path(data_root).expanduser() / ds.name
+    return replace(ds, source=str(local.resolve()), hf_config=None) if local.exists() else ds
+
+
+def model_names(values: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"b"``, ``"s,b"``, ``"base"`` or full names -> HF ids (``facebook/dinov2-base``); None -> all four sizes."""
+    if values is None:
+        values = list(MODEL_SIZES)
+    elif isinstance(values, str):
+        values = [v for v in values.replace(" ", "").split(",") if v]
+    names = []
+    for v in values:
+        low = v.strip().lower()
+        if low in MODEL_SIZES:
+            names.append(f"facebook/dinov2-{MODEL_SIZES[low]}")
+        elif low in MODEL_SIZES.values():
+            names.append(f"facebook/dinov2-{low}")
+        elif "/" in v or ":" in v or Path(v).exists():
+            names.append(v.strip())
+        else:
+            raise ValueError(f"unknown model {v!r}; give sizes s, b, l, g (or small, base, large, giant) or model names")
+    if not names:
+        raise ValueError("no model given; give sizes such as 'b' or 's,b,l,g'")
+    return tuple(dict.fromkeys(names))
+
+
+def preset_spec(
+    preset: str = "paper",
+    *,
+    models: str | Sequence[str] | None = None,
+    datasets: str | Sequence[str] | None = None,
+    seeds: Sequence[int] = PAPER_SEEDS,
+    data_root: str | os.PathLike | None = None,
+    model_root: str | os.PathLike | None = None,
+    max_images: int | None = None,
+    **overrides: Any,
+) -> BenchSpec:
+    """The grid of a preset ("paper" or "mteb"), narrowed to ``models`` (sizes s/b/l/g) and ``datasets``.
+
+    data_root: a folder of local copies: data set NAME is read from ``<data_root>/NAME`` (a save_to_disk
+        folder or an image folder) when it exists, else from the hub.
+    model_root: a folder of local model copies (see ``BenchSpec.model_root``).
+    max_images: a class-balanced subset per data set, for a smoke run; the published figures are for the
+        whole split.
+    overrides: other ``BenchSpec`` fields (device, batch_size, num_workers, calibration_images, ...).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    if datasets is None:
+        names = list(p.datasets)
+    else:
+        names = [d for d in (datasets.replace(" ", "").split(",") if isinstance(datasets, str) else datasets) if d]
+        unknown = [d for d in names if d not in KNOWN_DATASETS]
+        if unknown or not names:
+            raise ValueError(f"unknown data set(s) {', '.join(unknown) or '(none given)'}; the {preset} preset "
+                             f"has {', '.join(p.datasets)} (other known names: "
+                             f"{', '.join(d for d in KNOWN_DATASETS if d not in p.datasets)})")
+    specs = []
+    for name in dict.fromkeys(names):
+        ds = KNOWN_DATASETS[name] if max_images is None else replace(KNOWN_DATASETS[name], max_images=max_images)
+        specs.append(with_data_root(ds, data_root))
+    return BenchSpec(
+        datasets=tuple(specs), models=model_names(models), methods=p.methods, seeds=tuple(seeds),
+        cluster_method=p.cluster_method, reference=p.reference,
+        model_root=None if model_root is None else os.fspath(model_root), **overrides,
     )

@@ -5,7 +5,7 @@
   itae cluster STORE -k K -o OUT  cluster a finished embedding store
   itae evaluate OUT               score OUT/assignments.csv against its labels
   itae inspect IMAGE... -o OUT    artifact diagnostics figures
-  itae bench [--quick] -o OUT     the benchmark grid
+  itae bench --paper -o OUT       the paper's benchmark grid (--quick: the offline demo; --spec: your own)
 
 Errors are one readable line on stderr and a non-zero exit code.
 """
@@ -320,21 +320,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from itae.bench import run_bench
+    from itae.bench import preset_spec, run_bench
 
+    chosen = [name for name, on in (("--spec", args.spec), ("--quick", args.quick),
+                                    ("--paper/--preset", args.paper or args.preset)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"give one of --spec, --quick and --paper/--preset; got {' and '.join(chosen)}")
+    run = {"progress": not args.no_progress, "keep_going": args.keep_going, "report": not args.no_report}
     if args.quick:
         data = args.data
         if data is None:  # nothing given: generated labelled images, so the preset runs anywhere
             from itae.bench.synthetic import make_shapes
 
             data = make_shapes(Path(args.out) / "quick-images")
-        results = run_bench(data, args.out, quick=True, progress=not args.no_progress)
+        results = run_bench(data, args.out, quick=True, **run)
     elif args.spec:
-        results = run_bench(args.spec, args.out, progress=not args.no_progress)
+        results = run_bench(args.spec, args.out, **run)
+    elif args.paper or args.preset:
+        overrides = {k: getattr(args, k) for k in ("device", "batch_size", "calibration_images") if getattr(args, k)}
+        if args.workers is not None:
+            overrides["num_workers"] = args.workers
+        spec = preset_spec(args.preset or "paper", models=args.models, datasets=args.datasets,
+                           data_root=args.data_root, model_root=args.model_root, max_images=args.max_images,
+                           **({"seeds": args.seeds} if args.seeds else {}), **overrides)
+        results = run_bench(spec, args.out, **run)
     else:
-        raise ValueError("give a grid spec (--spec grid.json) or --quick")
+        raise ValueError("give --paper (the paper's grid), --preset mteb, a grid spec (--spec grid.json) or --quick")
     print(results.markdown())
-    print(f"{results.ran} runs done, {results.skipped} already there; results in {results.md_path}")
+    missing = f", {len(results.missing)} cell(s) missing" if results.missing else ""
+    print(f"{results.ran} runs done, {results.skipped} already there{missing}; results in {results.md_path}")
     return 0
 
 
@@ -413,11 +427,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_itae(p, baseline=False)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds", parents=[common])
+    p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds", parents=[common],
+                       description="Run a benchmark grid into OUT (results.csv, results.md, report.html). A grid "
+                       "that stops resumes where it stopped when run again with the same OUT.")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's grid: CIFAR-10, CIFAR-100, STL-10, Tiny-ImageNet x DINOv2 S/B/L/g x baseline, "
+                        "ITAE, registers; k-means, several seeds; the published figures beside ours")
+    p.add_argument("--preset", choices=["paper", "mteb"],
+                   help="paper (as --paper) or mteb: MTEB's image-clustering protocol (MiniBatchKMeans, batch 500) "
+                        "on MTEB's data sets, beside MTEB's published DINOv2 numbers")
+    p.add_argument("--models", help="preset models: sizes s,b,l,g (default: all four) or model names")
+    p.add_argument("--datasets", help="preset data sets, e.g. cifar10,stl10 (default: all of the preset's)")
+    p.add_argument("--seeds", type=_int_list, help="k-means seeds of a preset (default: 0,1,2,3,4)")
+    p.add_argument("--data-root", help="folder of local data set copies: NAME is read from DATA_ROOT/NAME (a "
+                   "save_to_disk folder) when it exists, else from the HF hub")
+    p.add_argument("--model-root", help="folder of local model copies: facebook/dinov2-base is read from "
+                   "MODEL_ROOT/dinov2-base (a save_pretrained folder) when it exists, else from the HF hub")
+    p.add_argument("--max-images", type=int, help="a class-balanced subset of each data set (a smoke run; the "
+                   "published figures are for the whole split)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a data set or model that cannot be loaded: report it, mark its cells missing, go on")
+    p.add_argument("--device", help="auto, cuda, mps or cpu (preset; default: auto)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (preset; default: 64)")
+    p.add_argument("--workers", type=int, help="decoding processes (preset)")
+    p.add_argument("--calibration-images", type=int, help="images used to calibrate ITAE's threshold (preset; default: 512)")
     p.add_argument("--spec", help="grid spec (JSON)")
     p.add_argument("--quick", action="store_true", help="offline preset: the planted-artifact demo on a local folder")
     p.add_argument("--data", help="labelled image folder (<class>/<image>) for --quick (default: generated images)")
     p.add_argument("-o", "--out", required=True, help="output folder (results.csv, results.md, report.html)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
