@@ -14,7 +14,15 @@ from PIL import Image, ImageDraw
 
 import itae.data.extract
 import itae.metrics
-from itae.bench import KNOWN_DATASETS, PRESETS, compare, model_names, preset_spec, reference_set, reference_sets
+from itae.bench import (
+    KNOWN_DATASETS,
+    PRESETS,
+    compare,
+    model_names,
+    preset_spec,
+    reference_set,
+    reference_sets,
+)
 from itae.cli.main import main
 
 datasets = pytest.importorskip("datasets")
@@ -35,13 +43,18 @@ def _images(seed: int, per_class: int = 6) -> tuple[list[Image.Image], list[int]
     return images, labels
 
 
-def _save(root: Path, name: str, seed: int) -> None:
-    """A save_to_disk copy of one split, with the columns of the hub data set of that name."""
+def _save(root: Path, name: str, seed: int, splits: bool = False) -> None:
+    """A save_to_disk copy of the evaluation split (or, with ``splits``, a DatasetDict with a train split
+    too), with the columns of the hub data set of that name."""
     known = KNOWN_DATASETS[name]
-    images, labels = _images(seed)
     features = datasets.Features({known.image_column: datasets.Image(),
                                   known.label_column: datasets.ClassLabel(names=["red", "green", "blue"])})
-    data = datasets.Dataset.from_dict({known.image_column: images, known.label_column: labels}, features=features)
+
+    def split(seed: int, per_class: int = 6):
+        images, labels = _images(seed, per_class)
+        return datasets.Dataset.from_dict({known.image_column: images, known.label_column: labels}, features=features)
+
+    data = datasets.DatasetDict({known.split: split(seed), "train": split(seed + 10, 2)}) if splits else split(seed)
     data.save_to_disk(str(root / name))
 
 
@@ -50,8 +63,8 @@ def standin(tmp_path_factory) -> dict[str, Path]:
     from itae.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("standin")
-    for i, name in enumerate(("cifar10", "stl10")):
-        _save(root / "data", name, seed=i)
+    _save(root / "data", "cifar10", seed=0)
+    _save(root / "data", "stl10", seed=1, splits=True)  # a whole DatasetDict: the test split is taken
     save_tiny("hf", root / "models" / "dinov2-base", seed=0)
     save_tiny("hf", root / "models" / "dinov2-with-registers-base", registers=4, seed=1)
     return {"data": root / "data", "models": root / "models"}

@@ -81,6 +81,10 @@ def _render(spec: BenchSpec, summary: list[dict[str, Any]], comparison: list[dic
         notes.append(f"{', '.join(cut)}: a class-balanced subset (max_images), not the whole split the published "
                      "figures were measured on: the comparison is indicative only.")
     note = comparison_note(reference_set(spec.reference)) if spec.reference else ""
+    if spec.reference and not comparison:
+        ref = reference_set(spec.reference)
+        cells = sorted({f"{f.dataset} / {f.model} / {f.method}" for f in ref.figures})
+        notes.append(f"No published figure ({ref.title}) falls in this grid; they are for: {'; '.join(cells)}.")
     return markdown(summary, comparison=comparison, comparison_note=note, missing=missing, notes=notes)
 
 
@@ -406,7 +410,7 @@ def run_bench(
                     give_up(by_backbone[name], f"model {name} could not be loaded", str(e))
                     unavailable.add(name)
                     continue
-                log.estimate(name, rate, b, seconds, lazies[name].get(), work, unavailable)
+                log.estimate(name, rate, b, seconds, lazies[name].get().device, work, unavailable)
                 break
     else:
         log.nothing_to_embed(len(pending))
@@ -593,17 +597,18 @@ class _Log:
             f"{calibration:,} calibration images: {images + calibration:,} forward passes"
         )
 
-    def estimate(self, name: str, rate: float, batch: int, seconds: float, backbone, work: list[_Work],
+    def estimate(self, name: str, rate: float, batch: int, seconds: float, device, work: list[_Work],
                  unavailable: set[str]) -> None:
-        timed_params = float(sum(p.numel() for p in backbone.model.parameters()))
         total = 0.0
         for w in work:
             if w.backbone in unavailable:
                 continue
-            params = timed_params if w.backbone == name else (_known_params(w.backbone) or timed_params)
-            total += w.passes * (params / timed_params) / rate
+            # another DINOv2 size: scaled by the ratio of the sizes' parameter counts; else as the timed model
+            known, timed = _known_params(w.backbone), _known_params(name)
+            scale = known / timed if known and timed and w.backbone != name else 1.0
+            total += w.passes * scale / rate
         self._print(
-            f"bench: timed batch: {batch} images through {name} in {seconds:.2f} s on {backbone.device} "
+            f"bench: timed batch: {batch} images through {name} in {seconds:.2f} s on {device} "
             f"({rate:.1f} img/s, model only); estimate for the grid: about {_duration(total)} of forward passes "
             "(other models scaled by parameter count; decoding and clustering not counted)"
         )
