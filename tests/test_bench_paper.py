@@ -282,3 +282,64 @@ def test_presets_name_the_papers_grid_and_narrow_it(tmp_path):
     (tmp_path / "stl10").mkdir()
     local = preset_spec("paper", datasets="cifar10,stl10", data_root=tmp_path)
     assert [ds.source for ds in local.datasets] == ["uoft-cs/cifar10", str((tmp_path / "stl10").resolve())]
+
+
+def test_paper_grid_killed_mid_run_resumes(standin, tmp_path):
+    """kill -9 between two runs (the child waits after its first row, so that the kill lands there) leaves
+    results.csv whole; the same command then finishes the grid with the killed run's row and embedding."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = _argv(standin, out, "--datasets", "cifar10", "--seeds", "0", "--no-report")
+    child = (
+        "import sys, time\n"
+        "import itae.metrics\n"
+        "real = itae.metrics.evaluate\n"
+        "def evaluate(*a, **k):\n"
+        "    if evaluate.calls:\n"
+        "        time.sleep(600)  # the first row is saved: wait here for the kill\n"
+        "    evaluate.calls += 1\n"
+        "    return real(*a, **k)\n"
+        "evaluate.calls = 0\n"
+        "itae.metrics.evaluate = evaluate\n"
+        "from itae.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", child, *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "results.csv").is_file() and len(_rows(out / "results.csv")) >= 1):
+            assert proc.poll() is None, "the child ended before its first row"
+            assert time.monotonic() < deadline, "no row within 240 s"
+            time.sleep(0.1)
+        time.sleep(0.5)  # well inside the child's wait
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = _rows(out / "results.csv")
+    assert len(first) == 1 and first[0]["method"] == "baseline"
+    calls = {"embed": 0}
+    real_embed = itae.data.extract.embed
+
+    def counting_embed(*args, **kw):
+        calls["embed"] += 1
+        return real_embed(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(itae.data.extract, "embed", counting_embed)
+        assert main(argv) == 0
+    rows = _rows(out / "results.csv")
+    assert rows[0] == first[0] and [r["method"] for r in rows] == ["baseline", "itae", "registers"]
+    assert calls["embed"] == 2  # the baseline embedding of the killed run is reused

@@ -591,7 +591,7 @@ class _Log:
         images = sum(w.embed_images for w in work)
         calibration = sum(w.calibration_images for w in work)
         passes = sum(1 for w in work if w.embed_images)
-        self._print(
+        self.always(  # cost first, even without progress lines
             f"bench: to do: {images:,} images to embed in {passes} embedding pass(es) over "
             f"{len({w.dataset for w in work})} data set(s) and {len({w.backbone for w in work})} model(s), plus "
             f"{calibration:,} calibration images: {images + calibration:,} forward passes"
@@ -607,7 +607,7 @@ class _Log:
             known, timed = _known_params(w.backbone), _known_params(name)
             scale = known / timed if known and timed and w.backbone != name else 1.0
             total += w.passes * scale / rate
-        self._print(
+        self.always(
             f"bench: timed batch: {batch} images through {name} in {seconds:.2f} s on {device} "
             f"({rate:.1f} img/s, model only); estimate for the grid: about {_duration(total)} of forward passes "
             "(other models scaled by parameter count; decoding and clustering not counted)"
