@@ -309,7 +309,7 @@ def run_bench(
     keep_going: a data set or model that cannot be loaded is reported in one line and its cells are marked
         missing; without it the grid stops there (``DatasetLoadError`` / ``ModelLoadError``).
     estimate: before the first image, time a short batch of the first model to estimate the grid's time
-        (the counts of images and forward passes are printed either way, with ``progress``).
+        (the counts of images and forward passes are printed either way, also without ``progress``).
     Writes ``results.csv`` (one row per run, rewritten atomically after each), ``results.md`` (mean ± std
     per data set, model and method, deltas against the baseline, the published figures beside ours when
     the spec names a reference, missing cells), ``spec.json``, ``cache/`` and, with ``report``,
