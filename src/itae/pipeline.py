@@ -3,8 +3,10 @@
 ``run`` = ``itae.embed`` (into ``OUT/embeddings``) -> ``cluster_store`` (``OUT/assignments.csv`` and
 ``OUT/clustering.json``) -> ``evaluate_assignments`` (``OUT/metrics.json``, when labels are known) -> report
 (``OUT/report.html``), with ``OUT/errors.csv`` and ``OUT/run.json`` (resolved configuration, versions,
-timings; ``"status": "running"`` until the run finishes). A run replaces an earlier run's outputs in OUT.
-Every file is written whole or not at all (temporary file, then rename).
+timings; ``"status"``: ``"running"``, then ``"finished"``, or ``"failed"`` with the error). A run replaces an
+earlier run's outputs in OUT. Every argument is checked before the output folder is touched; the folder is
+locked while a run uses it (``itae._lock``); every file is written whole or not at all (temporary file,
+then rename).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write, atomic_write_text
+from ._lock import folder_lock
 from .config import ITAEConfig
 from .data.store import EmbeddingStore, library_versions
 
@@ -94,8 +97,10 @@ def cluster_store(
     assignments.csv: ``path, cluster, label, distance`` (label empty when unknown; distance to the
     cluster's centroid), plus ``cluster_seed<S>`` columns when several seeds ran.
     """
-    from .clustering import cluster
+    from .clustering import check_cluster_arguments, cluster
 
+    check_k(k)
+    check_cluster_arguments(k, method=method, seeds=seeds, spherical=spherical, **kw)
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
     out = check_output_dir(out)
     emb = store.embeddings(mmap=True)
@@ -235,26 +240,73 @@ def run(
     compile: bool = False,
     overwrite: bool = False,
     cluster_options: dict[str, Any] | None = None,
+    save_every: int = 4096,
+    save_interval: float = 30.0,
 ) -> dict[str, Any]:
     """Embed ``data``, cluster it into ``k`` groups (None: chosen automatically), score it when labels are
-    known, and write everything under ``out``. Returns the run record (also ``out/run.json``)."""
-    from .data.extract import embed, resolve_device, resolve_precision
+    known, and write everything under ``out``. Returns the run record (also ``out/run.json``).
+
+    Every argument is checked before anything is written or any image is read. ``out`` is locked for the
+    run (another run into it fails at once, naming its pid); ``run.json`` says ``"running"`` while the run
+    goes on and ends ``"finished"``, or ``"failed"`` with the error. ``save_every`` / ``save_interval``:
+    embedding progress is committed every that many images or seconds, whichever comes first.
+    """
+    from .clustering import check_cluster_arguments
+    from .data.extract import check_embed_arguments, resolve_device
     from .data.sources import open_source
+
+    # Every flag first: a mistake costs nothing, not an embedding run.
+    check_k(k)
+    check_cluster_arguments(k, method=method, seeds=seeds, spherical=spherical, **(cluster_options or {}))
+    check_embed_arguments(
+        feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
+        counts={"num_workers": num_workers}, batch_size=batch_size, calibration_images=calibration_images,
+        save_every=save_every,
+    )
+    check_save_interval(save_interval)
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(f"resolution must be a positive integer or None; got {resolution!r}")
+    dev = resolve_device(device)
+    out = check_output_dir(out)
+    with folder_lock(out, "itae run"):
+        source = open_source(data, labels=labels, image_column=image_column, label_column=label_column,
+                             split=split, hf_config=hf_config, exclude=(out,))
+        check_k(k, len(source))
+        _clear_previous_run(out)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # Written first and replaced at the end: a run that stops half-way says so.
+        begun = {"status": "running", "started": started, "data": str(data), "out": str(out)}
+        _write_json(out / RUN, begun)
+        try:
+            record = _run_steps(
+                source, k, out, started=started, data=data, model=model, arch=arch, itae=itae, labels=labels,
+                feature=feature, normalize=normalize, method=method, seeds=seeds, spherical=spherical, dev=dev,
+                precision=precision, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+                calibration_images=calibration_images, report=report, progress=progress, fast_decode=fast_decode,
+                compile=compile, overwrite=overwrite, cluster_options=cluster_options, save_every=save_every,
+                save_interval=save_interval,
+            )
+        except BaseException as e:
+            error = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            _write_json(out / RUN, {**begun, "status": "failed", "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "error": " ".join(error.split())})
+            raise
+    return record
+
+
+def check_save_interval(save_interval: float) -> None:
+    if isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval > 0:
+        raise ValueError(f"save_interval must be a positive number of seconds; got {save_interval!r}")
+
+
+def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, method,
+               seeds, spherical, dev, precision, resolution, batch_size, num_workers, calibration_images, report,
+               progress, fast_decode, compile, overwrite, cluster_options, save_every, save_interval) -> dict[str, Any]:
+    from .data.extract import embed, resolve_precision
     from .models.loading import load_backbone
 
-    check_k(k)
-    out = check_output_dir(out)
-    source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split,
-                         hf_config=hf_config)
-    check_k(k, len(source))
-    _clear_previous_run(out)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    # Written first and replaced at the end: a run that stops half-way says so.
-    _write_json(out / RUN, {"status": "running", "started": started, "data": str(data), "out": str(out)})
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
-    dev = resolve_device(device)
     backbone = load_backbone(model, arch=arch, device=dev, dtype=resolve_precision(precision), resolution=resolution)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -263,7 +315,7 @@ def run(
         source, backbone, out=out / STORE_DIR, itae=itae, feature=feature, normalize=normalize,
         batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
         calibration_images=calibration_images, progress=progress, overwrite=overwrite, fast_decode=fast_decode,
-        compile=compile, labels=labels,
+        compile=compile, labels=labels, save_every=save_every, save_interval=save_interval,
     )
     timings["embed_s"] = time.perf_counter() - t0
     atomic_write(out / ERRORS, lambda f: f.write((store.path / ERRORS).read_bytes()))
@@ -281,7 +333,7 @@ def run(
 
     resolved_itae = store.itae_config
     record: dict[str, Any] = {
-        "status": "complete",
+        "status": "finished",
         "started": started,
         "data": str(data),
         "out": str(out),
@@ -303,6 +355,7 @@ def run(
         write_run_report(out, store, source, result, metrics, record, backbone=backbone)
         timings["report_s"] = time.perf_counter() - t0
     timings["images_per_s_embed"] = n / timings["embed_s"] if timings["embed_s"] > 0 else None
+    record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_json(out / RUN, record)
     return record
 

@@ -4,7 +4,7 @@ and automatic choice of k. Estimators follow scikit-learn conventions; `cluster`
 
 from __future__ import annotations
 
-from itae.clustering.api import METHODS, ClusterResult, cluster
+from itae.clustering.api import METHODS, ClusterResult, check_cluster_arguments, cluster
 from itae.clustering.autok import AutoK
 from itae.clustering.hierarchical import HDBSCAN_MAX_SAMPLES, AgglomerativeClusterer, HDBSCANClusterer
 from itae.clustering.kmeans import SKLEARN_MAX_SAMPLES, KMeansClusterer, faiss_available, resolve_backend
@@ -18,6 +18,7 @@ __all__ = [
     "ClusterResult",
     "HDBSCANClusterer",
     "KMeansClusterer",
+    "check_cluster_arguments",
     "cluster",
     "faiss_available",
     "resolve_backend",

@@ -6,10 +6,13 @@ is never copied whole, and no (n, k) distance matrix is ever held.
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Iterator
 
 import numpy as np
+
+log = logging.getLogger("itae")
 
 # Bytes of input read per chunk when validating or copying rows (~64 MiB).
 _CHUNK_BYTES = 64 * 2**20
@@ -30,6 +33,50 @@ def as_embeddings(x: object, *, name: str = "embeddings") -> np.ndarray:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one vector of dimension >= 1")
     return x
+
+
+def validate(estimator: object, X: object, *, reset: bool = True) -> np.ndarray:
+    """``X`` checked the scikit-learn way (``validate_data``: 2-D, numeric, dense, not empty; records or
+    checks ``n_features_in_``), without copying a numeric array (memory maps stay memory maps).
+
+    NaN and inf are left to ``check_embeddings``, which reads a memory map chunk by chunk.
+    """
+    from sklearn.utils.validation import validate_data
+
+    if hasattr(X, "detach") and hasattr(X, "cpu"):  # a torch tensor; avoid importing torch
+        X = X.detach().cpu().numpy()
+    if isinstance(X, np.ndarray):  # our own wording for the common mistakes
+        if X.dtype.kind in "USV":
+            raise TypeError(f"embeddings must hold real numbers, got dtype {X.dtype}")
+        if X.ndim != 2:
+            raise ValueError(
+                f"embeddings must be a 2-D array (n_samples, dim), got shape {X.shape}. Reshape your data, "
+                "e.g. with x.reshape(1, -1) for one vector"
+            )
+    x = validate_data(estimator, X, reset=reset, accept_sparse=False, dtype="numeric", ensure_all_finite=False,
+                      copy=False)
+    if x.dtype.kind not in "fiub":
+        raise TypeError(f"embeddings must hold real numbers, got dtype {x.dtype}")
+    return x
+
+
+def seed_of(random_state: object) -> int:
+    """An integer seed from a scikit-learn ``random_state`` (an int is kept as it is)."""
+    from sklearn.utils import check_random_state
+
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def check_int(value: object, name: str, *, low: int = 1, none: bool = False) -> None:
+    """Raise TypeError unless ``value`` is an integer (or None when allowed), ValueError when below ``low``."""
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer{' or None' if none else ''}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
 def row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -71,8 +118,26 @@ def check_n_clusters(k: object, n_samples: int, *, name: str = "n_clusters") -> 
     if k < 1:
         raise ValueError(f"{name} must be >= 1, got {k}")
     if k > n_samples:
-        raise ValueError(f"{name}={k} exceeds the number of samples ({n_samples}); pass a smaller {name}")
+        raise ValueError(
+            f"{name}={k} exceeds the number of samples (n_samples={n_samples}); pass a smaller {name}"
+        )
     return k
+
+
+def drop_empty(labels: np.ndarray, centers: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the centres no row is assigned to, renumbering the labels 0..k'-1 in order, and say so.
+
+    k-means can leave clusters empty when the data has fewer distinct points than k (duplicate images):
+    a cluster with no member is no cluster, and every output must count the same ones.
+    """
+    used = np.unique(labels[labels >= 0])
+    if used.size == centers.shape[0]:
+        return labels, centers
+    log.warning(
+        "itae: %s asked for k=%d clusters, but only %d of them have members (the data has fewer distinct "
+        "points than k, e.g. duplicate images); using k=%d", what, centers.shape[0], used.size, used.size,
+    )
+    return np.searchsorted(used, labels).astype(np.int64), np.ascontiguousarray(centers[used])
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

@@ -40,6 +40,54 @@ class ClusterResult:
     k_scores: dict[int, float] | None = None
 
 
+def check_cluster_arguments(
+    k: int | None,
+    *,
+    method: str = "kmeans",
+    seeds: Sequence[int] | int = (0,),
+    spherical: bool = False,
+    k_range: tuple[int, int] = (2, 20),
+    criterion: str = "silhouette",
+    **kw: Any,
+) -> tuple[int, ...]:
+    """Every check of `cluster`'s arguments that needs no data, so that a caller can make them before long
+    work (``itae run`` makes them before it reads an image). Returns the seeds as a tuple of ints."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if isinstance(seeds, numbers.Integral):
+        seeds = (seeds,)
+    seeds = tuple(seeds)
+    if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of integers; got {seeds!r}")
+    seeds = tuple(int(s) for s in seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct; got {seeds!r}")
+    if not isinstance(spherical, bool):
+        raise TypeError(f"spherical must be True or False; got {spherical!r}")
+    if method == "hdbscan" and k is not None:
+        raise ValueError(
+            "method='hdbscan' chooses the number of clusters itself; pass k=None (on the command line, omit -k)"
+        )
+    options = {key: v for key, v in kw.items() if key != "sample_size"}
+    try:
+        if method == "hdbscan":
+            HDBSCANClusterer(spherical=spherical, **options).check_params()
+        elif k is None:
+            if "sample_size" in kw:
+                _arrays.check_int(kw["sample_size"], "sample_size", low=3)
+            AutoK(k_range, criterion=criterion, method=method, spherical=spherical, params=options).check_params()
+        elif method == "agglomerative":
+            AgglomerativeClusterer(k, spherical=spherical, **options).check_params()
+        else:
+            KMeansClusterer(k, spherical=spherical, **options).check_params()
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        name = str(e).rsplit(" ", 1)[-1]
+        raise ValueError(f"method={method!r} takes no option {name}") from None
+    return seeds
+
+
 def cluster(
     embeddings: np.ndarray,
     k: int | None = None,
@@ -60,17 +108,10 @@ def cluster(
     **kw : passed to the estimator (e.g. n_init, backend, linkage, min_cluster_size); `sample_size`
         goes to :class:`AutoK` when k is None.
     """
+    seeds = check_cluster_arguments(
+        k, method=method, seeds=seeds, spherical=spherical, k_range=k_range, criterion=criterion, **kw
+    )
     x = _arrays.as_embeddings(embeddings)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if isinstance(seeds, numbers.Integral):
-        seeds = (seeds,)
-    seeds = tuple(seeds)
-    if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of integers; got {seeds!r}")
-    seeds = tuple(int(s) for s in seeds)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct; got {seeds!r}")
 
     k_scores = None
     first = None
@@ -86,7 +127,7 @@ def cluster(
             k_range,
             criterion=criterion,
             sample_size=sample_size,
-            seed=seeds[0],
+            random_state=seeds[0],
             method=method,
             spherical=spherical,
             params=kw,
@@ -101,7 +142,7 @@ def cluster(
             if seed == seeds[0] and first is not None:
                 runs[seed] = first
             else:
-                runs[seed] = KMeansClusterer(k, seed=seed, spherical=spherical, **kw).fit(x)
+                runs[seed] = KMeansClusterer(k, random_state=seed, spherical=spherical, **kw).fit(x)
         first = runs[seeds[0]]
     else:
         runs = {seeds[0]: first}

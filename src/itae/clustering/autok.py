@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.utils.validation import check_is_fitted
 
 from itae.clustering import _arrays
 from itae.clustering.hierarchical import AgglomerativeClusterer
@@ -34,7 +35,8 @@ class AutoK(ClusterMixin, BaseEstimator):
     k_range : (k_min, k_max), both included, k_min >= 2; k_max is capped at sample size - 1.
     criterion : "silhouette" (default), "calinski_harabasz" or "davies_bouldin".
     sample_size : rows used to fit and score each candidate k.
-    seed : seeds the sample and the clusterer.
+    random_state : seeds the sample and the clusterer (int, None or RandomState; 0 by default).
+    seed : former name of ``random_state``, still accepted (it wins when given).
     method : "kmeans" or "agglomerative".
     spherical : cosine clustering (and cosine silhouette) on L2-normalised inputs.
     params : further keyword arguments for the clusterer (e.g. n_init, backend, linkage).
@@ -51,7 +53,8 @@ class AutoK(ClusterMixin, BaseEstimator):
         *,
         criterion: str = "silhouette",
         sample_size: int = 10_000,
-        seed: int = 0,
+        random_state: object = 0,
+        seed: int | None = None,
         method: str = "kmeans",
         spherical: bool = False,
         params: dict | None = None,
@@ -59,23 +62,26 @@ class AutoK(ClusterMixin, BaseEstimator):
         self.k_range = k_range
         self.criterion = criterion
         self.sample_size = sample_size
+        self.random_state = random_state
         self.seed = seed
         self.method = method
         self.spherical = spherical
         self.params = params
 
-    def _make(self, k: int) -> KMeansClusterer | AgglomerativeClusterer:
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # embeddings are dense; sparse input is refused
+        tags.non_deterministic = self.random_state is None and self.seed is None
+        return tags
+
+    def _make(self, k: int, seed: int = 0) -> KMeansClusterer | AgglomerativeClusterer:
         params = dict(self.params or {})
         if self.method == "kmeans":
-            return KMeansClusterer(k, seed=self.seed, spherical=self.spherical, **params)
+            return KMeansClusterer(k, random_state=seed, spherical=self.spherical, **params)
         return AgglomerativeClusterer(k, spherical=self.spherical, **params)
 
-    def fit(self, X: np.ndarray, y: object = None) -> AutoK:
-        """Choose k on a sample of X, shape (n, d), then fit all of X with it."""
-        from sklearn import metrics
-
-        x = _arrays.as_embeddings(X)
-        n = x.shape[0]
+    def check_params(self) -> tuple[int, int]:
+        """Check the parameters that need no data (``fit`` does it first); returns (k_min, k_max)."""
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
         if self.method not in ("kmeans", "agglomerative"):
@@ -88,13 +94,30 @@ class AutoK(ClusterMixin, BaseEstimator):
             ) from None
         if k_min < 2 or k_max < k_min:
             raise ValueError(f"k_range must satisfy 2 <= k_min <= k_max; got {self.k_range!r}")
-        if self.sample_size < 3:
-            raise ValueError(f"sample_size must be >= 3, got {self.sample_size}")
+        _arrays.check_int(self.sample_size, "sample_size", low=3)
+        if self.params is not None and not isinstance(self.params, dict):
+            raise TypeError(f"params must be a dict of clusterer options or None; got {self.params!r}")
+        try:
+            self._make(k_min).check_params()
+        except TypeError as e:  # an option the clusterer does not take
+            raise TypeError(f"method={self.method!r}: {e}") from None
+        return k_min, k_max
+
+    def fit(self, X: np.ndarray, y: object = None) -> AutoK:
+        """Choose k on a sample of X, shape (n, d), then fit all of X with it."""
+        from sklearn import metrics
+
+        k_min, k_max = self.check_params()
+        x = _arrays.validate(self, X)
+        n = x.shape[0]
+        if n < 3:
+            raise ValueError(f"choosing k needs at least 3 samples; got n_samples={n}")
         _arrays.check_embeddings(x, spherical=self.spherical)
+        seed = _arrays.seed_of(self.random_state if self.seed is None else self.seed)
 
         whole = n <= self.sample_size
         # A sample in file order, so a memory map is read forwards; the whole input when it is small enough.
-        sample = x if whole else _arrays.sample_rows(x, self.sample_size, seed=self.seed, spherical=False)
+        sample = x if whole else _arrays.sample_rows(x, self.sample_size, seed=seed, spherical=False)
         m = sample.shape[0]
         if k_max > m - 1:  # the silhouette is defined for 2 <= k <= m - 1
             if k_min > m - 1:
@@ -113,7 +136,7 @@ class AutoK(ClusterMixin, BaseEstimator):
         scores: dict[int, float] = {}
         fits = {}
         for k in range(k_min, k_max + 1):
-            est = self._make(k).fit(sample)
+            est = self._make(k, seed).fit(sample)
             labels = est.labels_
             if np.unique(labels).size < 2:  # the criterion is undefined for one non-empty cluster
                 scores[k] = float("nan")
@@ -136,18 +159,17 @@ class AutoK(ClusterMixin, BaseEstimator):
         best = max(finite, key=lambda k: (sign * finite[k], -k))
         self.scores_ = scores
         # When the sample was the whole input, the candidate fit already is the final one.
-        self.estimator_ = fits[best] if whole else self._make(best).fit(x)
-        self.n_clusters_ = best
+        self.estimator_ = fits[best] if whole else self._make(best, seed).fit(x)
+        self.n_clusters_ = self.estimator_.n_clusters_  # less than best if k-means left clusters empty
         self.labels_ = self.estimator_.labels_
         self.cluster_centers_ = self.estimator_.cluster_centers_
         self.distances_ = self.estimator_.distances_
-        self.n_features_in_ = x.shape[1]
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Nearest centroid of each row (k-means only)."""
-        if not hasattr(self, "estimator_"):
-            raise ValueError("this AutoK is not fitted yet; call fit(X) first")
+        check_is_fitted(self, "estimator_")
         if not hasattr(self.estimator_, "predict"):
             raise ValueError(f"predict is not available for method={self.method!r}; use fit_predict")
+        _arrays.validate(self, X, reset=False)
         return self.estimator_.predict(X)

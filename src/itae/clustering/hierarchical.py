@@ -23,7 +23,7 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_clusters : number of clusters k (1 <= k <= n_samples).
+    n_clusters : number of clusters k (1 <= k <= n_samples); 2 by default, as scikit-learn's.
     linkage : "ward" (default), "complete", "average" or "single".
     metric : distance for non-ward linkages ("euclidean", "cosine", ...); ward needs "euclidean".
     spherical : L2-normalise the inputs first (then ward on unit vectors ranks pairs like cosine).
@@ -37,7 +37,7 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
 
     def __init__(
         self,
-        n_clusters: int,
+        n_clusters: int = 2,
         *,
         linkage: str = "ward",
         metric: str = "euclidean",
@@ -50,13 +50,15 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
         self.spherical = spherical
         self.max_samples = max_samples
 
-    def fit(self, X: np.ndarray, y: object = None) -> AgglomerativeClusterer:
-        """Cluster the rows of X, shape (n, d)."""
-        from sklearn.cluster import AgglomerativeClustering
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # embeddings are dense; sparse input is refused
+        return tags
 
-        x = _arrays.as_embeddings(X)
-        n = x.shape[0]
-        k = _arrays.check_n_clusters(self.n_clusters, n)
+    def check_params(self) -> None:
+        """Check the parameters that need no data (``fit`` does it first); raise ValueError or TypeError."""
+        _arrays.check_int(self.n_clusters, "n_clusters")
+        _arrays.check_int(self.max_samples, "max_samples")
         if self.linkage not in ("ward", "complete", "average", "single"):
             raise ValueError(
                 f"linkage must be 'ward', 'complete', 'average' or 'single'; got {self.linkage!r}"
@@ -65,6 +67,15 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
             raise ValueError(
                 f"ward linkage needs metric='euclidean', got {self.metric!r}; use spherical=True for cosine"
             )
+
+    def fit(self, X: np.ndarray, y: object = None) -> AgglomerativeClusterer:
+        """Cluster the rows of X, shape (n, d)."""
+        from sklearn.cluster import AgglomerativeClustering
+
+        self.check_params()
+        x = _arrays.validate(self, X)
+        n = x.shape[0]
+        k = _arrays.check_n_clusters(self.n_clusters, n)
         if n > self.max_samples:
             raise ValueError(
                 f"agglomerative clustering of {n} samples needs O(n^2) memory (limit max_samples={self.max_samples}); "
@@ -81,7 +92,6 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
         self.cluster_centers_ = _arrays.member_means(data, labels, k, spherical=self.spherical)
         self.distances_ = _arrays.distances_to(data, labels, self.cluster_centers_, spherical=self.spherical)
         self.n_clusters_ = k
-        self.n_features_in_ = x.shape[1]
         return self
 
 
@@ -127,19 +137,27 @@ class HDBSCANClusterer(ClusterMixin, BaseEstimator):
         self.spherical = spherical
         self.max_samples = max_samples
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # embeddings are dense; sparse input is refused
+        return tags
+
+    def check_params(self) -> None:
+        """Check the parameters that need no data (``fit`` does it first); raise ValueError or TypeError."""
+        _arrays.check_int(self.min_cluster_size, "min_cluster_size", low=2)
+        _arrays.check_int(self.min_samples, "min_samples", none=True)
+        _arrays.check_int(self.max_samples, "max_samples")
+
     def fit(self, X: np.ndarray, y: object = None) -> HDBSCANClusterer:
         """Cluster the rows of X, shape (n, d)."""
         from sklearn.cluster import HDBSCAN
 
-        x = _arrays.as_embeddings(X)
+        self.check_params()
+        x = _arrays.validate(self, X)
         n = x.shape[0]
-        if isinstance(self.min_cluster_size, bool) or not isinstance(
-            self.min_cluster_size, (int, np.integer)
-        ):
-            raise TypeError(f"min_cluster_size must be an integer, got {self.min_cluster_size!r}")
         if not 2 <= self.min_cluster_size <= n:
             raise ValueError(
-                f"min_cluster_size must be between 2 and the number of samples ({n}); got {self.min_cluster_size}"
+                f"min_cluster_size must be between 2 and the number of samples (n_samples={n}); got {self.min_cluster_size}"
             )
         if n > self.max_samples:
             raise ValueError(
@@ -163,5 +181,4 @@ class HDBSCANClusterer(ClusterMixin, BaseEstimator):
         self.distances_ = _arrays.distances_to(data, labels, self.cluster_centers_, spherical=self.spherical)
         self.n_clusters_ = k
         self.noise_fraction_ = float(np.mean(labels == -1))
-        self.n_features_in_ = x.shape[1]
         return self
