@@ -52,7 +52,7 @@ BACKENDS = [
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kmeans_recovers_blobs(backend):
     x, y = blobs()
-    km = KMeansClusterer(4, backend=backend, n_init=3, seed=0)
+    km = KMeansClusterer(4, backend=backend, n_init=3, random_state=0)
     assert km.fit(x) is km
     assert km.backend_ == backend
     assert adjusted_rand_score(y, km.labels_) > 0.99
@@ -77,8 +77,8 @@ def test_faiss_and_sklearn_agree_on_separated_blobs():
 
 def test_same_seed_same_result_and_params_roundtrip():
     x, _ = blobs(spread=3.0)
-    a = KMeansClusterer(5, n_init=1, seed=7).fit(x)
-    b = KMeansClusterer(5, n_init=1, seed=7).fit(x)
+    a = KMeansClusterer(5, n_init=1, random_state=7).fit(x)
+    b = KMeansClusterer(5, n_init=1, random_state=7).fit(x)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     assert KMeansClusterer(**a.get_params()).get_params() == a.get_params()
 
@@ -145,7 +145,7 @@ def test_auto_backend_thresholds():
 
 def test_autok_chooses_true_k_and_records_scores():
     x, y = blobs(n_per=50, k=4, seed=8)
-    auto = AutoK((2, 8), seed=0).fit(x)
+    auto = AutoK((2, 8), random_state=0).fit(x)
     assert auto.n_clusters_ == 4
     assert sorted(auto.scores_) == list(range(2, 9))
     assert max(auto.scores_, key=auto.scores_.get) == 4
@@ -156,7 +156,7 @@ def test_autok_chooses_true_k_and_records_scores():
 @pytest.mark.parametrize("criterion", ["calinski_harabasz", "davies_bouldin"])
 def test_autok_other_criteria_on_a_sample(criterion):
     x, _ = blobs(n_per=100, k=3, seed=9)
-    auto = AutoK((2, 6), criterion=criterion, sample_size=120, seed=1).fit(x)
+    auto = AutoK((2, 6), criterion=criterion, sample_size=120, random_state=1).fit(x)
     assert auto.n_clusters_ == 3
     assert auto.labels_.shape == (300,)
 

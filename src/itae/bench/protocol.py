@@ -36,11 +36,11 @@ def cluster_run(spec: BenchSpec, fit: np.ndarray, predict: np.ndarray | None, k:
     from itae.clustering import KMeansClusterer, cluster
 
     if spec.cluster_method == "minibatch-kmeans":  # MTEB's protocol: MiniBatchKMeans on every row
-        est = KMeansClusterer(k, seed=seed, spherical=spec.spherical, n_init=spec.n_init, backend="minibatch",
+        est = KMeansClusterer(k, random_state=seed, spherical=spec.spherical, n_init=spec.n_init, backend="minibatch",
                               batch_size=spec.minibatch_size, train_size=len(fit)).fit(fit)
         return est.labels_ if predict is None else est.predict(predict)
     if predict is not None:  # train-test: fit on train, nearest centroid on test
-        est = KMeansClusterer(k, seed=seed, spherical=spec.spherical, n_init=spec.n_init).fit(fit)
+        est = KMeansClusterer(k, random_state=seed, spherical=spec.spherical, n_init=spec.n_init).fit(fit)
         return est.predict(predict)
     kw = {"n_init": spec.n_init} if spec.cluster_method == "kmeans" else {}
     return cluster(fit, k, method=spec.cluster_method, seeds=(seed,), spherical=spec.spherical, **kw).labels
