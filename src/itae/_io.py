@@ -49,5 +49,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def atomic_write_text(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
+    """Write ``text`` as UTF-8. ``errors="surrogateescape"`` writes the file-name bytes that are not UTF-8,
+    carried in ``str`` as lone surrogates (``os.fsdecode``), back as the bytes they were."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", errors)))
+
+
+# How CSV files that hold image ids (file names) are encoded: UTF-8, and a file name that is not valid
+# UTF-8 (old disks, archives) as its own bytes, so that ids round-trip exactly.
+ID_ERRORS = "surrogateescape"

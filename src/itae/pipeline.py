@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write, atomic_write_text
+from ._io import ID_ERRORS, atomic_write, atomic_write_text
 from ._lock import folder_lock
 from .config import ITAEConfig
 from .data.store import EmbeddingStore, library_versions
@@ -122,7 +122,7 @@ def cluster_store(
             "" if not np.isfinite(d) else f"{float(d):.6g}",
             *[int(result.per_seed_labels[s][i]) for s in extra_seeds],
         ])
-    atomic_write_text(out / ASSIGNMENTS, buf.getvalue())
+    atomic_write_text(out / ASSIGNMENTS, buf.getvalue(), errors=ID_ERRORS)  # ids as the store has them
     return result
 
 
@@ -136,7 +136,7 @@ def read_assignments(path: str | os.PathLike) -> dict[str, Any]:
         path = path / ASSIGNMENTS
     if not path.is_file():
         raise FileNotFoundError(f"no assignments file at {str(path)!r}; run itae cluster first")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors=ID_ERRORS) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{str(path)!r} holds no assignments")
@@ -252,7 +252,7 @@ def run(
     embedding progress is committed every that many images or seconds, whichever comes first.
     """
     from .clustering import check_cluster_arguments
-    from .data.extract import check_embed_arguments, resolve_device
+    from .data.extract import check_embed_arguments, check_save_interval, resolve_device
     from .data.sources import open_source
 
     # Every flag first: a mistake costs nothing, not an embedding run.
@@ -292,11 +292,6 @@ def run(
                                     "error": " ".join(error.split())})
             raise
     return record
-
-
-def check_save_interval(save_interval: float) -> None:
-    if isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval > 0:
-        raise ValueError(f"save_interval must be a positive number of seconds; got {save_interval!r}")
 
 
 def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, method,

@@ -128,6 +128,8 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
                    help="decode large JPEGs at 1/2-1/8 scale (2-6x faster for photos; pixels differ slightly)")
     g.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile (GPU runs)")
     g.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing store")
+    g.add_argument("--save-every", type=int, default=4096, metavar="N",
+                   help="commit embedding progress every N images, and at least every 30 s (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -184,10 +186,20 @@ def _configure_logging(verbose: bool, loads_models: bool) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from itae._lock import folder_lock
+    from itae.data.store import prepare_output
+
+    cfg = _itae_config(args)
+    with folder_lock(prepare_output(args.out), "itae embed"):  # one writer per store
+        store = _embed(args, cfg)
+    print(_store_summary(store))
+    return 0
+
+
+def _embed(args: argparse.Namespace, cfg):
     from itae.data.extract import embed, resolve_device, resolve_precision
     from itae.models.loading import load_backbone
 
-    cfg = _itae_config(args)
     if args.engine == "ray":
         from itae.distributed import embed_ray
 
@@ -210,10 +222,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
             calibration_images=args.calibration_images, labels=args.labels, split=args.split,
             hf_config=args.hf_config, image_column=args.image_column, label_column=args.label_column,
             progress=not args.no_progress, overwrite=args.overwrite, fast_decode=args.fast_decode,
-            compile=args.compile,
+            compile=args.compile, save_every=args.save_every,
         )
-    print(_store_summary(store))
-    return 0
+    return store
 
 
 def _store_summary(store) -> str:
@@ -282,7 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_workers=args.workers, calibration_images=args.calibration_images,
         report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
         image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
-        fast_decode=args.fast_decode, compile=args.compile,
+        fast_decode=args.fast_decode, compile=args.compile, save_every=args.save_every,
         cluster_options=_cluster_options(args),
     )
     print(_run_summary(record))
@@ -524,18 +535,27 @@ def _missing_top(path: str | os.PathLike) -> Path | None:
 def _remove_failed_output(top: Path, run_dir: Path | None) -> None:
     """Undo what a failed command left in ``top``, a folder it created: the folders under it (and ``top``),
     bottom-up, as far as they are empty. In a run folder that holds nothing else, the ``run.json`` that
-    ``itae run`` writes first ("status": "running") goes too: it only says that a run was begun. Every other
-    file is kept, and with it the folders that hold it (e.g. a store that a rerun resumes)."""
+    ``itae run`` writes first goes too ("status": "running", or "failed" with the error, nothing else done):
+    it only says that a run was begun. The folder lock's file goes with it. Every other file is kept, and with
+    it the folders that hold it (e.g. a store that a rerun resumes)."""
+    from itae._lock import LOCK_FILE
+
     if not top.is_dir() or top.is_symlink():
         return
     files = [Path(folder) / name for folder, _, names in os.walk(top) for name in names]
+    lock = [f for f in files if f.name == LOCK_FILE]
+    files = [f for f in files if f.name != LOCK_FILE]
     if run_dir is not None and len(files) == 1 and files[0] == Path(os.path.abspath(run_dir)) / "run.json":
         try:
-            begun_only = json.loads(files[0].read_text(encoding="utf-8")).get("status") == "running"
+            begun_only = json.loads(files[0].read_text(encoding="utf-8")).get("status") in ("running", "failed")
         except (OSError, ValueError, AttributeError):
             begun_only = False
         if begun_only:
             files[0].unlink()
+            files = []
+    if not files:  # nothing of the command's is left: nor is its lock needed
+        for f in lock:
+            f.unlink(missing_ok=True)
     for folder, _, _ in os.walk(top, topdown=False):
         try:
             os.rmdir(folder)  # fails, and so keeps the folder, unless it is empty

@@ -75,27 +75,33 @@ class ChunkBatchSampler(Sampler[list[int]]):
     """Batches of record indices that never cross a chunk boundary, for the chunks still to compute.
 
     Keeping batches inside chunks makes every chunk's batches the same in a fresh and a resumed run, so
-    a resumed store is identical to an uninterrupted one.
+    a resumed store is identical to an uninterrupted one. ``starts`` maps a chunk to the record where it
+    resumes (after its committed parts, which end on a batch boundary of the same batch size).
     """
 
-    def __init__(self, num_records: int, chunk_size: int, batch_size: int, chunks: Sequence[int]) -> None:
+    def __init__(self, num_records: int, chunk_size: int, batch_size: int, chunks: Sequence[int],
+                 starts: dict[int, int] | None = None) -> None:
         self.num_records = num_records
         self.chunk_size = chunk_size
         self.batch_size = batch_size
         self.chunks = list(chunks)
+        self.starts = dict(starts or {})
+
+    def _range(self, k: int) -> tuple[int, int]:
+        start = k * self.chunk_size
+        return self.starts.get(k, start), min(start + self.chunk_size, self.num_records)
 
     def __iter__(self) -> Iterator[list[int]]:
         for k in self.chunks:
-            start = k * self.chunk_size
-            stop = min(start + self.chunk_size, self.num_records)
+            start, stop = self._range(k)
             for b in range(start, stop, self.batch_size):
                 yield list(range(b, min(b + self.batch_size, stop)))
 
     def __len__(self) -> int:
         n = 0
         for k in self.chunks:
-            size = min(self.chunk_size, self.num_records - k * self.chunk_size)
-            n += -(-size // self.batch_size)
+            start, stop = self._range(k)
+            n += -(-max(0, stop - start) // self.batch_size)
         return n
 
 

@@ -112,6 +112,11 @@ def check_embed_arguments(
     return dtype
 
 
+def check_save_interval(save_interval: float) -> None:
+    if isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval > 0:
+        raise ValueError(f"save_interval must be a positive number of seconds; got {save_interval!r}")
+
+
 def default_num_workers(device: str | torch.device | None = None) -> int:
     """One decoding worker per spare CPU core (the main process runs the model): at most 32 when the model
     runs on a GPU, which decoding must keep fed, and at most 8 otherwise, where the workers take cores from
@@ -208,6 +213,8 @@ def embed(
     progress: bool = True,
     resume: bool = True,
     overwrite: bool = False,
+    save_every: int = 4096,
+    save_interval: float = 30.0,
 ) -> EmbeddingStore:
     """Embed every image of ``source`` with ``backbone`` (ITAE on unless ``itae=None``) into a store at ``out``.
 
@@ -233,6 +240,8 @@ def embed(
     compile: compile the model's blocks with ``torch.compile`` for the extraction (restored afterwards);
         used only where no ITAE hooks are needed (ITAE off, or the fast CLS path).
     resume: continue (or return) a store at ``out`` made with the same settings; overwrite: start afresh.
+    save_every, save_interval: commit progress every ``save_every`` images or ``save_interval`` seconds,
+        whichever comes first (a kill loses at most that much work); neither changes the finished store.
 
     Images that cannot be decoded are skipped and listed in ``out/errors.csv``. Returns the finished store.
     """
@@ -240,7 +249,9 @@ def embed(
         feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
         counts={"num_workers": num_workers},
         batch_size=batch_size, chunk_size=chunk_size, calibration_images=calibration_images,
+        save_every=save_every,
     )
+    check_save_interval(save_interval)
 
     # Cheap checks first: a bad source creates no output folder, a bad output folder loads no model.
     src = open_source(source, labels=labels, image_column=image_column, label_column=label_column, split=split,
@@ -268,7 +279,7 @@ def embed(
     todo = [k for k in range(writer.num_chunks) if k not in done]
     if todo:
         _extract(bb, src, transform, writer, todo, run_cfg, feature, normalize, batch_size, progress, fast_cls,
-                 compile, **loader_kw)
+                 compile, save=(save_every, save_interval), **loader_kw)
 
     errors = writer.error_rows()
     num_failed = len(errors)
@@ -510,14 +521,82 @@ def _all_failed_message(src: ImageSource, out_dir: Path, example: tuple[int, str
 
 
 class _ChunkBuffer:
-    """What one chunk has gathered so far; committed when all its records are accounted for."""
+    """What one chunk has gathered so far; committed when all its records are accounted for.
+
+    ``saved``: how many of its records (from the chunk's start) are already committed as parts.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.seen = 0
+        self.saved = 0
         self.index: list[np.ndarray] = []
         self.embeddings: list[np.ndarray] = []
         self.failed: list[tuple[int, str]] = []
+
+
+# ----------------------------------------------------------------- commit interval (save_every)
+
+# The clock of the commit interval (a test replaces it).
+_clock = time.monotonic
+
+
+class _ProgressSaver:
+    """When to commit the chunk in progress: every ``every`` images or ``interval`` seconds, whichever
+    comes first, counted from the last commit."""
+
+    def __init__(self, every: int, interval: float) -> None:
+        self.every, self.interval = every, interval
+        self.last_count, self.last_time = 0, _clock()
+
+    def due(self, processed: int) -> bool:
+        return processed - self.last_count >= self.every or _clock() - self.last_time >= self.interval
+
+    def saved(self, processed: int) -> None:
+        self.last_count, self.last_time = processed, _clock()
+
+
+def _resume_parts(writer: StoreWriter, todo: list[int]) -> dict[int, _ChunkBuffer]:
+    """Buffers of the chunks to do that have committed parts, filled with them."""
+    buffers: dict[int, _ChunkBuffer] = {}
+    for k in todo:
+        parts = writer.load_parts(k)
+        if parts is None:
+            continue
+        start, stop = writer.chunk_bounds(k)
+        buf = buffers[k] = _ChunkBuffer(stop - start)
+        buf.index.append(parts["index"])
+        buf.embeddings.append(parts["embeddings"].reshape(len(parts["index"]), writer.dim))
+        buf.failed.extend(zip(parts["failed_index"].tolist(), parts["failed_reason"].tolist(), strict=True))
+        buf.seen = buf.saved = parts["stop"] - start
+    if buffers:
+        logger.info("resuming %d chunk(s) after their committed parts", len(buffers))
+    return buffers
+
+
+def _commit_part(writer: StoreWriter, k: int, buf: _ChunkBuffer, src: ImageSource) -> None:
+    """Commit the records of chunk ``k`` gathered since its last part (batches arrive in order, so they
+    are the records [chunk start + saved, chunk start + seen))."""
+    chunk_start = writer.chunk_bounds(k)[0]
+    lo, hi = chunk_start + buf.saved, chunk_start + buf.seen
+    index = np.concatenate(buf.index) if buf.index else np.zeros(0, dtype=np.int64)
+    emb = np.concatenate(buf.embeddings, axis=0) if buf.embeddings else np.zeros((0, writer.dim), np.float32)
+    new = (index >= lo) & (index < hi)
+    order = np.argsort(index[new], kind="stable")
+    index, emb = index[new][order], emb[new][order]
+    failed = sorted((i, r) for i, r in buf.failed if lo <= i < hi)
+    labels = src.labels
+    writer.write_part(
+        k, lo, hi,
+        index=index,
+        ids=[src.ids[i] for i in index.tolist()],
+        labels=[labels[i] if labels is not None else "" for i in index.tolist()],
+        embeddings=emb,
+        failed_index=[i for i, _ in failed],
+        failed_ids=[src.ids[i] for i, _ in failed],
+        failed_reason=[r for _, r in failed],
+    )
+    buf.saved = buf.seen
 
 
 def _extract(
@@ -538,6 +617,7 @@ def _extract(
     device: torch.device,
     max_pixels: int | None,
     fast_decode: bool = False,
+    save: tuple[int, float] = (4096, 30.0),
 ) -> None:
     from contextlib import nullcontext
 
@@ -545,10 +625,13 @@ def _extract(
 
     from itae.engine.fast import compiled_blocks, forward_cls, supports_fast_cls
 
-    sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo)
+    buffers = _resume_parts(writer, todo)
+    starts = {k: writer.chunk_bounds(k)[0] + buf.seen for k, buf in buffers.items()}
+    sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo, starts)
     loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels,
                      fast_decode=fast_decode)
     remaining = sum(writer.chunk_bounds(k)[1] - writer.chunk_bounds(k)[0] for k in todo)
+    remaining -= sum(buf.seen for buf in buffers.values())
     bar = tqdm(total=len(src), initial=len(src) - remaining, unit="img", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, desc="embedding")
     fast = fast_cls and feature == "cls" and supports_fast_cls(bb, cfg)
@@ -562,9 +645,9 @@ def _extract(
         context = compiled_blocks(bb) if compile else nullcontext()
     logger.info("extracting %d images with %s", remaining,
                 "the CLS-only fast path" if fast else "ITAE hooks" if cfg is not None else "the unmodified model")
-    buffers: dict[int, _ChunkBuffer] = {}
     processed = failed = 0
     t0 = time.perf_counter()
+    saver = _ProgressSaver(*save)
 
     def finish(batch: dict, emb: torch.Tensor | None) -> None:
         """Bring one batch's embeddings to the host and into its chunk; commit the chunk when full."""
@@ -584,6 +667,10 @@ def _extract(
         failed += len(batch["failed_index"])
         if buf.seen == buf.size:
             _commit(writer, k, buffers.pop(k), src)
+            saver.saved(processed)
+        elif saver.due(processed):
+            _commit_part(writer, k, buf, src)
+            saver.saved(processed)
         bar.update(len(all_idx))
         rate = processed / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(img_s=f"{rate:.1f}", failed=failed, refresh=False)

@@ -8,16 +8,21 @@ workers), so sources are picklable and cheap to send to worker processes.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+logger = logging.getLogger("itae.data")
 
 LabelMode = Literal["none", "from-folders", "column"]
 LABEL_MODES = ("none", "from-folders", "column")
@@ -91,13 +96,19 @@ class ImageSource:
 
 
 class FolderSource(ImageSource):
-    """Every image file under ``root`` (recursive, hidden entries skipped), sorted by relative path."""
+    """Every image file under ``root`` (recursive, hidden entries skipped), sorted by relative path.
+
+    Symlinked folders are followed (a link back to a folder already seen is skipped, so link loops end).
+    Folders that hold itae's own outputs are not input: the ``exclude`` folders (a run's output folder),
+    and any folder holding an embedding store or a run (``manifest.json`` of a store, ``run.json``).
+    """
 
     kind = "folder"
 
-    def __init__(self, root: str | Path, *, labels: LabelMode = "none", spec: str | None = None) -> None:
+    def __init__(self, root: str | Path, *, labels: LabelMode = "none", spec: str | None = None,
+                 exclude: tuple[str | os.PathLike, ...] = ()) -> None:
         self.root = Path(root)
-        rel = _scan_images(self.root)
+        rel = _scan_images(self.root, exclude)
         if not rel:
             raise ValueError(
                 f"no images found in folder {str(self.root)!r} (looked recursively for "
@@ -123,18 +134,49 @@ class FolderSource(ImageSource):
         return self.root / self.ids[index]
 
 
-def _scan_images(root: Path) -> list[str]:
-    """Relative posix paths of image files under ``root``, sorted; hidden files and folders skipped."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _scan_images(root: Path, exclude: tuple[str | os.PathLike, ...] = ()) -> list[str]:
+    """Relative posix paths of image files under ``root``, sorted; hidden files and folders skipped,
+    symlinked folders followed once, itae output folders (and ``exclude``) left out."""
+    return sorted(rel for rel, _ in _walk_images(root, exclude))
+
+
+def _walk_images(root: Path, exclude: tuple[str | os.PathLike, ...] = ()):
+    """Yield (relative posix path, name) of each image file under ``root`` (see ``_scan_images``)."""
+    excluded = {os.path.realpath(e) for e in exclude}
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a symlink: a loop or a second link
+            logger.info("skipping %s: a link to a folder already scanned", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        top = os.path.samefile(dirpath, root)
+        if not top and (os.path.realpath(dirpath) in excluded or _holds_itae_output(Path(dirpath), filenames)):
+            logger.info("skipping %s: it holds itae outputs, not input images", dirpath)
+            dirnames[:] = []
+            continue
+        if top and _holds_itae_output(Path(dirpath), filenames):  # a run folder given as input: its own
+            dirnames[:] = [d for d in dirnames if d not in ("inspect", "embeddings")]  # outputs are no input
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath).relative_to(root)
         for name in filenames:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            found.append((base / name).as_posix())
-    found.sort()
-    return found
+            yield (base / name).as_posix(), name
+
+
+def _holds_itae_output(folder: Path, filenames: list[str]) -> bool:
+    """Whether ``folder`` is an itae run folder or embedding store (by their own files, not by name)."""
+    for name, key, value in (("manifest.json", "format", "itae-embeddings"), ("run.json", "status", None)):
+        if name in filenames:
+            try:
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and key in data and (value is None or data[key] == value):
+                return True
+    return ".itae.lock" in filenames
 
 
 # -------------------------------------------------------------------------------------- path list
@@ -169,11 +211,11 @@ class ListSource(ImageSource):
         super().__init__(spec or str(list_path), paths, label_list)
 
     def _read_text(self) -> list[str]:
-        with open(self.list_path, encoding="utf-8") as f:
-            return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+        lines = _list_text(self.list_path).splitlines()
+        return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
     def _read_csv(self, labels: LabelMode, label_column: str) -> tuple[list[str], list[str] | None]:
-        with open(self.list_path, encoding="utf-8", newline="") as f:
+        with io.StringIO(_list_text(self.list_path), newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if "path" not in header:
@@ -203,6 +245,22 @@ class ListSource(ImageSource):
 
     def read(self, index: int) -> Payload:
         return self.base / self.ids[index]
+
+
+def _list_text(path: Path) -> str:
+    """A list file's text: UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8"); any other
+    encoding is refused naming the file and the line, since guessing would misread paths."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{str(path)!r} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the list as UTF-8 "
+            "(e.g. Excel's \"CSV UTF-8\")"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------- WebDataset
@@ -503,6 +561,7 @@ def open_source(
     label_column: str = "label",
     split: str | None = None,
     hf_config: str | None = None,
+    exclude: tuple[str | os.PathLike, ...] = (),
 ) -> ImageSource:
     """Recognise ``spec`` and open it as an ``ImageSource``.
 
@@ -515,6 +574,7 @@ def open_source(
       takes one as ``hf_config`` or after a colon: ``hf:frgfm/imagenette:320px``.
 
     ``hf_config`` with a source that is not a hub data set is an error (it would otherwise be ignored).
+    ``exclude``: folders that a folder source leaves out (a run's own output folder inside its input).
     """
     if isinstance(spec, ImageSource):
         return spec
@@ -533,11 +593,11 @@ def open_source(
         if _is_saved_hf_dataset(path):
             return HFDatasetSource(text, **hf_kw)
         _no_hf_config(hf_config, text, "a folder of images or shards")
-        if not _scan_has_images(path):
+        if not _scan_has_images(path, exclude):
             shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".tar")
             if shards:
                 return WebDatasetSource(shards, labels=labels, label_column=label_column, spec=text)
-        return FolderSource(path, labels=labels, spec=text)
+        return FolderSource(path, labels=labels, spec=text, exclude=exclude)
     if path.is_file():
         _no_hf_config(hf_config, text, "a local file")
         suffix = path.suffix.lower()
@@ -577,12 +637,8 @@ def _is_saved_hf_dataset(path: Path) -> bool:
     )
 
 
-def _scan_has_images(root: Path) -> bool:
-    for _, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS for n in filenames):
-            return True
-    return False
+def _scan_has_images(root: Path, exclude: tuple[str | os.PathLike, ...] = ()) -> bool:
+    return next(_walk_images(root, exclude), None) is not None
 
 
 __all__ = [

@@ -5,6 +5,9 @@ Layout while a run is in progress::
     manifest.json        settings, versions, source fingerprint; "complete": false
     chunk-00000.npz      records [0, chunk_size): their embeddings, ids, labels, and the failures
     chunk-00001.npz      ...
+    chunk-00002.part-0000008192-0000008448.npz
+                         a committed part of a chunk still in progress (records [8192, 8448)): progress is
+                         saved every so many images or seconds, not only when a chunk is full
     errors.csv           index,id,reason for every image that could not be decoded (committed chunks)
 
 and once finished (the chunks are consolidated, then removed)::
@@ -13,6 +16,10 @@ and once finished (the chunks are consolidated, then removed)::
     embeddings.npy       (N, D) float32, memory-mappable, rows in source order
     records.csv          index,id,label of each row (index = position in the source)
     errors.csv
+
+The CSV files are UTF-8, except that an id (a file name) that is not valid UTF-8 is written as the file
+name's own bytes; read them with ``errors="surrogateescape"`` to get the ids back as ``os.fsdecode`` gives
+them (this module's reader does).
 
 Chunk ``k`` always covers source records ``[k * chunk_size, (k + 1) * chunk_size)``, whatever failed in
 it, so a resumed run recomputes exactly the missing chunks and ends with a store identical to an
@@ -36,7 +43,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from itae._io import TMP_PREFIX, atomic_write, atomic_write_text, fsync_dir, temp_path
+from itae._io import ID_ERRORS, TMP_PREFIX, atomic_write, atomic_write_text, fsync_dir, temp_path
 
 FORMAT = "itae-embeddings"
 FORMAT_VERSION = 1
@@ -96,6 +103,11 @@ def library_versions() -> dict[str, str]:
 
 def chunk_name(k: int) -> str:
     return f"{CHUNK_PREFIX}{k:05d}.npz"
+
+
+def part_name(k: int, start: int, stop: int) -> str:
+    """A committed part of chunk ``k``: records [start, stop), the next ones after the chunk's earlier parts."""
+    return f"{CHUNK_PREFIX}{k:05d}.part-{start:010d}-{stop:010d}.npz"
 
 
 # ------------------------------------------------------------------------------------------ reader
@@ -177,7 +189,7 @@ class EmbeddingStore:
             index: list[int] = []
             ids: list[str] = []
             labels: list[str] = []
-            with open(self.path / RECORDS, encoding="utf-8", newline="") as f:
+            with open(self.path / RECORDS, encoding="utf-8", errors=ID_ERRORS, newline="") as f:
                 reader = csv.reader(f)
                 next(reader)
                 for row in reader:
@@ -209,7 +221,7 @@ class EmbeddingStore:
         p = self.path / ERRORS
         if not p.is_file():
             return []
-        with open(p, encoding="utf-8", newline="") as f:
+        with open(p, encoding="utf-8", errors=ID_ERRORS, newline="") as f:
             reader = csv.reader(f)
             next(reader, None)
             return [(int(r[0]), r[1], r[2]) for r in reader]
@@ -258,8 +270,12 @@ def clear_store_files(out: Path) -> None:
     fsync_dir(out)
 
 
+# The folder lock of ``itae._lock`` (by name, since the lock lives a floor above the store)
+_LOCK_FILES = (".itae.lock", ".itae.lock.owner")
+
+
 def foreign_files(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if not _is_store_file(p.name))
+    return sorted(p.name for p in out.iterdir() if not _is_store_file(p.name) and p.name not in _LOCK_FILES)
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -412,8 +428,82 @@ class StoreWriter:
         if self._errors is None:
             self.committed_chunks()
         atomic_write(self.out / chunk_name(k), lambda f: _write_npz(f, arrays))
+        self._remove_parts(k)  # the chunk holds them now
         self._errors[k] = _failures(arrays)  # type: ignore[index]
         self.write_errors()
+
+    def write_part(
+        self,
+        k: int,
+        start: int,
+        stop: int,
+        index: np.ndarray,
+        ids: list[str],
+        labels: list[str],
+        embeddings: np.ndarray,
+        failed_index: list[int],
+        failed_ids: list[str],
+        failed_reason: list[str],
+    ) -> None:
+        """Commit records [start, stop) of chunk ``k``, which follow its earlier parts, atomically.
+
+        Parts are progress, not results: ``write_chunk`` replaces them once the chunk is complete, and a
+        resumed run continues the chunk after its last part (``load_parts``).
+        """
+        lo, hi = self.chunk_bounds(k)
+        if not lo <= start < stop <= hi or len(index) + len(failed_index) != stop - start:
+            raise ValueError(f"records [{start}, {stop}) are not a part of chunk {k} [{lo}, {hi})")
+        arrays = {
+            "start": np.asarray(start, dtype=np.int64),
+            "stop": np.asarray(stop, dtype=np.int64),
+            "index": np.asarray(index, dtype=np.int64),
+            "ids": _str_array(ids),
+            "labels": _str_array(labels),
+            "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(index), self.dim),
+            "failed_index": np.asarray(failed_index, dtype=np.int64),
+            "failed_ids": _str_array(failed_ids),
+            "failed_reason": _str_array(failed_reason),
+        }
+        atomic_write(self.out / part_name(k, start, stop), lambda f: _write_npz(f, arrays))
+
+    def _part_files(self, k: int) -> list[Path]:
+        return sorted(self.out.glob(f"{CHUNK_PREFIX}{k:05d}.part-*.npz"))
+
+    def _remove_parts(self, k: int) -> None:
+        for p in self._part_files(k):
+            p.unlink(missing_ok=True)
+
+    def load_parts(self, k: int) -> dict[str, Any] | None:
+        """The committed parts of chunk ``k`` joined: ``stop`` (the first record not yet done) and the
+        arrays of records [chunk start, stop); None when there are none. Parts that are unreadable or do
+        not follow one another from the chunk's start are removed (their records are recomputed)."""
+        lo, hi = self.chunk_bounds(k)
+        joined: dict[str, list[np.ndarray]] = {key: [] for key in _CHUNK_KEYS[2:]}
+        stop = lo
+        for p in self._part_files(k):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    a = {key: z[key] for key in _CHUNK_KEYS}
+                ok = (
+                    int(a["start"]) == stop and stop < int(a["stop"]) <= hi
+                    and a["embeddings"].ndim == 2 and a["embeddings"].shape == (len(a["index"]), self.dim)
+                    and len(a["index"]) + len(a["failed_index"]) == int(a["stop"]) - int(a["start"])
+                )
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                ok = False
+            if not ok:  # this part and any after it cannot be used
+                for q in self._part_files(k):
+                    if q.name >= p.name:
+                        q.unlink(missing_ok=True)
+                break
+            for key in joined:
+                joined[key].append(a[key])
+            stop = int(a["stop"])
+        if stop == lo:
+            return None
+        out: dict[str, Any] = {key: np.concatenate(v) for key, v in joined.items()}
+        out["stop"] = stop
+        return out
 
     def error_rows(self) -> list[tuple[int, str, str]]:
         """(index, id, reason) of the failures in the committed chunks, in source order."""
@@ -460,7 +550,7 @@ class StoreWriter:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        atomic_write_text(self.out / RECORDS, _csv_text(["index", "id", "label"], rows))
+        atomic_write_text(self.out / RECORDS, _csv_text(["index", "id", "label"], rows), errors=ID_ERRORS)
         manifest = dict(self.manifest)
         manifest.update(
             complete=True, num_embedded=num_embedded, num_failed=num_failed,
@@ -474,7 +564,7 @@ class StoreWriter:
 
 def write_errors_csv(out: Path, rows: list[tuple[int, str, str]]) -> None:
     """Write ``errors.csv`` (index,id,reason) atomically."""
-    atomic_write_text(out / ERRORS, _csv_text(["index", "id", "reason"], rows))
+    atomic_write_text(out / ERRORS, _csv_text(["index", "id", "reason"], rows), errors=ID_ERRORS)
 
 
 def _failures(arrays: dict[str, np.ndarray]) -> list[tuple[int, str, str]]:

@@ -815,5 +815,5 @@ def _write_atomic(path: Path, text: str) -> Path:
     from itae._io import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, errors="backslashreplace")  # a file name that is not UTF-8 shows its bytes
     return path
