@@ -434,3 +434,37 @@ def test_capped_k_range_is_logged(assets, tmp_path, capsys):
         logger.removeHandler(handler)
     messages = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert messages == ["k range 5:300 capped to 5:23: choosing k on 24 rows allows at most 23 clusters"]
+
+
+def test_k_above_the_distinct_images_says_the_same_k_everywhere(assets, tmp_path, capsys, caplog):
+    """-k 16 on 16 images, 3 of them identical: the terminal, clustering.json, assignments.csv and the
+    report count the same clusters, with a warning in the library's words and no scikit-learn warning."""
+    data = tmp_path / "sixteen"
+    data.mkdir()
+    for i in range(16):
+        seed = 0 if i < 3 else i  # three identical images
+        a = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(a).save(data / f"{i:02d}.png")
+    out = tmp_path / "out"
+    rc = _run("run", data, "-k", 16, "-o", out, "--model", assets["model"], "--no-itae", *COMMON)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = list(csv.DictReader(open(out / "assignments.csv")))
+    k = len({r["cluster"] for r in rows})
+    assert k == 14 and max(int(r["cluster"]) for r in rows) == 13
+    assert json.loads((out / "clustering.json").read_text())["k"] == k
+    assert json.loads((out / "run.json").read_text())["clustering"]["k"] == k
+    assert f"16 images -> {k} clusters" in captured.out
+    assert "asked for k=16" in caplog.text and f"using k={k}" in caplog.text  # logged to stderr by the CLI
+    assert "ConvergenceWarning" not in captured.err + caplog.text
+
+
+def test_inspect_draws_the_good_images_and_names_the_bad(assets, tmp_path, capsys):
+    good = Path(assets["data"]) / "class0" / "00.png"
+    rc = _run("inspect", good, tmp_path / "missing.jpg", "-o", tmp_path / "fig", "--model", assets["model"],
+              "--resolution", 56, "--device", "cpu")
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert (tmp_path / "fig" / "grid.png").is_file() and list((tmp_path / "fig").glob("000_00_*_norms.png"))
+    assert "missing.jpg" in captured.err and "file not found" in captured.err
+    assert "1 of 2 image(s) could not be inspected" in captured.err

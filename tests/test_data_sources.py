@@ -300,3 +300,18 @@ def test_hf_config_errors(fake_hub, tmp_path, folder):
     listing.write_text("a.png\n")
     with pytest.raises(ValueError, match="is a local file"):
         open_source(listing, hf_config="320px")
+
+
+def test_csv_list_with_a_byte_order_mark_and_one_in_another_encoding(tmp_path, folder):
+    """Excel's "CSV UTF-8" starts with a BOM; a Latin-1 list is refused naming the file and the line."""
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbfpath,label\nimgs/cat/b.png,cat\nimgs/dog/c.jpg,dog\n")
+    src = open_source(bom, labels="column")
+    assert src.ids == ["imgs/cat/b.png", "imgs/dog/c.jpg"] and src.labels == ["cat", "dog"]
+    txt = tmp_path / "excel.txt"
+    txt.write_bytes(b"\xef\xbb\xbfimgs/cat/b.png\n")
+    assert open_source(txt).ids == ["imgs/cat/b.png"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,label\nimgs/cat/b.png,cat\nimgs/dog/c.jpg,chien fran\u00e7ais\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv' line 3: not UTF-8.*save the list as UTF-8"):
+        open_source(latin, labels="column")

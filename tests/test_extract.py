@@ -490,3 +490,55 @@ def test_out_of_memory_says_what_to_do_and_a_rerun_resumes(tmp_path):
     again = itae.embed(root, bb, out=tmp_path / "out", itae=None, chunk_size=4, fast_cls=False,
                        **{**COMMON, "batch_size": 2})  # a smaller batch on resume is allowed
     np.testing.assert_allclose(again.embeddings(mmap=False), clean.embeddings(mmap=False), rtol=1e-5, atol=1e-6)
+
+
+def test_progress_is_committed_by_time_and_count_and_a_kill_keeps_it(tmp_path, monkeypatch):
+    """One 4,096-image chunk would commit nothing until it is full. With the time rule (a fake clock that
+    moves 10 s per batch, save_interval 25 s) parts are committed as the chunk fills; a run that dies
+    after them resumes after the last part, recomputing none of it, and ends with the same store."""
+    from itae.data import extract as extract_mod
+
+    root = _make_folder(tmp_path / "imgs", per_class=10, corrupt=1)  # 21 records, batches of 4
+    now = [0.0]
+    monkeypatch.setattr(extract_mod, "_clock", lambda: now[0])
+    bb = adapt(build_model(planted=False))
+    real_forward = bb.forward_features
+    seen: list[int] = []
+
+    def forward(x):
+        now[0] += 10.0
+        seen.append(len(x))
+        if sum(seen) > 12:  # dies in its fourth batch
+            raise KeyboardInterrupt
+        return real_forward(x)
+
+    monkeypatch.setattr(bb, "forward_features", forward)
+    store = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        itae.embed(root, bb, out=store, itae=None, save_interval=25.0, fast_cls=False, **COMMON)
+    parts = sorted(p.name for p in store.glob("chunk-00000.part-*.npz"))
+    # one batch is in flight: batch 2 is finished once batch 3 ran, at 30 s > 25 s; batch 3 never finished
+    assert parts == ["chunk-00000.part-0000000000-0000000008.npz"]
+    counted: list[int] = []
+    monkeypatch.setattr(bb, "forward_features", lambda x: counted.append(len(x)) or real_forward(x))
+    resumed = itae.embed(root, bb, out=store, itae=None, save_interval=25.0, fast_cls=False, **COMMON)
+    assert sum(counted) == 21 - 8 - 1  # only the records after the part (less the broken one)
+    assert not list(store.glob("chunk-*.npz"))
+    monkeypatch.setattr(bb, "forward_features", real_forward)
+    clean = itae.embed(root, bb, out=tmp_path / "clean", itae=None, fast_cls=False, **COMMON)
+    for name in ("records.csv", "errors.csv", "embeddings.npy"):
+        assert (store / name).read_bytes() == (clean.path / name).read_bytes(), name
+    assert len(resumed) == 20
+
+    # by count: every 8 images (two batches), whatever the clock says
+    now[0] = 0.0
+    written: list[str] = []
+    real_write = extract_mod.StoreWriter.write_part
+
+    def write_part(self, k, start, stop, *a, **kw):
+        written.append(f"{start}-{stop}")
+        return real_write(self, k, start, stop, *a, **kw)
+
+    monkeypatch.setattr(extract_mod.StoreWriter, "write_part", write_part)
+    itae.embed(root, bb, out=tmp_path / "count", itae=None, save_every=8, fast_cls=False, **COMMON)
+    assert written == ["0-8", "8-16"]

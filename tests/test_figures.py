@@ -267,3 +267,42 @@ def test_write_inspection_from_real_detect_artifacts(tmp_path, granularity):
     fig = norm_histograms(diagnostics[block], 0, source="v")
     # The threshold line is drawn only where it is on the scale of the histogram (whole-token norms).
     assert _vlines(fig.axes[2]) == ([] if granularity == "head" else [0.5])
+
+
+def test_overlays_sit_on_the_photo_pixel_for_pixel_and_end_at_its_edges():
+    """Photo and patch overlays share one extent (pixel edges at 0..w, 0..h; imshow's default is half a
+    pixel off), and the axes end at the photo's edges, so nothing spills past them."""
+    img = np.zeros((28, 42, 3), dtype=np.uint8)
+    mask = np.zeros(6, dtype=bool)
+    mask[[0, 5]] = True
+    fig = artifact_map(img, mask, (2, 3))
+    ax = fig.axes[0]
+    assert [tuple(im.get_extent()) for im in ax.images] == [(0, 42, 28, 0)] * 2
+    assert ax.get_xlim() == (0, 42) and ax.get_ylim() == (28, 0)
+    att = figures.attention_maps(img, np.full(7, 1 / 7), np.full(7, 1 / 7), 1, (2, 3))
+    for ax in att.axes:
+        for im in ax.images:
+            assert tuple(im.get_extent()) == (0, 42, 28, 0)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0.5, 0.9), (20, 3000), (3, 40000), (0.01, 500)])
+def test_log_norm_axis_labels_are_short_and_do_not_run_together(lo, hi):
+    fig = figures._new_figure(10.0, 2.6)
+    axes = fig.subplots(1, 4)
+    norms = np.geomspace(lo, hi, 200)
+    figures._draw_norm_hist(axes[1], norms, norms < lo * 1.1, title="x", threshold=lo * 1.1)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    x0, x1 = axes[1].get_xlim()
+    labels = [t for t in axes[1].get_xticklabels() if t.get_text() and x0 <= t.get_position()[0] <= x1]
+    assert len(labels) >= 2 and all(len(t.get_text()) <= 4 for t in labels)
+    boxes = sorted((b.x0, b.x1) for b in (t.get_window_extent(renderer) for t in labels))
+    assert all(a[1] + 2 <= b[0] for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+
+
+def test_captions_name_a_webdataset_sample_by_its_key():
+    from itae.data.sources import display_name
+
+    assert display_name("shard-00003.tar#n01440764_10026") == "n01440764_10026"
+    assert display_name("shard-00003.tar#train/n01440764_10026") == "n01440764_10026"
+    assert display_name("cats/a.jpg") == "a.jpg" and display_name("frgfm/imagenette:train:7") == "imagenette:train:7"

@@ -187,6 +187,7 @@ def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, 
     import torch
 
     from .data.decode import DecodeError, build_transform, load_rgb
+    from .data.sources import display_name
     from .engine.detect import detect_artifacts
     from .report.figures import images_from_pixel_values, write_inspection
 
@@ -197,7 +198,7 @@ def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, 
             pixels.append(transform(load_rgb(source.read(i))))
         except (DecodeError, OSError):
             continue
-        names.append(Path(source.ids[i]).name)
+        names.append(display_name(source.ids[i]))
         if len(pixels) == n_images:
             break
     if not pixels:

@@ -313,20 +313,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = _itae_config(args)
     backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)
     transform = build_transform(backbone.preprocess)
-    pixels = []
-    for p in args.images:
+    pixels, names, failed = [], [], []
+    for p in args.images:  # one bad image does not cost the others their figures
         try:
             pixels.append(transform(load_rgb(p)))
-        except DecodeError as e:
-            raise ValueError(f"cannot inspect {p!r}: {e}") from None
+            names.append(Path(p).name)
+        except FileNotFoundError:
+            failed.append((p, "file not found"))
+        except (DecodeError, OSError) as e:
+            failed.append((p, getattr(e, "reason", None) or str(e)))
+    for p, reason in failed:
+        print(f"itae: cannot inspect {p!r}: {reason}", file=sys.stderr)
+    if not pixels:
+        raise ValueError(f"none of the {len(args.images)} image(s) could be inspected")
     x = torch.stack(pixels)
     diag = detect_artifacts(backbone, x, cfg)
     images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
-    paths = write_inspection(images, [Path(p).name for p in args.images], diag, args.out, source=cfg.source)
+    paths = write_inspection(images, names, diag, args.out, source=cfg.source)
     for layer, d in diag.items():
         print(f"block {layer}: threshold {d.threshold:.4g}, {100 * d.flagged_fraction:.2f}% of patches flagged, "
               f"CLS attention on them {100 * float(d.attention_on_artifacts.mean()):.1f}% before ITAE")
-    print(f"{len(paths)} figures in {args.out}")
+    print(f"{len(paths)} figures for {len(pixels)} image(s) in {args.out}")
+    if failed:
+        print(f"itae: error: {len(failed)} of {len(args.images)} image(s) could not be inspected (listed above); "
+              "the others were drawn", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -92,6 +92,14 @@ class ImageSource:
         return h.hexdigest()
 
 
+def display_name(ident: str) -> str:
+    """The informative end of an id, for captions: a file's name, a WebDataset sample's key (not its shard),
+    a data set's row."""
+    if ".tar#" in ident:  # <shard file name>#<key>: the key names the sample
+        ident = ident.rsplit(".tar#", 1)[1]
+    return ident.replace("\\", "/").rsplit("/", 1)[-1] or ident
+
+
 # ------------------------------------------------------------------------------------------ folder
 
 
@@ -643,5 +651,5 @@ def _scan_has_images(root: Path, exclude: tuple[str | os.PathLike, ...] = ()) ->
 
 __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_MODES", "FolderSource", "HFDatasetSource", "ImageRecord", "ImageSource",
-    "ListSource", "WebDatasetSource", "expand_braces", "open_source", "parse_hf_spec",
+    "ListSource", "WebDatasetSource", "display_name", "expand_braces", "open_source", "parse_hf_spec",
 ]

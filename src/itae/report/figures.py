@@ -152,7 +152,12 @@ def _draw_image(ax: Axes, image: np.ndarray, *, dim: bool = False) -> None:
     if dim:  # a grey, faded photo under a heat map keeps the map readable
         grey = image.astype(np.float64).mean(axis=-1, keepdims=True)
         shown = np.repeat(grey * 0.6 + 255 * 0.4, 3, axis=-1).astype(np.uint8)
-    ax.imshow(shown, interpolation="bilinear")
+    h, w = image.shape[:2]
+    # Pixel edges at 0..w and 0..h, like the patch overlays drawn over it (imshow's default puts pixel
+    # centres there, half a pixel off the overlays); the axes end at the photo's edges.
+    ax.imshow(shown, interpolation="bilinear", extent=(0, w, h, 0))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     _hide_ticks(ax)
 
 
@@ -253,17 +258,34 @@ def _draw_norm_hist(
 
 
 def _log_ticks(ax: Axes) -> None:
-    """Plain-number labels at 1, 2, 5 x 10^k; matplotlib's default labels minor ticks in a narrow range
-    with overlapping mathtext."""
+    """Few, short, plain-number labels on a log axis: at 1, 2, 5 x 10^k within a decade or so, 1 and 3 x 10^k
+    over two, powers of ten beyond (at most about five); matplotlib's defaults label minor ticks, which
+    run together into strings like "5001002000" on a narrow panel."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     lo, hi = ax.get_xlim()
-    if lo > 0 and hi / lo < 8:  # within one decade a log locator has too few ticks; space them evenly
+    decades = np.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    if decades < np.log10(8):  # within one decade a log locator has too few ticks; space them evenly
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-    else:
+    elif decades <= 1.3:
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    elif decades <= 2.5:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0), numticks=6))
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,), numticks=5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _short_number(x)))
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _short_number(x: float) -> str:
+    """1.5, 300, 2k, 1M, 1e-03: at most four or five characters."""
+    if x >= 1e6:
+        return f"{x / 1e6:g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:g}k"
+    if x >= 1e-2 or x == 0:
+        return f"{x:.3g}"
+    return f"{x:.0e}"
 
 
 def _pick(diag: LayerDiagnosticsLike, name: str, image_index: int) -> np.ndarray:

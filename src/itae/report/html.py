@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from itae.data.sources import display_name
 from itae.report.figures import figure_to_png, image_array
 
 SECTION_IDS = ("metrics", "confusion", "map", "gallery", "diagnostics", "config")
@@ -501,7 +502,7 @@ def _gallery_html(
                     failed += 1
                     img = f'<div class="noimg" style="width:{thumb_size}px;height:{thumb_size}px">n/a</div>'
             # The caption is the file name (CSS clips it to the thumbnail); the tooltip has the full id.
-            caption = _short(name.replace("\\", "/").rsplit("/", 1)[-1], 60)
+            caption = _short(display_name(name), 60)  # a WebDataset sample's key, not its shard
             cells.append(f'<figure title="{_e(tip)}">{img}<figcaption>{_e(caption)}</figcaption></figure>')
         parts.append(
             f'<div class="cluster"><h3>{_e(_cluster_name(c))} <span class="muted">{_e(_DOT.join(meta))}'
