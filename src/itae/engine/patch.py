@@ -49,8 +49,27 @@ def resolve_layers(backbone: Backbone, config: ITAEConfig) -> list[int]:
     return layers
 
 
+class LayerResults(dict):
+    """``{block: LayerResult}`` of the last forward, by block index; negative indices count from the end
+    (``state.last[-1]`` is the last block's, whatever the model's depth)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+
+    def __getitem__(self, block: int) -> LayerResult:
+        key = block + self.num_blocks if isinstance(block, int) and -self.num_blocks <= block < 0 else block
+        if key not in self:
+            raise KeyError(
+                f"block {block} was not engineered in the last forward; blocks: {sorted(self)} "
+                f"(of {self.num_blocks}; -1 is the last)"
+            )
+        return super().__getitem__(key)
+
+
 class ITAEState:
-    """Live state of an ``attenuate`` context: thresholds in use and the last forward's detection."""
+    """Live state of an ``attenuate`` context: thresholds in use and the last forward's detection
+    (``last[block]``, negative blocks counting from the end)."""
 
     def __init__(self, backbone: Backbone, config: ITAEConfig, layers: list[int]) -> None:
         self.backbone = backbone
@@ -59,7 +78,7 @@ class ITAEState:
         self.thresholds: dict[int, float] = {}
         if config.is_calibrated:
             self.thresholds = {layer: config.threshold_for(i) for i, layer in enumerate(layers)}
-        self.last: dict[int, LayerResult] = {}
+        self.last = LayerResults(backbone.num_blocks)
         self.calibrated_on_first_batch = False
 
     def threshold(self, layer: int, norms: torch.Tensor) -> float:
@@ -83,7 +102,7 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
 
     >>> with itae.attenuate(model, ITAEConfig(threshold=0.5)) as state:
     ...     features = model(pixel_values)
-    ...     state.last[11].artifact_mask  # (B, N) flagged patches of the last forward
+    ...     state.last[-1].artifact_mask  # (B, N) flagged patches of the last block, last forward
 
     Everything is validated here, at the call: a bad config, an unsupported model or a block index
     out of range raises before anything is patched. On exit every hook is removed, also after an

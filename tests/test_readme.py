@@ -1,0 +1,41 @@
+"""The README's Python API example runs as written, with a tiny local model in place of DINOv2."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from itae.models.tiny import save_tiny
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _api_example() -> str:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Python API"):]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README's Python API section has no python code block"
+    return match.group(1)
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    code = _api_example()
+    assert code.count('"facebook/dinov2-base"') == 3  # the only things this test changes
+    model = save_tiny("hf", tmp_path / "tiny", depth=3)  # not 12 blocks: state.last must not assume a depth
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
+        folder = tmp_path / "photos" / ("cats", "dogs")[c]
+        folder.mkdir(parents=True)
+        for i in range(1, 13):  # 24 images: enough for k=20
+            a = np.clip(np.array(colour) + rng.normal(0, 30, (60, 70, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(folder / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace('"facebook/dinov2-base"', repr(str(model))), str(README), "exec"), namespace)
+    x, mask = namespace["x"], namespace["mask"]
+    assert tuple(x.shape[:2]) == (2, 3) and mask.shape[0] == 2
+    assert namespace["result"].labels.shape == (24,) and 0.0 <= namespace["scores"]["acc"] <= 1.0
+    assert (tmp_path / "out" / "run.json").is_file() and (tmp_path / "store" / "embeddings.npy").is_file()
