@@ -117,7 +117,7 @@ def main() -> None:
         max_iter=args.max_iter,
         init=args.init,
         spherical=args.spherical,
-        seed=args.seed,
+        random_state=args.seed,
     ).fit(x)
     fit_s = time.perf_counter() - t0
 
