@@ -129,7 +129,7 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="compile the model's blocks with torch.compile (GPU runs)")
     g.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming an existing store")
     g.add_argument("--save-every", type=int, default=4096, metavar="N",
-                   help="commit embedding progress every N images, and at least every 30 s (default: %(default)s)")
+                   help="commit embedding progress every N images, and at least every 30 s (local engine; default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -322,10 +322,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             failed.append((p, "file not found"))
         except (DecodeError, OSError) as e:
             failed.append((p, getattr(e, "reason", None) or str(e)))
+    if not pixels:  # nothing to draw: one error line
+        p, reason = failed[0]
+        more = f" (and {len(failed) - 1} more image(s) could not be inspected)" if len(failed) > 1 else ""
+        raise ValueError(f"cannot inspect {p!r}: {reason}{more}")
     for p, reason in failed:
         print(f"itae: cannot inspect {p!r}: {reason}", file=sys.stderr)
-    if not pixels:
-        raise ValueError(f"none of the {len(args.images)} image(s) could be inspected")
     x = torch.stack(pixels)
     diag = detect_artifacts(backbone, x, cfg)
     images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
