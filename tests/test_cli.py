@@ -319,8 +319,14 @@ def test_failed_command_keeps_an_existing_output_folder_and_files(assets, tmp_pa
     rc = _run("run", assets["data"], "-k", 1000, "-o", new, "--model", assets["model"], *COMMON)
     assert rc != 0 and not new.exists()  # k checked before anything is written
     rc = _run("run", assets["data"], "-k", 3, "-o", new, "--model", assets["model"], "--method", "hdbscan", *COMMON)
+    assert rc != 0 and not new.exists()  # a flag error is found before anything is written
+    # a failure that only the data can show (24 images > --max-samples 5) comes after the embedding
+    rc = _run("run", assets["data"], "-k", 3, "-o", new, "--model", assets["model"], "--method", "agglomerative",
+              "--max-samples", 5, *COMMON)
     assert rc != 0
     assert (new / "embeddings" / "manifest.json").is_file()  # the store, to be resumed, is kept
+    record = json.loads((new / "run.json").read_text())
+    assert record["status"] == "failed" and "max_samples=5" in record["error"]
 
 
 def test_global_flags_after_the_subcommand(assets, tmp_path, capsys):
