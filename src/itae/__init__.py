@@ -28,6 +28,9 @@ _EXPORTS = {
     "embed": "itae.data.extract",
     "cluster": "itae.clustering",
     "evaluate": "itae.metrics",
+    "assign": "itae.collection.assign",
+    "check": "itae.collection.check",
+    "compare": "itae.collection.compare",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

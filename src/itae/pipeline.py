@@ -37,12 +37,13 @@ METRICS = "metrics.json"
 RUN = "run.json"
 REPORT = "report.html"
 CLUSTERING = "clustering.json"
+CENTROIDS = "centroids.npy"
 ERRORS = "errors.csv"
 INSPECT_DIR = "inspect"
 STORE_DIR = "embeddings"
 # What a run writes besides its (resumable) store: removed when a new run starts in the same folder, so
 # no file of an earlier run (another k, labels, --no-report) is left looking like this run's.
-RUN_OUTPUTS = (ASSIGNMENTS, METRICS, REPORT, CLUSTERING, ERRORS, RUN)
+RUN_OUTPUTS = (ASSIGNMENTS, METRICS, REPORT, CLUSTERING, ERRORS, RUN, CENTROIDS)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -95,7 +96,9 @@ def cluster_store(
     """Cluster the embeddings of a finished store; write ``out/assignments.csv``; return the ClusterResult.
 
     assignments.csv: ``path, cluster, label, distance`` (label empty when unknown; distance to the
-    cluster's centroid), plus ``cluster_seed<S>`` columns when several seeds ran.
+    cluster's centroid), plus ``cluster_seed<S>`` columns when several seeds ran. ``out/centroids.npy``
+    (k, d) float32 holds the first seed's centroids, row i for cluster i (unit norm when spherical), for
+    ``itae assign``.
     """
     from .clustering import check_cluster_arguments, cluster
 
@@ -106,6 +109,7 @@ def cluster_store(
     emb = store.embeddings(mmap=True)
     check_k(k, emb.shape[0])
     result = cluster(emb, k, method=method, seeds=tuple(seeds), spherical=spherical, **kw)
+    atomic_write(out / CENTROIDS, lambda f: np.save(f, np.ascontiguousarray(result.centers, dtype=np.float32)))
     _write_json(out / CLUSTERING, {
         "store": str(store.path), "method": method, "k": result.k, "k_requested": k, "seeds": list(seeds),
         "spherical": spherical, "params": result.params, "k_scores": result.k_scores,

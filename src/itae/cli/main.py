@@ -5,6 +5,9 @@
   itae cluster STORE -k K -o OUT  cluster a finished embedding store
   itae evaluate OUT               score OUT/assignments.csv against its labels
   itae inspect IMAGE... -o OUT    artifact diagnostics figures
+  itae assign NEW --clusters OUT -o OUT2   put new images into the clusters of a run
+  itae check STORE -o OUT         near-duplicates, outliers and likely mislabels of a collection
+  itae compare OUT_A OUT_B -o OUT two runs side by side (e.g. ITAE against --no-itae)
   itae bench --paper -o OUT       the paper's benchmark grid (--quick: the offline demo; --spec: your own)
 
 Errors are one readable line on stderr and a non-zero exit code.
@@ -136,8 +139,13 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
 def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> None:
     g = p.add_argument_group("clustering")
     g.add_argument("-k", "--k", type=int, required=k_required,
-                   help="number of clusters (omit to choose it automatically by silhouette)")
+                   help="number of clusters (omit to choose it automatically, see --criterion)")
     g.add_argument("--method", choices=["kmeans", "agglomerative", "hdbscan"], default="kmeans")
+    g.add_argument("--backend", choices=["auto", "sklearn", "minibatch", "faiss"],
+                   help="k-means implementation (default auto: scikit-learn up to 50,000 images, then faiss if "
+                        "installed, else mini-batch)")
+    g.add_argument("--criterion", choices=["silhouette", "calinski_harabasz", "davies_bouldin"],
+                   help="how k is chosen when -k is omitted (default: silhouette)")
     g.add_argument("--seeds", type=_int_list, default=(0,), help="k-means seeds, e.g. 0,1,2 (scores: mean and std)")
     g.add_argument("--spherical", action="store_true", help="cosine k-means on normalised embeddings")
     g.add_argument("--k-range", type=_k_range, default=(2, 20), help="range for automatic k, e.g. 2:20")
@@ -152,6 +160,18 @@ def _cluster_options(args: argparse.Namespace) -> dict:
         if args.method == "kmeans":
             raise ValueError("--max-samples applies to --method agglomerative and hdbscan; k-means has no size limit")
         options["max_samples"] = args.max_samples
+    if args.backend is not None:
+        if args.method != "kmeans":
+            raise ValueError(f"--backend applies to --method kmeans, not {args.method}")
+        from itae.clustering import resolve_backend
+
+        resolve_backend(args.backend, 0)  # refuses faiss when it is not installed, before any image is read
+        options["backend"] = args.backend
+    if args.criterion is not None:
+        if args.k is not None or args.method == "hdbscan":
+            raise ValueError("--criterion chooses k when -k is omitted; it does not apply with -k or "
+                             "--method hdbscan")
+        options["criterion"] = args.criterion
     return options
 
 
@@ -280,6 +300,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_assignments(args.assignments)
     # metrics.json as written, less the per-seed details ("seeds") that only the file holds
     print(json.dumps({k: v for k, v in metrics.items() if k != "seeds"}, indent=2))
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from itae.collection.assign import assign
+
+    record = assign(
+        args.data, args.clusters, args.out, model=args.model, arch=args.arch, device=args.device,
+        batch_size=args.batch_size, num_workers=args.workers, labels=args.labels, split=args.split,
+        hf_config=args.hf_config, image_column=args.image_column, label_column=args.label_column,
+        progress=not args.no_progress, overwrite=args.overwrite,
+    )
+    line = f"{record['n_images']} images assigned to the clusters of {args.clusters}"
+    if record["n_errors"]:
+        line += f" ({record['n_errors']} more could not be decoded, see errors.csv)"
+    print(line)
+    print(f"assignments in {Path(args.out) / 'assignments.csv'}")
     return 0
 
 
@@ -451,6 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_itae(p, baseline=False)
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("assign", help="put new images into the clusters of a run", parents=[common],
+                       description="Embed NEW_DATA exactly as the reference run's store was embedded (model, "
+                       "precision, preprocessing, feature, ITAE with its calibrated thresholds) and give each "
+                       "image the cluster of the nearest saved centroid. Writes OUT2/assignments.csv (path, "
+                       "cluster, label, distance), OUT2/errors.csv, OUT2/assign.json and OUT2/embeddings/.")
+    p.add_argument("data", help="new images: folder, .txt/.csv list, WebDataset .tar shards, or HF data set")
+    p.add_argument("--clusters", required=True, help="output folder of itae run or itae cluster")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", help="optional: must name the reference store's model, which is used")
+    g.add_argument("--arch", help="architecture of a bare .safetensors/.pth checkpoint")
+    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
+    _add_data(p)
+    g = p.add_argument_group("embedding")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, help="decoding workers")
+    g.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming OUT2/embeddings")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_assign)
+
     p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds", parents=[common],
                        description="Run a benchmark grid into OUT (results.csv, results.md, report.html). A grid "
                        "that stops resumes where it stopped when run again with the same OUT.")
@@ -587,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
-    _configure_logging(args.verbose, args.command in ("run", "embed", "inspect", "bench"))
+    _configure_logging(args.verbose, args.command in ("run", "embed", "inspect", "bench", "assign"))
     # An output folder that this command creates and then leaves empty because it failed is removed again.
     out = getattr(args, "out", None)
     created = _missing_top(out) if out else None

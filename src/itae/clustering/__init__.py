@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from itae.clustering.api import METHODS, ClusterResult, check_cluster_arguments, cluster
 from itae.clustering.autok import AutoK
+from itae.clustering.centroids import centroids_from_labels, nearest_centroid
 from itae.clustering.hierarchical import HDBSCAN_MAX_SAMPLES, AgglomerativeClusterer, HDBSCANClusterer
 from itae.clustering.kmeans import SKLEARN_MAX_SAMPLES, KMeansClusterer, faiss_available, resolve_backend
 
@@ -18,8 +19,10 @@ __all__ = [
     "ClusterResult",
     "HDBSCANClusterer",
     "KMeansClusterer",
+    "centroids_from_labels",
     "check_cluster_arguments",
     "cluster",
     "faiss_available",
+    "nearest_centroid",
     "resolve_backend",
 ]
