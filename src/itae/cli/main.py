@@ -320,6 +320,35 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from itae.collection.check import check
+
+    result = check(args.store, args.out, assignments=args.assignments, dup_threshold=args.dup_threshold,
+                   neighbours=args.neighbours, outlier_z=args.outlier_z, backend=args.knn_backend, data=args.data,
+                   html=not args.no_html, progress=not args.no_progress)
+    s = result.summary
+    line = (f"{s['n_images']} images: {s['duplicates']['groups']} near-duplicate groups "
+            f"({s['duplicates']['images']} images), {s['outliers']['images']} outliers")
+    line += ", no labels to check" if result.mislabels is None else f", {len(result.mislabels)} likely mislabels"
+    print(line)
+    print(f"results in {args.out}" + ("" if args.no_html else f" (open {Path(args.out) / 'check.html'})"))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from itae.collection.compare import compare
+
+    s = compare(args.run_a, args.run_b, args.out, common=args.common, data=args.data, max_changed=args.max_images)
+    line = f"{s['n_images']} images, {s['n_changed']} changed cluster ({100 * s['agreement']['matched']:.2f}% agree)"
+    if s["metrics"]:
+        d = s["metrics"]["b_minus_a"]
+        line += "; B - A: " + "  ".join(f"{k.upper()} {100 * d[k]:+.2f}" for k in ("acc", "nmi", "ari"))
+    print(line)
+    page = Path(args.out) if Path(args.out).suffix.lower() in (".html", ".htm") else Path(args.out) / "compare.html"
+    print(f"open {page}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from itae.pipeline import run
 
@@ -507,6 +536,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming OUT2/embeddings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_assign)
+
+    p = sub.add_parser("check", help="near-duplicates, outliers and likely mislabels of a collection",
+                       parents=[common], description="Exact k nearest neighbours (cosine) of every image of a "
+                       "store; writes OUT/duplicates.csv, outliers.csv, mislabels.csv (with labels), check.json "
+                       "and check.html.")
+    p.add_argument("store", help="embedding store (itae embed) or run folder (itae run)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--assignments", help="assignments.csv (or its folder) with the clusters and labels to check "
+                   "(default: the run's own, for a run folder)")
+    p.add_argument("--dup-threshold", type=float, default=0.04,
+                   help="cosine distance at or under which neighbours are near-duplicates (default: %(default)s, "
+                        "i.e. cosine similarity 0.96)")
+    p.add_argument("--neighbours", type=int, default=10, help="neighbours per image (default: %(default)s)")
+    p.add_argument("--outlier-z", type=float, default=3.5,
+                   help="robust z-score of the mean neighbour distance at which an image is an outlier "
+                        "(default: %(default)s)")
+    p.add_argument("--knn-backend", choices=["auto", "faiss", "sklearn"], default="auto",
+                   help="exact kNN by faiss or scikit-learn (default auto: faiss when installed)")
+    p.add_argument("--data", help="where the images are, for the thumbnails (default: the store's source)")
+    p.add_argument("--no-html", action="store_true", help="CSV and JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("compare", help="two runs side by side: metrics, change per class, changed images",
+                       parents=[common], description="Compare two runs over the same images (e.g. ITAE against "
+                       "--no-itae). OUT ending in .html is the page alone; otherwise a folder with compare.html, "
+                       "changed.csv and compare.json.")
+    p.add_argument("run_a", help="run A: folder of itae run / itae cluster, or its assignments.csv")
+    p.add_argument("run_b", help="run B: likewise")
+    p.add_argument("-o", "--out", required=True, help="page (.html) or output folder")
+    p.add_argument("--common", action="store_true", help="runs over different images: compare on the shared ones")
+    p.add_argument("--data", help="where the images are, for the thumbnails (default: the runs' store source)")
+    p.add_argument("--max-images", type=int, default=200, help="changed images shown on the page (default: %(default)s)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="benchmark grid: data sets x models x methods x seeds", parents=[common],
                        description="Run a benchmark grid into OUT (results.csv, results.md, report.html). A grid "
