@@ -229,7 +229,7 @@ def test_assign_refuses_bad_input(planted, tmp_path, capsys):
                 "--labels", "from-folders", *COMMON) == 0  # naming the store's own model is fine
 
 
-@pytest.mark.parametrize("backend", ["auto", "sklearn"])
+@pytest.mark.parametrize("backend", ["auto", "faiss"])
 def test_check_finds_planted_duplicates_outlier_and_mislabel(planted, tmp_path, backend, capsys):
     out = tmp_path / "check"
     # demo models' features are random features of the pixels: distinct shapes sit at cosine distance
@@ -257,6 +257,22 @@ def test_check_finds_planted_duplicates_outlier_and_mislabel(planted, tmp_path, 
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
+def test_pages_escape_what_they_show(tmp_path):
+    from itae.report.pages import thumb_item, write_compare_page
+
+    item = thumb_item("<b>odd</b>.png", ["<b>odd</b>.png", "A 0 \u2192 B 1"], None, 32)
+    write_compare_page(tmp_path / "p.html", {
+        "title": "t<script>", "thumb": 32, "summary": ["1 image"], "notes": [], "names": ["A", "B"],
+        "runs": [{"name": "A", "title": "<i>a</i>", "facts": [("folder", "a")]},
+                 {"name": "B", "title": "b", "facts": [("folder", "b")]}],
+        "metrics": [], "n_common": 1, "agreement": "0%", "agreement_rows": [], "classes": [], "n_changed": 1,
+        "changed": [item],
+    })
+    page = (tmp_path / "p.html").read_text()
+    assert "&lt;b&gt;odd&lt;/b&gt;.png" in page and "<b>odd" not in page and "t&lt;script&gt;" in page
+    assert "<i>a</i>" not in page and 'class="noimg"' in page
+
+
 def test_check_on_a_store_without_labels_and_bad_input(planted, tmp_path, capsys):
     store = tmp_path / "store"
     assert _run("embed", planted["data"], "-o", store, "--model", "demo:clean", *COMMON) == 0
@@ -269,6 +285,10 @@ def test_check_on_a_store_without_labels_and_bad_input(planted, tmp_path, capsys
     # the labels and clusters of a run over the same images
     assert _run("check", store, "-o", out, "--assignments", planted["itae"], "--no-progress", "--no-html") == 0
     assert (out / "mislabels.csv").is_file()
+    # a run's store alone: the run's assignments beside it are used
+    assert _run("check", planted["itae"] / "embeddings", "-o", tmp_path / "o2", "--no-progress", "--no-html") == 0
+    assert json.loads((tmp_path / "o2" / "check.json").read_text())["mislabels"]["clusters_from"].endswith(
+        "assignments.csv")
     assert _run("check", tmp_path / "nothing", "-o", tmp_path / "x") == 2
     assert "does not exist" in capsys.readouterr().err
     assert _run("check", planted["data"], "-o", tmp_path / "x") == 2

@@ -64,11 +64,14 @@ class CheckResult:
 
 def open_store(path: str | os.PathLike) -> tuple[EmbeddingStore, Path | None]:
     """The store at ``path``, or in ``path/embeddings`` for a run folder; and the run's assignments.csv
-    (a run folder's, or the one beside a store that itae cluster wrote into), when there is one."""
+    (a run folder's, also when ``path`` is its ``embeddings/``, or the one that itae cluster wrote beside a
+    store), when there is one."""
     path = Path(path)
     if (path / "manifest.json").is_file():
         store = EmbeddingStore(path)
         beside = path / ASSIGNMENTS
+        if not beside.is_file() and path.name == STORE_DIR:  # the store of a run: OUT/embeddings
+            beside = path.parent / ASSIGNMENTS
         return store, beside if beside.is_file() else None
     if (path / STORE_DIR / "manifest.json").is_file():
         run_assign = path / ASSIGNMENTS
