@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="robust z-score of the mean neighbour distance at which an image is an outlier "
                         "(default: %(default)s)")
     p.add_argument("--knn-backend", choices=["auto", "faiss", "sklearn"], default="auto",
-                   help="exact kNN by scikit-learn or faiss (default auto: scikit-learn, measured faster on CPUs)")
+                   help="exact kNN by scikit-learn or faiss (default auto: scikit-learn, measured faster on a 2-core CPU)")
     p.add_argument("--data", help="where the images are, for the thumbnails (default: the store's source)")
     p.add_argument("--no-html", action="store_true", help="CSV and JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

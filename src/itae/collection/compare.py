@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text
-from ..data.store import EmbeddingStore, prepare_output
-from ..pipeline import ASSIGNMENTS, RUN, STORE_DIR, read_assignments
+from ..data.store import prepare_output
+from ..pipeline import ASSIGNMENTS, RUN, read_assignments
 from ._images import store_images
+from .assign import find_reference_store
 from .runs import match_runs, matched_correct, per_class_accuracy
 
 COMPARE_PAGE = "compare.html"
@@ -52,11 +53,10 @@ def _load_run(path: str | os.PathLike, name: str) -> dict[str, Any]:
             record = json.loads((folder / RUN).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             record = {}
-    store = None
-    if (folder / STORE_DIR / "manifest.json").is_file():
-        store = EmbeddingStore(folder / STORE_DIR)
-    elif (folder / "manifest.json").is_file():
-        store = EmbeddingStore(folder)
+    try:  # for thumbnails only: a run without its store is compared all the same
+        store = find_reference_store(folder)
+    except (OSError, ValueError):
+        store = None
     return {"name": name, "folder": folder, "data": data, "record": record, "store": store}
 
 

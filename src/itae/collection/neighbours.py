@@ -7,12 +7,12 @@ default because it measured faster on a 2-core CPU (10,000 x 768: 11 s against 1
 wheel, ``benchmarks/bench_check.py``); faiss is there for machines where its BLAS is the faster one.
 
 - Near-duplicates: an edge joins two images when one is among the other's k nearest at cosine distance
-  <= ``threshold``; groups are the connected components with two or more images. Default threshold 0.04
-  (cosine similarity 0.96, the connected-component threshold that fastdup uses on its own embeddings):
-  exact copies sit at ~1e-7, and copies that were resized, re-encoded or lightly cropped stay well below it
-  on DINOv2 features, while distinct photos of one object class are much further apart. It is a default,
-  not a law: ``summary["nn_distance_quantiles"]`` shows the collection's nearest-neighbour distances to
-  tune it by.
+  <= ``threshold``; groups are the connected components with two or more images. Default threshold 0.04,
+  cosine similarity 0.96: the connected-component threshold of fastdup's own examples (on ImageNet).
+  Exact copies sit at about 1e-7. The best value for DINOv2 features has not been measured here (no
+  pretrained weights were available), and other models' features sit at other distances (the offline demo
+  models put distinct images within 0.02 of each other), so ``summary["nn_distance_quantiles"]`` of
+  ``itae check`` shows the collection's nearest-neighbour distances to set it by.
 - Outliers: the score of an image is its mean cosine distance to its k nearest neighbours; an image is an
   outlier when the robust z-score of its score, (s - median) / (1.4826 * MAD), is at least ``z`` (default
   3.5, Iglewicz and Hoaglin's cut-off). Duplicates of an image count as its neighbours.
@@ -94,13 +94,11 @@ def cosine_knn(
     dist = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        sim, nbr = search(x[start:stop])
-        for row in range(stop - start):
-            keep = nbr[row] != start + row
-            if keep.all():  # itself fell outside the k + 1 (ties with identical rows): drop the farthest
-                keep[-1] = False
-            idx[start + row] = nbr[row][keep]
-            dist[start + row] = np.clip(1.0 - sim[row][keep], 0.0, 2.0)
+        sim, nbr = search(x[start:stop])  # (rows, k + 1) each
+        keep = nbr != np.arange(start, stop)[:, None]
+        keep[keep.all(axis=1), -1] = False  # itself fell outside (ties with identical rows): drop the farthest
+        idx[start:stop] = nbr[keep].reshape(-1, k)
+        dist[start:stop] = np.clip(1.0 - sim[keep].reshape(-1, k), 0.0, 2.0)
         if progress is not None:
             progress(stop - start)
     return idx, dist
