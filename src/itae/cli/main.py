@@ -327,9 +327,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                    neighbours=args.neighbours, outlier_z=args.outlier_z, backend=args.knn_backend, data=args.data,
                    html=not args.no_html, progress=not args.no_progress)
     s = result.summary
-    line = (f"{s['n_images']} images: {s['duplicates']['groups']} near-duplicate groups "
-            f"({s['duplicates']['images']} images), {s['outliers']['images']} outliers")
-    line += ", no labels to check" if result.mislabels is None else f", {len(result.mislabels)} likely mislabels"
+
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}" + ("" if n == 1 else "s")
+
+    line = (f"{s['n_images']} images: {count(s['duplicates']['groups'], 'near-duplicate group')} "
+            f"({s['duplicates']['images']} images), {count(s['outliers']['images'], 'outlier')}")
+    line += ", no labels to check" if result.mislabels is None else f", {count(len(result.mislabels), 'likely mislabel')}"
     print(line)
     print(f"results in {args.out}" + ("" if args.no_html else f" (open {Path(args.out) / 'check.html'})"))
     return 0
