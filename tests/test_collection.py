@@ -283,8 +283,10 @@ def test_check_on_a_store_without_labels_and_bad_input(planted, tmp_path, capsys
     assert not (out / "mislabels.csv").exists() and not (out / "check.html").exists()
     assert (out / "duplicates.csv").is_file() and (out / "outliers.csv").is_file()
     # the labels and clusters of a run over the same images
-    assert _run("check", store, "-o", out, "--assignments", planted["itae"], "--no-progress", "--no-html") == 0
-    assert (out / "mislabels.csv").is_file()
+    assert _run("check", store, "-o", out, "--assignments", planted["itae"], "--no-progress") == 0
+    assert (out / "mislabels.csv").is_file() and (out / "check.html").is_file()
+    assert _run("check", store, "-o", out, "--no-progress", "--no-html") == 0  # nothing of that check is left
+    assert not (out / "mislabels.csv").exists() and not (out / "check.html").exists()
     # a run's store alone: the run's assignments beside it are used
     assert _run("check", planted["itae"] / "embeddings", "-o", tmp_path / "o2", "--no-progress", "--no-html") == 0
     assert json.loads((tmp_path / "o2" / "check.json").read_text())["mislabels"]["clusters_from"].endswith(

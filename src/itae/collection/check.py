@@ -211,7 +211,9 @@ def check(
         atomic_write_text(out / MISLABELS, _csv(MISLABEL_COLUMNS, mislabels))
     else:
         (out / MISLABELS).unlink(missing_ok=True)  # an earlier check's, with labels, must not look like this one's
-    if html:
+    if not html:
+        (out / CHECK_PAGE).unlink(missing_ok=True)  # likewise an earlier check's page
+    else:
         _write_page(out / CHECK_PAGE, st, summary, duplicates, outliers, mislabels, data=data, size=96,
                     max_shown=max_shown, max_groups=max_groups, has_clusters=clusters is not None)
     atomic_write_text(out / CHECK_RECORD, json.dumps(summary, indent=2) + "\n")
