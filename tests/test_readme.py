@@ -23,7 +23,7 @@ def _api_example() -> str:
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     code = _api_example()
-    assert code.count('"facebook/dinov2-base"') == 3  # the only things this test changes
+    assert code.count('"facebook/dinov2-base"') == 4  # the only things this test changes
     model = save_tiny("hf", tmp_path / "tiny", depth=3)  # not 12 blocks: state.last must not assume a depth
     rng = np.random.default_rng(0)
     for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
@@ -39,3 +39,6 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert tuple(x.shape[:2]) == (2, 3) and mask.shape[0] == 2
     assert namespace["result"].labels.shape == (24,) and 0.0 <= namespace["scores"]["acc"] <= 1.0
     assert (tmp_path / "out" / "run.json").is_file() and (tmp_path / "store" / "embeddings.npy").is_file()
+    assert namespace["new"]["n_images"] == 12 and (tmp_path / "out_new" / "assignments.csv").is_file()
+    assert isinstance(namespace["checks"].duplicates, list) and namespace["checks"].mislabels is not None
+    assert namespace["summary"]["n_images"] == 24 and (tmp_path / "compare" / "compare.html").is_file()
