@@ -18,7 +18,7 @@ SIDES = ("low", "high")
 ROWS = ("cls", "all")
 MODES = ("min", "mask", "scale")
 GRANULARITIES = ("token", "head")
-CALIBRATION_METHODS = ("otsu", "gmm")
+CALIBRATION_METHODS = ("mode", "otsu", "gmm")
 
 
 def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
@@ -48,7 +48,8 @@ class ITAEConfig:
         "mask" removes them (-inf); "scale" adds log(alpha) to them.
     alpha: attenuation factor for mode="scale", in (0, 1].
     granularity: "token" takes the norm over all heads; "head" flags per head.
-    calibration: how "auto" finds the threshold: "otsu" (default) or "gmm" on log norms.
+    calibration: how "auto" splits the pooled log norms: "mode" (default: a rare mode beyond the bulk,
+        see ``itae.engine.split``), or itae 0.1.0's "otsu" / "gmm" (a two-class cut moved to the valley).
     """
 
     source: Source = "v"
@@ -59,7 +60,7 @@ class ITAEConfig:
     mode: Mode = "min"
     alpha: float = 0.1
     granularity: Granularity = "token"
-    calibration: str = "otsu"
+    calibration: str = "mode"
 
     def __post_init__(self) -> None:
         _check_choice("source", self.source, SOURCES)

@@ -106,7 +106,7 @@ def _add_itae(p: argparse.ArgumentParser, *, baseline: bool = True) -> None:
     g.add_argument("--mode", choices=["min", "mask", "scale"], default="min", help="how artifact logits change")
     g.add_argument("--alpha", type=float, default=0.1, help="factor for --mode scale")
     g.add_argument("--granularity", choices=["token", "head"], default="token", help="norm over all heads or per head")
-    g.add_argument("--calibration", choices=["otsu", "gmm"], default="otsu", help="how 'auto' splits the norms")
+    g.add_argument("--calibration", choices=["mode", "otsu", "gmm"], default="mode", help="how 'auto' splits the norms: mode (a rare mode beyond the bulk), or 0.1.0's otsu/gmm")
     g.add_argument("--calibration-images", type=int, default=512, help="images used to calibrate 'auto'")
 
 
