@@ -92,7 +92,7 @@ class ITAEState:
             log.info(
                 "itae: block %d threshold %.4g calibrated on the first batch (%d patch norms, %.2f%% flagged%s)",
                 layer, result.threshold, norms.numel(), 100 * result.flagged_fraction,
-                "" if result.bimodal else "; no valley found, nothing flagged",
+                "" if result.bimodal else f"; nothing flagged: {result.reason}",
             )
         return self.thresholds[layer]
 
