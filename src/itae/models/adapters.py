@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess
+from .base import AttentionSite, Backbone, BlockParts, Features, MLPSite, Preprocess, mlp_site
 
 SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
@@ -106,11 +106,17 @@ def _adapt_hf(model: nn.Module, name: str | None) -> Backbone:
         forward_features_fn=forward_features,
         embed_fn=base.embeddings, final_norm=final_norm,
         parts=[BlockParts(layer.norm1, layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2) for layer in layers],
+        mlp_sites=_mlp_sites(layers),
     )
 
 
 def _timm_style_parts(blocks: list[nn.Module]) -> list[BlockParts]:
     return [BlockParts(b.norm1, b.ls1, b.norm2, b.mlp, b.ls2) for b in blocks]
+
+
+def _mlp_sites(blocks: list[nn.Module]) -> list[MLPSite]:
+    """Each block's MLP (``block.mlp``), described for the hidden-activation hooks."""
+    return [mlp_site(i, b.mlp) for i, b in enumerate(blocks)]
 
 
 # ------------------------------------------------------------------------------------------- timm
@@ -160,7 +166,7 @@ def _adapt_timm(model: nn.Module, name: str | None) -> Backbone:
         num_heads=int(blocks[0].attn.num_heads), blocks=blocks,
         sites=[_fused_qkv_site(i, b, "timm") for i, b in enumerate(blocks)],
         preprocess=preprocess, forward_features_fn=forward_features,
-        embed_fn=embed, final_norm=model.norm, parts=_timm_style_parts(blocks),
+        embed_fn=embed, final_norm=model.norm, parts=_timm_style_parts(blocks), mlp_sites=_mlp_sites(blocks),
     )
 
 
@@ -220,4 +226,5 @@ def _adapt_hub(model: nn.Module, name: str | None) -> Backbone:
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
         forward_features_fn=forward_features,
         embed_fn=model.prepare_tokens_with_masks, final_norm=model.norm, parts=_timm_style_parts(blocks),
+        mlp_sites=_mlp_sites(blocks),
     )

@@ -82,6 +82,30 @@ class AttentionSite:
 
 
 @dataclass
+class MLPSite:
+    """Where one block's MLP hidden activation can be observed and edited, without replacing a forward.
+
+    ``out_proj`` is the MLP's last linear (``fc2``; ``w3`` / ``weights_out`` in SwiGLU MLPs): its *input*
+    is the hidden activation after the nonlinearity (or the gate), (B, T, hidden_dim), one column per
+    neuron. A forward pre-hook on ``out_proj`` reads or rewrites it.
+    """
+
+    index: int
+    mlp: nn.Module
+    out_proj: nn.Module
+    hidden_dim: int
+
+
+def mlp_site(index: int, mlp: nn.Module) -> MLPSite:
+    """Describe the MLP of block ``index`` (a ``Mlp``/``Dinov2MLP``-style or SwiGLU module)."""
+    for name in ("fc2", "w3", "weights_out"):
+        out = getattr(mlp, name, None)
+        if isinstance(out, nn.Linear):
+            return MLPSite(index=index, mlp=mlp, out_proj=out, hidden_dim=int(out.in_features))
+    raise TypeError(f"block {index}: MLP {type(mlp).__name__} has no fc2 / w3 / weights_out linear")
+
+
+@dataclass
 class BlockParts:
     """The pre-norm transformer block around the attention: x + ls1(attn(norm1(x))), then
     x + ls2(mlp(norm2(x))). Lets a caller run a block for chosen rows only."""
@@ -123,6 +147,7 @@ class Backbone:
     embed_fn: object = field(repr=False, default=None)  # Callable[[Tensor], Tensor]: pixels -> (B, T, D) tokens
     final_norm: nn.Module | None = field(repr=False, default=None)
     parts: list[BlockParts] = field(repr=False, default_factory=list)
+    mlp_sites: list[MLPSite] = field(repr=False, default_factory=list)  # one per block, when described
 
     @property
     def num_prefix_tokens(self) -> int:
