@@ -25,8 +25,8 @@ class HookSet:
     def forward(self, module: nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_hook(fn))
 
-    def pre(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn))
+    def pre(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
     def remove(self) -> None:
         while self._handles:
