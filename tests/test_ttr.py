@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import itae
+
+from .conftest import build_tiny
 
 
 def test_mlp_sites_describe_every_block(tiny):
@@ -203,3 +206,104 @@ def test_itae_runs_around_the_registers(tiny, images):
     mask = state.last[backbone.num_blocks - 1].artifact_mask
     assert mask.shape == (len(images), n)  # the extra token is a prefix token for ITAE: never flagged
     assert got[1].shape[1] == n
+
+
+# ------------------------------------------------------------------------------- the embedding store
+
+RES = 56
+COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, device="cpu", chunk_size=4,
+              calibration_images=8)
+SEARCH = itae.TTRConfig(outlier_layer=0, norm_threshold="auto", max_layer=0, top_k=3)
+
+
+def _folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def _direct(backbone, root, ids, ttr):
+    from itae.data.decode import build_transform, load_rgb
+
+    t = build_transform(backbone.preprocess.with_resolution(RES))
+    x = torch.stack([t(load_rgb(root / i)) for i in ids])
+    with torch.no_grad(), itae.test_time_registers(backbone, ttr):
+        return torch.cat([backbone.forward_features(x[i : i + 1]).cls for i in range(len(x))])
+
+
+def _planted_hf():
+    return _planted(build_tiny("hf", 0, "sdpa"))
+
+
+def test_embed_finds_records_and_applies_the_neurons(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    backbone, planted = _planted_hf()
+    store = itae.embed(root, backbone, out=tmp_path / "out", method="ttr", ttr=SEARCH, **COMMON)
+    m = store.manifest
+    assert store.method == "ttr" and m["itae"] is None
+    assert set(map(tuple, m["ttr"]["neurons"])) == planted
+    assert m["ttr_requested"]["neurons"] is None
+    check = m["ttr_search"]["check"]
+    assert check["num_neurons"] == 3 and check["outlier_fraction"] > 0 and check["outlier_fraction_after"] == 0
+    ref = _direct(backbone, root, store.ids, store.ttr_config)
+    torch.testing.assert_close(torch.from_numpy(store.embeddings(mmap=False)), ref, rtol=1e-4, atol=1e-5)
+
+    both = itae.embed(root, backbone, out=tmp_path / "both", method="itae+ttr", ttr=SEARCH, **COMMON)
+    assert both.method == "itae+ttr" and both.manifest["ttr"]["neurons"] == m["ttr"]["neurons"]
+    none = itae.embed(root, backbone, out=tmp_path / "none", method="none", **COMMON)
+    assert none.method == "none" and none.manifest["ttr"] is None
+
+
+def test_a_resumed_store_uses_its_own_neurons(tmp_path, monkeypatch):
+    import itae.data.extract as extract
+    import itae.engine.registers as registers
+
+    root = _folder(tmp_path / "imgs")
+    backbone, _ = _planted_hf()
+    clean = itae.embed(root, backbone, out=tmp_path / "clean", method="ttr", ttr=SEARCH, **COMMON)
+
+    commit = extract._commit
+    calls = []
+
+    def dies_on_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "_commit", dies_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        itae.embed(root, backbone, out=tmp_path / "killed", method="ttr", ttr=SEARCH, **COMMON)
+    monkeypatch.setattr(extract, "_commit", commit)
+
+    def no_search(*_a, **_k):
+        raise AssertionError("a resumed store must not search again")
+
+    monkeypatch.setattr(registers, "find_register_neurons", no_search)
+    resumed = itae.embed(root, backbone, out=tmp_path / "killed", method="ttr", ttr=SEARCH, **COMMON)
+    assert resumed.manifest["ttr"] == clean.manifest["ttr"]
+    np.testing.assert_array_equal(resumed.embeddings(mmap=False), clean.embeddings(mmap=False))
+    with pytest.raises(itae.data.store.StoreError, match="ttr_requested"):
+        itae.embed(root, backbone, out=tmp_path / "killed", method="ttr", ttr=SEARCH.replace(top_k=2), **COMMON)
+
+
+def test_a_method_that_does_not_apply_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import itae.engine.registers as registers
+
+    root = _folder(tmp_path / "imgs")
+    backbone = itae.adapt(build_tiny_hf())
+    backbone.mlp_sites = []  # a backbone that does not describe its MLPs
+    monkeypatch.setattr(registers, "find_register_neurons", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(ValueError, match="MLP described"):
+        itae.embed(root, backbone, out=tmp_path / "out", method="ttr", **COMMON)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="method must be one of"):
+        itae.embed(root, backbone, out=tmp_path / "out", method="registers", **COMMON)
+
+
+def build_tiny_hf():
+    return build_tiny("hf", 0, "sdpa")

@@ -44,6 +44,21 @@ def method_name(itae: ITAEConfig | None, ttr: TTRConfig | None) -> str:
     return "itae" if itae is not None else "ttr" if ttr is not None else "none"
 
 
+def resolve_method(
+    method: str | None, itae: ITAEConfig | None, ttr: TTRConfig | None
+) -> tuple[ITAEConfig | None, TTRConfig | None]:
+    """The (ITAE, TTR) configs a call runs with. ``method`` None keeps the configs as given (None: off);
+    a method name turns each fix on (with the given config, or its defaults) or off."""
+    if itae is not None and not isinstance(itae, ITAEConfig):
+        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+    if ttr is not None and not isinstance(ttr, TTRConfig):
+        raise TypeError(f"ttr must be a TTRConfig or None; got {type(ttr).__name__}")
+    if method is None:
+        return itae, ttr
+    use_itae, use_ttr = method_uses(method)
+    return (itae or ITAEConfig()) if use_itae else None, (ttr or TTRConfig()) if use_ttr else None
+
+
 NormThreshold = float | Literal["auto"]
 
 
@@ -138,4 +153,4 @@ class TTRConfig:
         return cls(**known)
 
 
-__all__ = ["METHODS", "Method", "TTRConfig", "check_method", "method_name", "method_uses"]
+__all__ = ["METHODS", "Method", "TTRConfig", "check_method", "method_name", "method_uses", "resolve_method"]

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from itae.config import ITAEConfig
+from itae.methods import TTRConfig, resolve_method
 from itae.models.base import Backbone, Features, Preprocess
 
 from .dataset import ChunkBatchSampler, ImageDataset, collate_images
@@ -192,6 +193,8 @@ def embed(
     *,
     out: str | os.PathLike,
     itae: ITAEConfig | None = ITAEConfig(),
+    method: str | None = None,
+    ttr: TTRConfig | None = None,
     feature: Feature = "cls",
     normalize: bool = False,
     batch_size: int = 64,
@@ -225,6 +228,12 @@ def embed(
     itae: the ITAE configuration; a threshold of "auto" is calibrated first on ``calibration_images``
         decodable images spread evenly over the source (``spread_indices``), and the resolved
         thresholds are stored in the manifest and reused on resume. None embeds with the unmodified model.
+    method: the artifact fix, "none", "itae", "ttr" (test-time registers) or "itae+ttr"; None (default)
+        runs what ``itae`` and ``ttr`` say. A method runs with the given config of each fix it uses, or
+        that fix's defaults.
+    ttr: the test-time registers configuration (``itae.TTRConfig``; None: off). Without neurons, they are
+        found first on the same image sample as the calibration (``calibration_images``), and the found
+        neurons are stored in the manifest and reused on resume.
     feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
     normalize: L2-normalise each stored embedding.
     num_workers: decoding workers (default: one per spare core, at most 32 with a GPU and 8 without).
@@ -245,6 +254,7 @@ def embed(
 
     Images that cannot be decoded are skipped and listed in ``out/errors.csv``. Returns the finished store.
     """
+    itae, ttr = resolve_method(method, itae, ttr)
     check_embed_arguments(
         feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
         counts={"num_workers": num_workers},
@@ -261,25 +271,32 @@ def embed(
     if num_workers is None:
         num_workers = default_num_workers(dev)
     bb, preprocess = _load(backbone, dev, precision, resolution)
+    if ttr is not None:
+        from itae.engine.registers import check_registers_apply
+
+        check_registers_apply(bb)  # refused before anything runs
     transform = build_transform(preprocess)
     manifest = new_manifest(
         bb, preprocess, src, name=backbone if isinstance(backbone, str) else None, itae=itae, feature=feature,
         normalize=normalize, precision=precision, calibration_images=calibration_images, chunk_size=chunk_size,
-        labels=labels, fast_decode=fast_decode,
+        labels=labels, fast_decode=fast_decode, **ttr_manifest(ttr),
     )
     loader_kw = dict(num_workers=num_workers, device=dev, max_pixels=max_pixels, fast_decode=fast_decode)
     opened = open_writer(
         out_dir, existing, manifest, itae, overwrite=overwrite,
         calibrate=lambda cfg: _calibrate(bb, src, transform, cfg, calibration_images, batch_size, out_dir, **loader_kw),
+        find_neurons=None if ttr is None or ttr.is_resolved else lambda: _find_neurons(
+            bb, src, transform, ttr, calibration_images, batch_size, **loader_kw),
     )
     if isinstance(opened, EmbeddingStore):
         return opened
     writer, run_cfg = opened
+    run_ttr = None if writer.manifest.get("ttr") is None else TTRConfig.from_dict(writer.manifest["ttr"])
     done = set(writer.committed_chunks())
     todo = [k for k in range(writer.num_chunks) if k not in done]
     if todo:
         _extract(bb, src, transform, writer, todo, run_cfg, feature, normalize, batch_size, progress, fast_cls,
-                 compile, save=(save_every, save_interval), **loader_kw)
+                 compile, save=(save_every, save_interval), ttr=run_ttr, **loader_kw)
 
     errors = writer.error_rows()
     num_failed = len(errors)
@@ -391,6 +408,15 @@ def new_manifest(
     }
 
 
+def ttr_manifest(ttr: TTRConfig | None) -> dict[str, Any]:
+    """The manifest keys of test-time registers: the requested config (a setting), the neurons in use."""
+    return {
+        "ttr_requested": None if ttr is None else ttr.to_dict(),
+        "ttr": ttr.to_dict() if ttr is not None and ttr.is_resolved else None,
+        "ttr_search": None,
+    }
+
+
 def open_writer(
     out_dir: Path,
     existing: dict[str, Any] | None,
@@ -399,11 +425,14 @@ def open_writer(
     *,
     overwrite: bool,
     calibrate: Any,
+    find_neurons: Any = None,
 ) -> EmbeddingStore | tuple[StoreWriter, ITAEConfig | None]:
     """Resume the store in ``out_dir`` (same settings only) or start a new one.
 
     Returns the finished store when there is nothing left to do, else the writer and the resolved ITAE
     config (calibrated through ``calibrate(config) -> (config, record)`` for a new store with "auto").
+    ``find_neurons() -> (TTRConfig, record)``, for a new store, finds its register neurons (kept in
+    ``manifest["ttr"]``; a resumed store keeps its own).
     """
     if existing is not None and not overwrite:
         diffs = setting_differences(existing, manifest)
@@ -435,6 +464,9 @@ def open_writer(
         if itae is not None and not itae.is_calibrated:
             run_cfg, manifest["calibration"] = calibrate(itae)
         manifest["itae"] = None if run_cfg is None else run_cfg.to_dict()
+        if find_neurons is not None:
+            found, manifest["ttr_search"] = find_neurons()
+            manifest["ttr"] = found.to_dict()
     writer = StoreWriter(out_dir, manifest)
     writer.begin()
     return writer, run_cfg
@@ -510,6 +542,37 @@ def _calibrate(
         "bimodal": {str(k): bool(v) for k, v in getattr(cal, "bimodal", {}).items()},
     }
     return cal.config, record
+
+
+def _find_neurons(
+    bb: Backbone,
+    src: ImageSource,
+    transform,
+    ttr: TTRConfig,
+    count: int,
+    batch_size: int,
+    *,
+    num_workers: int,
+    device: torch.device,
+    max_pixels: int | None,
+    fast_decode: bool = False,
+) -> tuple[TTRConfig, dict[str, Any]]:
+    """Find register neurons on ``count`` decodable images spread evenly over the source (the images
+    ``_calibrate`` uses), and check them on the first few: outliers and CLS attention before and after."""
+    from itae.engine.registers import find_register_neurons, registers_check
+
+    order = spread_indices(len(src), count)
+    sampler = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels,
+                     fast_decode=fast_decode)
+    batches = [batch["pixels"] for batch in loader if batch["pixels"] is not None]
+    if not batches:
+        raise ValueError(f"none of the {len(order)} sample images of {src.spec!r} could be decoded")
+    batches = [_to_device(x, transform, device, bb.dtype) for x in batches]
+    found = find_register_neurons(bb, batches, ttr)
+    check = registers_check(bb, torch.cat(batches)[:16], found.config, found.threshold)
+    logger.info("test-time registers (%d images spread over the source): %s", found.num_images, found.summary())
+    return found.config, {**found.to_record(), "check": check.to_dict()}
 
 
 def _all_failed_message(src: ImageSource, out_dir: Path, example: tuple[int, str, str] | None) -> str:
@@ -618,6 +681,7 @@ def _extract(
     max_pixels: int | None,
     fast_decode: bool = False,
     save: tuple[int, float] = (4096, 30.0),
+    ttr: TTRConfig | None = None,
 ) -> None:
     from contextlib import nullcontext
 
@@ -634,13 +698,25 @@ def _extract(
     remaining -= sum(buf.seen for buf in buffers.values())
     bar = tqdm(total=len(src), initial=len(src) - remaining, unit="img", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, desc="embedding")
-    fast = fast_cls and feature == "cls" and supports_fast_cls(bb, cfg)
+    registers = nullcontext()
+    if ttr is not None:  # the registers' hooks stay on around the whole loop; ITAE sees their extra token
+        from itae.engine.registers import test_time_registers
+
+        registers = test_time_registers(bb, ttr)
+        bb = registers.state.backbone
+    with_ttr = bool(ttr is not None and ttr.neurons)
+    # the CLS-only fast path runs the last block's MLP for the CLS row alone: no register neurons there
+    ttr_fast = not with_ttr or (bb.num_blocks > 1 and all(b < bb.num_blocks - 1 for b, _ in ttr.neurons))
+    fast = fast_cls and feature == "cls" and supports_fast_cls(bb, cfg) and ttr_fast
     if cfg is not None and not fast:
         from itae.engine.patch import attenuate
 
         context = attenuate(bb, cfg)  # entered once around the whole loop
         if compile:
             logger.warning("compile ignored: this ITAE config runs through hooks, which compiled blocks would break")
+    elif compile and with_ttr:
+        logger.warning("compile ignored: test-time registers run through hooks, which compiled blocks would break")
+        context = nullcontext()
     else:
         context = compiled_blocks(bb) if compile else nullcontext()
     logger.info("extracting %d images with %s", remaining,
@@ -679,7 +755,7 @@ def _extract(
     # (which waits for the device), so the device does not idle while the host copies, checks and writes.
     pending: tuple[dict, torch.Tensor | None] | None = None
     try:
-        with context, torch.inference_mode():
+        with registers, context, torch.inference_mode():
             for batch in loader:
                 emb = None
                 if batch["pixels"] is not None:

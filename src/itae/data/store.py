@@ -57,7 +57,7 @@ _CHUNK_KEYS = (
 )
 # Manifest keys that define the result: a resumed run must agree on all of them.
 SETTING_KEYS = ("format_version", "model", "feature", "normalize", "precision", "preprocess", "itae_requested",
-                "calibration_images", "chunk_size", "dim")
+                "calibration_images", "chunk_size", "dim", "ttr_requested")
 SOURCE_SETTING_KEYS = ("kind", "num_records", "fingerprint", "has_labels")
 
 
@@ -166,6 +166,21 @@ class EmbeddingStore:
 
         d = self.manifest.get("itae")
         return None if d is None else ITAEConfig.from_dict(d)
+
+    @property
+    def ttr_config(self):
+        """The ``TTRConfig`` used (neurons found), or None when test-time registers were off."""
+        from itae.methods import TTRConfig
+
+        d = self.manifest.get("ttr")
+        return None if d is None else TTRConfig.from_dict(d)
+
+    @property
+    def method(self) -> str:
+        """The artifact fix the store was embedded with: "none", "itae", "ttr" or "itae+ttr"."""
+        from itae.methods import method_name
+
+        return method_name(self.itae_config, self.ttr_config)
 
     def _require_complete(self) -> None:
         if not self.is_complete:
