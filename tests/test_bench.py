@@ -85,15 +85,25 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
     out = tmp_path / "out"
     result = run_bench(folder, out, quick=True, progress=False)
     rows = _csv_rows(out / "results.csv")
-    # 2 models x 3 methods x 3 seeds, one row each, every key once
-    assert len(rows) == 18 and result.ran == 18 and result.skipped == 0
+    # 2 models x 5 methods x 3 seeds, one row each, every key once
+    assert len(rows) == 30 and result.ran == 30 and result.skipped == 0
     keys = {(r["dataset"], r["model"], r["method"], r["seed"], r["protocol"]) for r in rows}
-    assert len(keys) == 18
+    assert len(keys) == 30
+    assert [r["method"] for r in rows[::3][:5]] == ["none", "itae", "ttr", "itae+ttr", "registers"]
     assert {r["backbone"] for r in rows if r["method"] == "registers"} == {"demo:registers"}
     assert all(r["n_images"] == "18" and r["k"] == "3" for r in rows)
     # the ITAE calibration found the planted sinks: 2 of 64 patches
     planted_itae = [r for r in rows if r["model"] == "demo:planted" and r["method"] == "itae"]
     assert float(planted_itae[0]["flagged_fraction"]) == pytest.approx(2 / 64)
+    # test-time registers: the sinks are the outliers (2 of 64 patches) and the planted nuisance units of the
+    # first MLP, gated on the sinks, lead the neurons
+    for method in ("ttr", "itae+ttr"):
+        planted_ttr = [r for r in rows if r["model"] == "demo:planted" and r["method"] == method]
+        assert float(planted_ttr[0]["outlier_fraction"]) == pytest.approx(2 / 64)
+        assert int(planted_ttr[0]["neurons"]) > 0
+    (manifest,) = (out / "cache").glob("*/*/demo_planted/cls/ttr-*/manifest.json")
+    found = json.loads(manifest.read_text())["ttr"]["neurons"]
+    assert sorted(map(tuple, found[:6])) == [(0, n) for n in range(768 - 6, 768)]  # demo's _NUISANCE_UNITS
 
     # results.md equals mean and sample std of the rows, and deltas of means against the baseline
     cells = _md_cells(out / "results.md")
@@ -105,13 +115,13 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
             mean, std = (float(v) for v in re.findall(r"-?\d+\.\d+", row_cells[1 + j]))
             assert mean == pytest.approx(values.mean(), abs=0.006)
             assert std == pytest.approx(values.std(ddof=1), abs=0.006)
-            base = np.array([100 * float(r[score]) for r in rows if r["model"] == model and r["method"] == "baseline"])
+            base = np.array([100 * float(r[score]) for r in rows if r["model"] == model and r["method"] == "none"])
             delta = row_cells[4 + j]
-            if method == "baseline":
+            if method == "none":
                 assert delta == "—"
             else:
                 assert float(delta) == pytest.approx(values.mean() - base.mean(), abs=0.006)
-    assert len(cells) == 6
+    assert len(cells) == 10
     assert result.summary[0]["acc"][0] == pytest.approx(np.mean([float(r["acc"]) for r in rows[:3]]))
     _check_report(out / "report.html", rows)
 

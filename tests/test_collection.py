@@ -381,7 +381,7 @@ def test_cluster_backend_and_criterion_flags(planted, tmp_path, capsys):
     capsys.readouterr()
     # refused before any image is read: the data folder does not even exist
     assert _run("run", tmp_path / "no-images", "-o", tmp_path / "r", "--method", "hdbscan", "--backend", "faiss") == 2
-    assert "--backend applies to --method kmeans" in capsys.readouterr().err
+    assert "--backend applies to --algorithm kmeans" in capsys.readouterr().err
     assert _run("run", tmp_path / "no-images", "-o", tmp_path / "r", "-k", 3, "--criterion", "silhouette") == 2
     assert "--criterion chooses k when -k is omitted" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

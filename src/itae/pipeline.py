@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ._io import ID_ERRORS, atomic_write, atomic_write_text
 from ._lock import folder_lock
 from .config import ITAEConfig
 from .data.store import EmbeddingStore, library_versions
+from .methods import TTRConfig
 
 log = logging.getLogger("itae")
 
@@ -226,7 +228,9 @@ def run(
     labels: str = "none",
     feature: str = "cls",
     normalize: bool = False,
-    method: str = "kmeans",
+    method: str | None = None,
+    algorithm: str = "kmeans",
+    ttr: TTRConfig | None = None,
     seeds: Sequence[int] = (0,),
     spherical: bool = False,
     device: str = "auto",
@@ -255,14 +259,26 @@ def run(
     run (another run into it fails at once, naming its pid); ``run.json`` says ``"running"`` while the run
     goes on and ends ``"finished"``, or ``"failed"`` with the error. ``save_every`` / ``save_interval``:
     embedding progress is committed every that many images or seconds, whichever comes first.
+
+    method: the artifact fix ("none", "itae", "ttr", "itae+ttr"; see ``itae.embed``); None runs what
+    ``itae`` and ``ttr`` say. algorithm: the clustering algorithm ("kmeans", "agglomerative", "hdbscan";
+    an algorithm passed as ``method``, as before 0.2, still works, with a DeprecationWarning).
     """
+    from .clustering import METHODS as CLUSTER_METHODS
     from .clustering import check_cluster_arguments
     from .data.extract import check_embed_arguments, check_save_interval, resolve_device
+    from .methods import resolve_method
+
+    if method in CLUSTER_METHODS:
+        warnings.warn(f"run(method={method!r}) for the clustering algorithm is deprecated; use "
+                      f"algorithm={method!r}", DeprecationWarning, stacklevel=2)
+        algorithm, method = method, None
+    itae, ttr = resolve_method(method, itae, ttr)
     from .data.sources import open_source
 
     # Every flag first: a mistake costs nothing, not an embedding run.
     check_k(k)
-    check_cluster_arguments(k, method=method, seeds=seeds, spherical=spherical, **(cluster_options or {}))
+    check_cluster_arguments(k, method=algorithm, seeds=seeds, spherical=spherical, **(cluster_options or {}))
     check_embed_arguments(
         feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
         counts={"num_workers": num_workers}, batch_size=batch_size, calibration_images=calibration_images,
@@ -285,7 +301,8 @@ def run(
         try:
             record = _run_steps(
                 source, k, out, started=started, data=data, model=model, arch=arch, itae=itae, labels=labels,
-                feature=feature, normalize=normalize, method=method, seeds=seeds, spherical=spherical, dev=dev,
+                feature=feature, normalize=normalize, algorithm=algorithm, ttr=ttr, seeds=seeds, spherical=spherical,
+                dev=dev,
                 precision=precision, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
                 calibration_images=calibration_images, report=report, progress=progress, fast_decode=fast_decode,
                 compile=compile, overwrite=overwrite, cluster_options=cluster_options, save_every=save_every,
@@ -299,8 +316,8 @@ def run(
     return record
 
 
-def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, method,
-               seeds, spherical, dev, precision, resolution, batch_size, num_workers, calibration_images, report,
+def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, algorithm,
+               ttr, seeds, spherical, dev, precision, resolution, batch_size, num_workers, calibration_images, report,
                progress, fast_decode, compile, overwrite, cluster_options, save_every, save_interval) -> dict[str, Any]:
     from .data.extract import embed, resolve_precision
     from .models.loading import load_backbone
@@ -312,7 +329,7 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
 
     t0 = time.perf_counter()
     store = embed(
-        source, backbone, out=out / STORE_DIR, itae=itae, feature=feature, normalize=normalize,
+        source, backbone, out=out / STORE_DIR, itae=itae, ttr=ttr, feature=feature, normalize=normalize,
         batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
         calibration_images=calibration_images, progress=progress, overwrite=overwrite, fast_decode=fast_decode,
         compile=compile, labels=labels, save_every=save_every, save_interval=save_interval,
@@ -322,7 +339,8 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
     n = len(store)
 
     t0 = time.perf_counter()
-    result = cluster_store(store, k, out=out, method=method, seeds=seeds, spherical=spherical, **(cluster_options or {}))
+    result = cluster_store(store, k, out=out, method=algorithm, seeds=seeds, spherical=spherical,
+                           **(cluster_options or {}))
     timings["cluster_s"] = time.perf_counter() - t0
 
     metrics = None
@@ -338,10 +356,13 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
         "data": str(data),
         "out": str(out),
         "model": backbone.name,
+        "method": store.method,
         "itae": None if resolved_itae is None else resolved_itae.to_dict(),
+        "ttr": store.manifest.get("ttr"),
+        "ttr_check": (store.manifest.get("ttr_search") or {}).get("check"),
         "embedding": {"feature": feature, "normalize": normalize, "precision": precision, "device": str(dev),
                       "batch_size": batch_size, "preprocess": backbone.preprocess.to_dict()},
-        "clustering": {"method": method, "k": result.k, "k_requested": k, "seeds": list(seeds),
+        "clustering": {"method": algorithm, "k": result.k, "k_requested": k, "seeds": list(seeds),
                        "spherical": spherical, "params": result.params, "k_scores": result.k_scores},
         "n_images": n,
         "n_errors": len(store.errors),

@@ -15,9 +15,10 @@ from .published import verdict
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
     "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
-    "embedding", "settings", "data", "seconds", "weights",
+    "embedding", "settings", "data", "seconds", "weights", "neurons", "outlier_fraction",
 )
 SCORES = ("acc", "nmi", "ari")
+BASELINES = ("baseline", "none")  # method names of the unmodified model, the reference of the deltas
 
 
 def run_key(row: dict[str, Any]) -> tuple[str, ...]:
@@ -73,7 +74,7 @@ def summarize_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for s in SCORES:
             entry[s] = _mean_std([float(r[s]) for r in members])
         out.append(entry)
-    base = {(e["dataset"], e["protocol"], e["model"]): e for e in out if e["method"] == "baseline"}
+    base = {(e["dataset"], e["protocol"], e["model"]): e for e in out if e["method"] in BASELINES}
     for e in out:
         b = base.get((e["dataset"], e["protocol"], e["model"]))
         e["delta"] = None if b is None or b is e else {s: e[s][0] - b[s][0] for s in SCORES}
@@ -109,7 +110,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, title: str = "Benchmark resul
     that could not be run (``missing``: (data set, model, method) -> why)."""
     lines = [f"# {title}", "",
              "ACC / NMI / ARI in %, mean ± sample std over seeds; Δ = difference of means against the "
-             "`baseline` method of the same data set, protocol and model, in points.", ""]
+             "unmodified model's row (`none`, or `baseline`) of the same data set, protocol and model, in points.", ""]
     sections: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in summary:
         sections.setdefault((e["dataset"], e["protocol"]), []).append(e)

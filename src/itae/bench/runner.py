@@ -30,6 +30,7 @@ from itae._io import atomic_write_text
 from itae.config import ITAEConfig
 from itae.data.extract import spread_indices
 from itae.data.sources import ImageSource
+from itae.methods import TTRConfig
 from itae.models.loading import ModelLoadError
 
 from .cache import calibration_dir, embedding_dir
@@ -199,9 +200,10 @@ def _complete_store(folder: Path):
 
 
 def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, spec: BenchSpec, folder: Path,
-                      progress: bool) -> tuple[np.ndarray, list[str]]:
+                      progress: bool, ttr: TTRConfig | None = None) -> tuple[np.ndarray, list[str]]:
     """(N, D) embeddings and labels of ``src``, computed once per configuration into ``folder``; a finished
-    store is reused only when it was made from the same images by the same model."""
+    store is reused only when it was made from the same images by the same model. With test-time
+    registers, the store's register neurons are found on ``src`` (the store keeps them: ``ttr_of``)."""
     from itae.data.extract import embed
 
     store = _complete_store(folder)
@@ -222,11 +224,19 @@ def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, 
             )
     else:
         store = embed(
-            src, lazy.get(), out=folder, itae=config, feature=spec.feature, normalize=spec.normalize,
+            src, lazy.get(), out=folder, itae=config, ttr=ttr, feature=spec.feature, normalize=spec.normalize,
             batch_size=spec.batch_size, num_workers=spec.num_workers, device=spec.device,
             calibration_images=spec.calibration_images, progress=progress, resume=True,
         )
     return np.asarray(store.embeddings(mmap=False), dtype=np.float32), list(store.labels or [])
+
+
+def ttr_of(folder: Path) -> tuple[TTRConfig | None, dict[str, Any] | None]:
+    """The register neurons a finished store used, and the record of their search (None without)."""
+    from itae.data.store import EmbeddingStore
+
+    store = EmbeddingStore(folder)
+    return store.ttr_config, store.manifest.get("ttr_search")
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -455,14 +465,16 @@ def _run_backbone(spec: BenchSpec, lazy: _Lazy, runs: list, sources: dict, out: 
         fit_src = sources[ds.name, fit_split]
         for method in dict.fromkeys(g[2] for g in ds_runs):  # first-seen order, no repeats
             config, cal = _method_config(method, lazy, fit_src, spec, calibration_dir(out, ds.name, backbone_name))
-            emb_name = _embedding_name(config)
+            emb_name = _embedding_name(config, method.ttr)
             t0 = time.perf_counter()
-            x_eval, y_eval = embeddings_cached(lazy, eval_src, config, spec, _emb_dir(out, ds, ds.split, backbone_name,
-                                                                                       spec, emb_name), log.enabled)
+            eval_dir = _emb_dir(out, ds, ds.split, backbone_name, spec, emb_name)
+            x_eval, y_eval = embeddings_cached(lazy, eval_src, config, spec, eval_dir, log.enabled, method.ttr)
+            # the register neurons found on the first store embedded serve both splits
+            found, search = ttr_of(eval_dir) if method.ttr is not None else (None, None)
             x_fit = None
             if spec.protocol == "train-test":
                 x_fit, _ = embeddings_cached(lazy, fit_src, config, spec, _emb_dir(out, ds, fit_split, backbone_name,
-                                                                                   spec, emb_name), log.enabled)
+                                                                                   spec, emb_name), log.enabled, found)
             log.embedded(ds.name, backbone_name, method.name, len(x_eval), time.perf_counter() - t0)
             classes, y = np.unique(np.asarray(y_eval), return_inverse=True)
             k = spec.k or len(classes)
@@ -481,6 +493,8 @@ def _run_backbone(spec: BenchSpec, lazy: _Lazy, runs: list, sources: dict, out: 
                     purity=float(scores["purity"]),
                     threshold=None if cal is None else ";".join(f"{t:.6g}" for t in cal["thresholds"]),
                     flagged_fraction=None if cal is None else cal["flagged_fraction"],
+                    neurons=None if found is None else len(found.neurons or ()),
+                    outlier_fraction=None if search is None else search.get("outlier_fraction"),
                     embedding=emb_name, settings=settings, data=_data_key(ds, spec),
                     seconds=round(time.perf_counter() - t0, 3), weights=lazy.location,
                 )
@@ -516,15 +530,19 @@ def _plan(spec: BenchSpec, by_backbone: dict[str, list], sources: dict, out: Pat
                         uncalibrated = True
                 for split in splits:
                     if uncalibrated or _complete_store(
-                            _emb_dir(out, ds, split, backbone_name, spec, _embedding_name(config))) is None:
+                            _emb_dir(out, ds, split, backbone_name, spec, _embedding_name(config, method.ttr))) is None:
                         w.embed_images += len(sources[ds.name, split])
                 if w.passes:
                     work.append(w)
     return work
 
 
-def _embedding_name(config: ITAEConfig | None) -> str:
-    return "baseline" if config is None else "itae-" + _digest(config.to_dict())
+def _embedding_name(config: ITAEConfig | None, ttr: TTRConfig | None = None) -> str:
+    name = "baseline" if config is None else "itae-" + _digest(config.to_dict())
+    if ttr is not None:
+        ttr_name = "ttr-" + _digest(ttr.to_dict())
+        name = ttr_name if config is None else f"{name}-{ttr_name}"
+    return name
 
 
 def _emb_dir(out: Path, ds: DatasetSpec, split: str | None, backbone: str, spec: BenchSpec, emb_name: str) -> Path:

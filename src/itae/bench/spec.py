@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from itae.config import ITAEConfig
+from itae.methods import METHODS, TTRConfig
 
 from .published import reference_set
 
@@ -92,35 +93,51 @@ KNOWN_DATASETS: dict[str, DatasetSpec] = {
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method: the baseline (``itae`` None), ITAE with a configuration, or the registers counterpart."""
+    """One method: the baseline (no fix), ITAE (``itae``), test-time registers (``ttr``), both, or the
+    registers counterpart (the model trained with registers, unmodified)."""
 
     name: str
     itae: ITAEConfig | None = None
     registers: bool = False
+    ttr: TTRConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.registers and self.itae is not None:
-            raise ValueError(f"method {self.name!r}: the registers method takes no ITAE configuration")
+        if self.registers and (self.itae is not None or self.ttr is not None):
+            raise ValueError(f"method {self.name!r}: the registers method takes no ITAE or TTR configuration")
 
     def to_value(self) -> Any:
         if self.registers:
             return REGISTERS
+        if self.ttr is not None:
+            return {"itae": None if self.itae is None else self.itae.to_dict(), "ttr": self.ttr.to_dict()}
         return None if self.itae is None else self.itae.to_dict()
 
 
 def method_from_value(name: str, value: Any) -> MethodSpec:
-    """``None`` -> baseline, ``"registers"`` -> registers model, a dict or ``ITAEConfig`` -> ITAE."""
+    """``None`` or ``"none"`` -> baseline; ``"registers"`` -> registers model; ``"itae"``, ``"ttr"``,
+    ``"itae+ttr"`` -> those methods with default settings; an ``ITAEConfig`` (or its dict) -> ITAE;
+    ``{"itae": ITAE dict or None, "ttr": TTR dict or None}`` -> either or both, with settings."""
     if value is None:
         return MethodSpec(name)
     if isinstance(value, str):
-        if value != REGISTERS:
-            raise ValueError(f"method {name!r}: a string value must be 'registers'; got {value!r}")
-        return MethodSpec(name, registers=True)
+        if value == REGISTERS:
+            return MethodSpec(name, registers=True)
+        if value not in METHODS:
+            raise ValueError(f"method {name!r}: a string value must be one of "
+                             f"{', '.join(map(repr, METHODS + (REGISTERS,)))}; got {value!r}")
+        return MethodSpec(name, ITAEConfig() if "itae" in value else None, ttr=TTRConfig() if "ttr" in value else None)
     if isinstance(value, ITAEConfig):
         return MethodSpec(name, value)
+    if isinstance(value, TTRConfig):
+        return MethodSpec(name, ttr=value)
     if isinstance(value, dict):
+        if value and set(value) <= {"itae", "ttr"}:
+            itae, ttr = value.get("itae"), value.get("ttr")
+            return MethodSpec(name, None if itae is None else ITAEConfig.from_dict(itae),
+                              ttr=None if ttr is None else TTRConfig.from_dict(ttr))
         return MethodSpec(name, ITAEConfig.from_dict(value))
-    raise TypeError(f"method {name!r}: give None (baseline), 'registers' or an ITAEConfig dict; got {value!r}")
+    raise TypeError(f"method {name!r}: give None (baseline), a method name ('itae', 'ttr', 'itae+ttr', 'registers'), "
+                    f"an ITAEConfig dict or {{'itae': ..., 'ttr': ...}}; got {value!r}")
 
 
 DEFAULT_METHODS = (MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()))
@@ -311,8 +328,14 @@ def registers_counterpart(model: str) -> str:
     )
 
 
+# The published DINOv2-L settings, but for the outlier threshold ("auto": 150 is a DINOv2-L norm) and the
+# layer limit (the blocks up to the outlier block, as 17 < 22 is for DINOv2-L; here block 0 of 2).
+QUICK_TTR = TTRConfig(norm_threshold="auto", max_layer=-2)
+
+
 def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> BenchSpec:
-    """The offline preset: the demo models (clean, planted) x baseline, ITAE, registers on a labelled folder."""
+    """The offline preset: the demo models (clean, planted) x none, ITAE, test-time registers, both, and the
+    registers counterpart, on a labelled folder (test-time registers with ``QUICK_TTR``)."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
@@ -323,7 +346,10 @@ def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tupl
     return BenchSpec(
         datasets=(dataset,),
         models=("demo:clean", "demo:planted"),
-        methods=(MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()), MethodSpec(REGISTERS, registers=True)),
+        methods=(
+            MethodSpec("none"), MethodSpec("itae", ITAEConfig()), MethodSpec("ttr", ttr=QUICK_TTR),
+            MethodSpec("itae+ttr", ITAEConfig(), ttr=QUICK_TTR), MethodSpec(REGISTERS, registers=True),
+        ),
         seeds=seeds,
     )
 

@@ -1,7 +1,7 @@
 """``itae``: the command line, a thin layer over the Python API.
 
   itae run DATA -k K -o OUT       embed, cluster, score and report in one go
-  itae embed DATA -o STORE        embeddings only (ITAE on by default; --no-itae for the baseline)
+  itae embed DATA -o STORE        embeddings only (--method itae by default; none, ttr, itae+ttr)
   itae cluster STORE -k K -o OUT  cluster a finished embedding store
   itae evaluate OUT               score OUT/assignments.csv against its labels
   itae inspect IMAGE... -o OUT    artifact diagnostics figures
@@ -93,10 +93,71 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, help="input size, rounded to the patch size (default: the model's)")
 
 
+FIXES = ("none", "itae", "ttr", "itae+ttr")
+ALGORITHMS = ("kmeans", "agglomerative", "hdbscan")
+
+
+def _add_method(p: argparse.ArgumentParser, *, clustering_too: bool) -> None:
+    g = p.add_argument_group("artifact fix")
+    old = " (kmeans, agglomerative, hdbscan: deprecated, use --algorithm)" if clustering_too else ""
+    g.add_argument("--method", metavar="{" + ",".join(FIXES) + "}",
+                   help="none: the unmodified model; itae (default); ttr: test-time registers; itae+ttr: both" + old)
+    g.add_argument("--no-itae", action="store_true", help="the same as --method none")
+    t = p.add_argument_group("test-time registers (--method ttr or itae+ttr; defaults: the published DINOv2-L values)")
+    t.add_argument("--ttr-outlier-layer", type=int, default=-2, help="block whose output norms define outliers")
+    t.add_argument("--ttr-norm-threshold", type=_norm_threshold, default=150.0,
+                   help="outlier residual norm: a number or 'auto' (split at the histogram valley)")
+    t.add_argument("--ttr-max-layer", type=int, default=17, help="last block whose MLP neurons may be chosen")
+    t.add_argument("--ttr-top-k", type=int, default=50, help="number of register neurons")
+    t.add_argument("--ttr-keep-prefix", action="store_true",
+                   help="keep the register neurons at the CLS/register tokens (default: zero them there too)")
+
+
+def _norm_threshold(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto'; got {text!r}") from None
+
+
+def _resolve_method(args: argparse.Namespace) -> None:
+    """Set ``args.fix`` (the artifact fix) and ``args.algorithm`` (clustering) from --method, --no-itae and
+    --algorithm. The value sets are disjoint, so an old ``--method kmeans`` still means the algorithm."""
+    method = getattr(args, "method", None)
+    if method in ALGORITHMS:
+        if "algorithm" not in args:
+            raise ValueError(f"--method {method} names a clustering algorithm; this command does not cluster")
+        logging.getLogger("itae").warning(
+            "itae: warning: --method %s for the clustering algorithm is deprecated; use --algorithm %s", method, method)
+        if args.algorithm not in (None, method):
+            raise ValueError(f"--method {method} and --algorithm {args.algorithm} disagree")
+        args.algorithm, method = method, None
+    if "algorithm" in args and args.algorithm is None:
+        args.algorithm = "kmeans"
+    if method is not None and method not in FIXES:
+        choices = FIXES + (ALGORITHMS if "algorithm" in args else ())
+        raise ValueError(f"--method must be one of {', '.join(choices)}; got {method!r}")
+    if getattr(args, "no_itae", False):
+        if method not in (None, "none"):
+            raise ValueError(f"--no-itae and --method {method} disagree (--no-itae means --method none)")
+        method = "none"
+    if "no_itae" in args:
+        args.fix = method or "itae"
+
+
+def _ttr_config(args: argparse.Namespace):
+    from itae.methods import TTRConfig, method_uses
+
+    if not method_uses(args.fix)[1]:
+        return None
+    return TTRConfig(outlier_layer=args.ttr_outlier_layer, norm_threshold=args.ttr_norm_threshold,
+                     max_layer=args.ttr_max_layer, top_k=args.ttr_top_k, zero_prefix=not args.ttr_keep_prefix)
+
+
 def _add_itae(p: argparse.ArgumentParser, *, baseline: bool = True) -> None:
-    g = p.add_argument_group("ITAE (on by default)" if baseline else "ITAE")
-    if baseline:
-        g.add_argument("--no-itae", action="store_true", help="the unmodified model (baseline)")
+    g = p.add_argument_group("ITAE (--method itae or itae+ttr)" if baseline else "ITAE")
     g.add_argument("--source", choices=["q", "k", "v"], default="v", help="projection whose patch norms flag artifacts")
     g.add_argument("--threshold", type=_threshold, default="auto",
                    help="'auto' (calibrated on the data, label-free), a number, or one per layer")
@@ -140,7 +201,7 @@ def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> Non
     g = p.add_argument_group("clustering")
     g.add_argument("-k", "--k", type=int, required=k_required,
                    help="number of clusters (omit to choose it automatically, see --criterion)")
-    g.add_argument("--method", choices=["kmeans", "agglomerative", "hdbscan"], default="kmeans")
+    g.add_argument("--algorithm", choices=ALGORITHMS, help="clustering algorithm (default: kmeans)")
     g.add_argument("--backend", choices=["auto", "sklearn", "minibatch", "faiss"],
                    help="k-means implementation (default auto: scikit-learn up to 50,000 images, then faiss if "
                         "installed, else mini-batch)")
@@ -157,20 +218,20 @@ def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> Non
 def _cluster_options(args: argparse.Namespace) -> dict:
     options: dict = {"k_range": args.k_range} if args.k is None else {}
     if args.max_samples is not None:
-        if args.method == "kmeans":
-            raise ValueError("--max-samples applies to --method agglomerative and hdbscan; k-means has no size limit")
+        if args.algorithm == "kmeans":
+            raise ValueError("--max-samples applies to --algorithm agglomerative and hdbscan; k-means has no size limit")
         options["max_samples"] = args.max_samples
     if args.backend is not None:
-        if args.method != "kmeans":
-            raise ValueError(f"--backend applies to --method kmeans, not {args.method}")
+        if args.algorithm != "kmeans":
+            raise ValueError(f"--backend applies to --algorithm kmeans, not {args.algorithm}")
         from itae.clustering import resolve_backend
 
         resolve_backend(args.backend, 0)  # refuses faiss when it is not installed, before any image is read
         options["backend"] = args.backend
     if args.criterion is not None:
-        if args.k is not None or args.method == "hdbscan":
+        if args.k is not None or args.algorithm == "hdbscan":
             raise ValueError("--criterion chooses k when -k is omitted; it does not apply with -k or "
-                             "--method hdbscan")
+                             "--algorithm hdbscan")
         options["criterion"] = args.criterion
     return options
 
@@ -178,7 +239,7 @@ def _cluster_options(args: argparse.Namespace) -> dict:
 def _itae_config(args: argparse.Namespace):
     from itae.config import ITAEConfig
 
-    if getattr(args, "no_itae", False):
+    if getattr(args, "fix", "itae") in ("none", "ttr"):
         return None
     return ITAEConfig(
         source=args.source, threshold=args.threshold, side=args.side, layers=tuple(args.layers), rows=args.rows,
@@ -209,6 +270,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from itae._lock import folder_lock
     from itae.data.store import prepare_output
 
+    _resolve_method(args)
     cfg = _itae_config(args)
     with folder_lock(prepare_output(args.out), "itae embed"):  # one writer per store
         store = _embed(args, cfg)
@@ -222,6 +284,9 @@ def _embed(args: argparse.Namespace, cfg):
 
     if args.engine == "ray":
         from itae.distributed import embed_ray
+
+        if args.fix in ("ttr", "itae+ttr"):
+            raise ValueError(f"--method {args.fix}: test-time registers run with --engine local only")
 
         store = embed_ray(
             args.data, args.model, out=args.out, arch=args.arch, itae=cfg, feature=args.feature,
@@ -237,7 +302,8 @@ def _embed(args: argparse.Namespace, cfg):
         backbone = load_backbone(args.model, arch=args.arch, device=device, dtype=resolve_precision(args.precision),
                                  resolution=args.resolution)
         store = embed(
-            args.data, backbone, out=args.out, itae=cfg, feature=args.feature, normalize=args.normalize,
+            args.data, backbone, out=args.out, itae=cfg, ttr=_ttr_config(args), feature=args.feature,
+            normalize=args.normalize,
             batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
             calibration_images=args.calibration_images, labels=args.labels, split=args.split,
             hf_config=args.hf_config, image_column=args.image_column, label_column=args.label_column,
@@ -288,7 +354,8 @@ def _run_summary(record: dict[str, Any]) -> str:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from itae.pipeline import cluster_store
 
-    result = cluster_store(args.store, args.k, out=args.out or args.store, method=args.method, seeds=args.seeds,
+    _resolve_method(args)
+    result = cluster_store(args.store, args.k, out=args.out or args.store, method=args.algorithm, seeds=args.seeds,
                            spherical=args.spherical, **_cluster_options(args))
     print(f"{result.k} clusters; assignments in {Path(args.out or args.store) / 'assignments.csv'}")
     return 0
@@ -356,9 +423,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from itae.pipeline import run
 
+    _resolve_method(args)
     record = run(
         args.data, args.k, args.out, model=args.model, arch=args.arch, itae=_itae_config(args), labels=args.labels,
-        feature=args.feature, normalize=args.normalize, method=args.method, seeds=args.seeds,
+        method=args.fix, ttr=_ttr_config(args),
+        feature=args.feature, normalize=args.normalize, algorithm=args.algorithm, seeds=args.seeds,
         spherical=args.spherical, device=args.device, precision=args.precision, resolution=args.resolution,
         batch_size=args.batch_size, num_workers=args.workers, calibration_images=args.calibration_images,
         report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
@@ -481,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     _add_cluster(p)
     _add_model(p)
+    _add_method(p, clustering_too=True)
     _add_itae(p)
     _add_data(p)
     _add_embed(p)
@@ -498,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU decoding actors (0: decode inside the model actors; default: autoscale with GPU "
                         "replicas, 0 with CPU ones)")
     _add_model(p)
+    _add_method(p, clustering_too=False)
     _add_itae(p)
     _add_data(p)
     _add_embed(p)
@@ -506,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="cluster a finished embedding store", parents=[common])
     p.add_argument("store", help="store folder written by itae embed")
     p.add_argument("-o", "--out", help="where assignments.csv goes (default: the store folder)")
+    p.add_argument("--method", choices=ALGORITHMS, help=argparse.SUPPRESS)  # deprecated: --algorithm
     _add_cluster(p)
     p.set_defaults(func=cmd_cluster)
 
