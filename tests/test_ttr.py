@@ -307,3 +307,37 @@ def test_a_method_that_does_not_apply_is_refused_before_anything_runs(tmp_path, 
 
 def build_tiny_hf():
     return build_tiny("hf", 0, "sdpa")
+
+
+@pytest.mark.parametrize("method", ["ttr", "itae+ttr"])
+def test_embed_with_neurons_in_the_last_block_runs_the_full_model(tmp_path, method):
+    root = _folder(tmp_path / "imgs")
+    backbone = itae.adapt(build_tiny_hf())
+    ttr = itae.TTRConfig(neurons=((0, 3), (1, 5), (1, 9)))  # block 1 is the last: no CLS-only fast path
+    cfg = itae.ITAEConfig(threshold=0.5)
+    store = itae.embed(root, backbone, out=tmp_path / "out", method=method, itae=cfg, ttr=ttr, **COMMON)
+    assert store.ttr_config == ttr and store.manifest["ttr_search"] is None  # given neurons: no search
+    from itae.data.decode import build_transform, load_rgb
+
+    t = build_transform(backbone.preprocess.with_resolution(RES))
+    x = torch.stack([t(load_rgb(root / i)) for i in store.ids])
+    with torch.no_grad(), itae.test_time_registers(backbone, ttr) as state:
+        if method == "itae+ttr":
+            with itae.attenuate(state.backbone, cfg):
+                ref = backbone.forward_features(x).cls
+        else:
+            ref = backbone.forward_features(x).cls
+    torch.testing.assert_close(torch.from_numpy(store.embeddings(mmap=False)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cls_only_fast_path_refuses_neurons_in_the_last_block(images):
+    from itae.engine.fast import forward_cls
+
+    backbone = itae.adapt(build_tiny_hf())
+    with itae.test_time_registers(backbone, itae.TTRConfig(neurons=((1, 5),))) as state:
+        with pytest.raises(RuntimeError, match="cannot serve register neurons there"):
+            forward_cls(state.backbone, images)
+    with itae.test_time_registers(backbone, itae.TTRConfig(neurons=((0, 5),))) as state:
+        fast = forward_cls(state.backbone, images)[0]
+        full = backbone.forward_features(images).cls
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
