@@ -341,3 +341,15 @@ def test_the_cls_only_fast_path_refuses_neurons_in_the_last_block(images):
         fast = forward_cls(state.backbone, images)[0]
         full = backbone.forward_features(images).cls
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_whose_mlps_are_not_recognised_still_adapts_and_ttr_refuses_it(images):
+    from torch import nn
+
+    model = build_tiny_hf()
+    model.encoder.layer[1].mlp.fc2 = nn.Sequential(model.encoder.layer[1].mlp.fc2)  # not a linear any more
+    backbone = itae.adapt(model)
+    assert backbone.mlp_sites == []
+    backbone.forward_features(images)  # everything else works
+    with pytest.raises(ValueError, match="MLP described"):
+        itae.test_time_registers(backbone, itae.TTRConfig(neurons=((0, 1),)))

@@ -115,8 +115,10 @@ def _timm_style_parts(blocks: list[nn.Module]) -> list[BlockParts]:
 
 
 def _mlp_sites(blocks: list[nn.Module]) -> list[MLPSite]:
-    """Each block's MLP (``block.mlp``), described for the hidden-activation hooks."""
-    return [mlp_site(i, b.mlp) for i, b in enumerate(blocks)]
+    """Each block's MLP (``block.mlp``), described for the hidden-activation hooks; none at all when one
+    of them is not recognised (what needs them, test-time registers, then refuses the model)."""
+    sites = [mlp_site(i, getattr(b, "mlp", None)) for i, b in enumerate(blocks)]
+    return [] if any(s is None for s in sites) else sites
 
 
 # ------------------------------------------------------------------------------------------- timm

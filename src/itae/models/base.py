@@ -96,13 +96,14 @@ class MLPSite:
     hidden_dim: int
 
 
-def mlp_site(index: int, mlp: nn.Module) -> MLPSite:
-    """Describe the MLP of block ``index`` (a ``Mlp``/``Dinov2MLP``-style or SwiGLU module)."""
+def mlp_site(index: int, mlp: nn.Module) -> MLPSite | None:
+    """Describe the MLP of block ``index`` (a ``Mlp``/``Dinov2MLP``-style or SwiGLU module); None when it
+    has no recognised last linear (any module with ``in_features``: ``nn.Linear``, FP8 linears, ...)."""
     for name in ("fc2", "w3", "weights_out"):
         out = getattr(mlp, name, None)
-        if isinstance(out, nn.Linear):
+        if isinstance(out, nn.Module) and isinstance(getattr(out, "in_features", None), int):
             return MLPSite(index=index, mlp=mlp, out_proj=out, hidden_dim=int(out.in_features))
-    raise TypeError(f"block {index}: MLP {type(mlp).__name__} has no fc2 / w3 / weights_out linear")
+    return None
 
 
 @dataclass
