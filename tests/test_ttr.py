@@ -255,7 +255,7 @@ def test_embed_finds_records_and_applies_the_neurons(tmp_path):
     both = itae.embed(root, backbone, out=tmp_path / "both", method="itae+ttr", ttr=SEARCH, **COMMON)
     assert both.method == "itae+ttr" and both.manifest["ttr"]["neurons"] == m["ttr"]["neurons"]
     none = itae.embed(root, backbone, out=tmp_path / "none", method="none", **COMMON)
-    assert none.method == "none" and none.manifest["ttr"] is None
+    assert none.method == "none" and "ttr" not in none.manifest and "ttr_requested" not in none.manifest
 
 
 def test_a_resumed_store_uses_its_own_neurons(tmp_path, monkeypatch):

@@ -409,10 +409,13 @@ def new_manifest(
 
 
 def ttr_manifest(ttr: TTRConfig | None) -> dict[str, Any]:
-    """The manifest keys of test-time registers: the requested config (a setting), the neurons in use."""
+    """The manifest keys of test-time registers: the requested config (a setting), the neurons in use, and
+    their search's record. Absent when they are off, so such stores look as they did before them."""
+    if ttr is None:
+        return {}
     return {
-        "ttr_requested": None if ttr is None else ttr.to_dict(),
-        "ttr": ttr.to_dict() if ttr is not None and ttr.is_resolved else None,
+        "ttr_requested": ttr.to_dict(),
+        "ttr": ttr.to_dict() if ttr.is_resolved else None,
         "ttr_search": None,
     }
 
