@@ -22,6 +22,8 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
     """Whether ``forward_cls`` can serve this backbone and config (else use ``attenuate``)."""
     if backbone.embed_fn is None or backbone.final_norm is None or len(backbone.parts) != backbone.num_blocks:
         return False
+    if not backbone.cls_token or backbone.sites[-1].rotary is not None:
+        return False  # a pooling probe, or rotary embeddings that the blocks must be handed: use attenuate
     if config is None:
         return True
     return (
@@ -33,8 +35,10 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
 
 def _weights(site: AttentionSite):
     """(W, b) of q, k and v, each W (D, D_in) and b (D,) or None, from a fused or split layout."""
-    if site.qkv is not None:
-        w, b = site.qkv.weight, site.qkv.bias
+    if site.qkv is not None or site.mha is not None:
+        fused = site.qkv if site.qkv is not None else None
+        w = fused.weight if fused is not None else site.mha.in_proj_weight
+        b = fused.bias if fused is not None else site.mha.in_proj_bias
         dim = w.shape[0] // 3
         return [(w[i * dim : (i + 1) * dim], None if b is None else b[i * dim : (i + 1) * dim]) for i in range(3)]
     return [(m.weight, m.bias) for m in (site.q, site.k, site.v)]
@@ -101,7 +105,7 @@ def forward_cls(
         )
     h = backbone.embed(pixel_values)
     for block in backbone.blocks[:-1]:
-        h = block(h)
+        h = block(h, *backbone.block_args)
         h = h[0] if isinstance(h, (tuple, list)) else h
     site, parts = backbone.sites[-1], backbone.parts[-1]
     num_prefix = backbone.num_prefix_tokens

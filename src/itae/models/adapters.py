@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import families
 from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess
 
 SUPPORTED = (
@@ -34,8 +35,14 @@ def adapt(model: nn.Module | Backbone, name: str | None = None) -> Backbone:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module; got {type(model).__name__}. Supported: {SUPPORTED}")
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in _HF_MODEL_TYPES:
+    model_type = getattr(config, "model_type", None)
+    if model_type in _HF_MODEL_TYPES:
         return _adapt_hf(model, name)
+    if model_type in families.HF_MODEL_TYPES:
+        try:
+            return families.adapt_hf(model, families.HF_MODEL_TYPES[model_type], name)
+        except TypeError as err:
+            raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
     module = type(model).__module__ or ""
     if module.startswith("timm.") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
         return _adapt_timm(model, name)

@@ -206,3 +206,43 @@ def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 break
         out[prefix + rest] = value
     return out
+
+
+# ------------------------------------------------------------------- the other ViT families, for tests
+
+#: the tiny models of the other families ``tiny_vit`` builds (patch 16, 64 px: a 4 x 4 grid)
+TINY_KINDS = ("hf-dinov3", "hf-clip", "hf-siglip", "timm-deit3")
+
+
+def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> nn.Module:
+    """A small random model of another ViT family (see ``TINY_KINDS``), deterministic for ``seed``, in eval
+    mode, 64 px input with 16 px patches. Layer scales (DINOv3, DeiT-III) start at 1, as in ``tiny_model``.
+
+    hf-dinov3: ``DINOv3ViTModel`` with 4 registers and rotary embeddings; hf-clip: ``CLIPVisionModel``
+    (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; timm-deit3:
+    ``deit3_small_patch16_224`` resized.
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}; got {kind!r}")
+    common = {"hidden_size": embed_dim, "intermediate_size": 2 * embed_dim, "num_hidden_layers": depth,
+              "num_attention_heads": num_heads, "image_size": 64, "patch_size": 16}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "hf-dinov3":
+            from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+            model = DINOv3ViTModel(DINOv3ViTConfig(num_register_tokens=4, layerscale_value=1.0, **common))
+        elif kind == "hf-clip":
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            model = CLIPVisionModel(CLIPVisionConfig(hidden_act="quick_gelu", **common))
+        elif kind == "hf-siglip":
+            from transformers import SiglipVisionConfig, SiglipVisionModel
+
+            model = SiglipVisionModel(SiglipVisionConfig(**common))
+        else:
+            import timm
+
+            model = timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=64, embed_dim=embed_dim,
+                                      depth=depth, num_heads=num_heads, init_values=1.0, num_classes=0)
+    return model.eval()

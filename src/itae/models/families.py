@@ -1,0 +1,196 @@
+"""Adapters for the ViT families beyond DINOv2: DINOv3, CLIP and SigLIP vision towers (HF transformers),
+DINOv3 in timm, and OpenCLIP. DeiT-III needs none of its own: it is a timm ``VisionTransformer`` with a
+class token, which ``adapters._adapt_timm`` describes.
+
+What each family's "CLS embedding" is (``Features.cls``, the image embedding ``itae`` clusters):
+
+- DINOv3: the CLS token after the final LayerNorm (``pooler_output``), as for DINOv2;
+- CLIP (HF and OpenCLIP): the CLS token after the final LayerNorm (HF ``post_layernorm``, the
+  ``pooler_output`` of ``CLIPVisionModel``; OpenCLIP ``ln_post``), *before* the projection into the joint
+  image-text space (HF ``visual_projection``, OpenCLIP ``proj``). That projection is one linear map,
+  applied after ITAE's change; embeddings in the joint space are ``features.cls @ proj``;
+- SigLIP: no CLS token; the output of its attention-pooling head (``pooler_output``). ITAE engineers
+  that head's single query row (see ``docs/method.md``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess, ProbeSite, Rotary
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+HF_MODEL_TYPES = {
+    "dinov3_vit": "dinov3",
+    "clip_vision_model": "clip",
+    "clip": "clip",
+    "siglip_vision_model": "siglip",
+    "siglip": "siglip",
+}
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _patch(value) -> int:
+    return int(value if isinstance(value, int) else value[0])
+
+
+def _split_site(index: int, layer: nn.Module, attn: nn.Module, out_proj: nn.Module, rotary=None) -> AttentionSite:
+    heads = int(getattr(attn, "num_heads", None) or attn.config.num_attention_heads)
+    head_dim = int(attn.head_dim)
+    scale = getattr(attn, "scaling", None) or getattr(attn, "scale", None) or head_dim**-0.5
+    return AttentionSite(
+        index=index, block=layer, attention=attn, out_proj=out_proj, num_heads=heads, head_dim=head_dim,
+        scale=float(scale), q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, rotary=rotary,
+    )
+
+
+def adapt_hf(model: nn.Module, kind: str, name: str | None) -> Backbone:
+    """An HF transformers model of ``kind`` ("dinov3", "clip" or "siglip"), or a model wrapping one."""
+    return {"dinov3": _adapt_hf_dinov3, "clip": _adapt_hf_clip, "siglip": _adapt_hf_siglip}[kind](model, name)
+
+
+def _hf_name(model: nn.Module, cfg, name: str | None) -> str:
+    return name or getattr(cfg, "_name_or_path", "") or type(model).__name__
+
+
+# ------------------------------------------------------------------------------------------- DINOv3
+
+
+def _read_position_embeddings(args: tuple, kwargs: dict):
+    """(cos, sin) from a ``DINOv3ViTAttention`` call: (hidden_states, attention_mask, position_embeddings)."""
+    if "position_embeddings" in kwargs:
+        return kwargs["position_embeddings"]
+    return args[2] if len(args) > 2 else None
+
+
+def _apply_hf_dinov3_rope(q: torch.Tensor, k: torch.Tensor, position_embeddings):
+    # the model's own function: rotates the patch rows, leaves CLS and registers as they are
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+    cos, sin = position_embeddings
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _adapt_hf_dinov3(model: nn.Module, name: str | None) -> Backbone:
+    # DINOv3ViTModel keeps its encoder in ``.model``, which is also its base_model_prefix
+    base = model if hasattr(model, "rope_embeddings") else getattr(model, "base_model", model)
+    if not all(hasattr(base, a) for a in ("embeddings", "rope_embeddings", "model")):
+        raise TypeError(f"{type(model).__name__} has no DINOv3 encoder")
+    cfg = base.config
+    layers = list(base.model.layer)
+    registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
+    patch = _patch(cfg.patch_size)
+    final_norm = getattr(base, "norm", None)
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        pixel_values = pixel_values.to(base.embeddings.patch_embeddings.weight.dtype)
+        h = base.embeddings(pixel_values)
+        position_embeddings = base.rope_embeddings(pixel_values)
+        for layer in layers:
+            h = _first(layer(h, position_embeddings=position_embeddings))
+        if final_norm is not None:
+            h = final_norm(h)
+        p = 1 + registers
+        return Features(cls=h[:, 0], patches=h[:, p:], registers=h[:, 1:p])
+
+    sites = [
+        _split_site(i, layer, layer.attention, layer.attention.o_proj,
+                    Rotary(layer.attention, _read_position_embeddings, _apply_hf_dinov3_rope))
+        for i, layer in enumerate(layers)
+    ]
+    return Backbone(
+        model=model, family="hf", name=_hf_name(model, cfg, name),
+        num_register_tokens=registers, patch_size=patch, embed_dim=int(cfg.hidden_size),
+        num_heads=int(cfg.num_attention_heads), blocks=layers, sites=sites,
+        preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
+        forward_features_fn=forward_features, embed_fn=base.embeddings, final_norm=final_norm,
+        parts=[BlockParts(layer.norm1, layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2) for layer in layers],
+    )
+
+
+# --------------------------------------------------------------------------------------------- CLIP
+
+
+def _clip_like_parts(layers: list[nn.Module]) -> list[BlockParts]:
+    return [BlockParts(layer.layer_norm1, nn.Identity(), layer.layer_norm2, layer.mlp, nn.Identity()) for layer in layers]
+
+
+def _square_preprocess(image_size: int, patch: int, mean, std) -> Preprocess:
+    # CLIP and SigLIP are trained on the whole image at their input size: resize the shorter side to it
+    # and centre-crop (no extra margin as in the DINOv2 recipe).
+    return Preprocess(image_size=image_size, resize_size=image_size, interpolation="bicubic",
+                      mean=tuple(mean), std=tuple(std), patch_size=patch)
+
+
+def _adapt_hf_clip(model: nn.Module, name: str | None) -> Backbone:
+    vision = getattr(model, "vision_model", model)  # CLIPModel / CLIPVisionModelWithProjection wrap the tower
+    if not all(hasattr(vision, a) for a in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")):
+        raise TypeError(f"{type(model).__name__} has no CLIP vision tower")
+    cfg = vision.config
+    cfg = getattr(cfg, "vision_config", cfg)
+    layers = list(vision.encoder.layers)
+    patch = _patch(cfg.patch_size)
+
+    def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+        return vision.pre_layrnorm(vision.embeddings(pixel_values))
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        h = embed(pixel_values)
+        for layer in layers:
+            h = _first(layer(h, None))
+        h = vision.post_layernorm(h)  # HF normalises only the CLS (pooler_output); patches get the same norm here
+        return Features(cls=h[:, 0], patches=h[:, 1:], registers=h[:, 1:1])
+
+    return Backbone(
+        model=model, family="hf", name=_hf_name(model, cfg, name),
+        num_register_tokens=0, patch_size=patch, embed_dim=int(cfg.hidden_size),
+        num_heads=int(cfg.num_attention_heads), blocks=layers,
+        sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
+        preprocess=_square_preprocess(int(cfg.image_size), patch, CLIP_MEAN, CLIP_STD),
+        forward_features_fn=forward_features, embed_fn=embed, final_norm=vision.post_layernorm,
+        parts=_clip_like_parts(layers), block_args=(None,),
+    )
+
+
+# ------------------------------------------------------------------------------------------- SigLIP
+
+
+def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
+    vision = getattr(model, "vision_model", model)
+    if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
+        raise TypeError(f"{type(model).__name__} has no SigLIP vision tower")
+    cfg = vision.config
+    cfg = getattr(cfg, "vision_config", cfg)
+    layers = list(vision.encoder.layers)
+    patch = _patch(cfg.patch_size)
+    head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
+    probe = None
+    if head is not None:
+        heads = int(head.attention.num_heads)
+        probe = ProbeSite(head=head, attention=head.attention, num_heads=heads, head_dim=int(head.attention.head_dim))
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        h = vision.embeddings(pixel_values)
+        for layer in layers:
+            h = _first(layer(h, None))
+        h = vision.post_layernorm(h)
+        pooled = head(h) if head is not None else h.mean(dim=1)
+        return Features(cls=pooled, patches=h, registers=h[:, :0])
+
+    return Backbone(
+        model=model, family="hf", name=_hf_name(model, cfg, name),
+        num_register_tokens=0, patch_size=patch, embed_dim=int(cfg.hidden_size),
+        num_heads=int(cfg.num_attention_heads), blocks=layers,
+        sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
+        preprocess=_square_preprocess(int(cfg.image_size), patch, SIGLIP_MEAN, SIGLIP_STD),
+        forward_features_fn=forward_features, embed_fn=vision.embeddings, final_norm=None,
+        parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=probe,
+    )
