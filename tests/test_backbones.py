@@ -16,7 +16,7 @@ from itae.models.loading import load_backbone
 from itae.models.tiny import TINY_KINDS, tiny_vit
 
 # which kinds the fast CLS path serves (the others go through the hooks of ``attenuate``)
-FAST = {"hf-clip": True, "timm-deit3": True, "hf-dinov3": False, "hf-siglip": False}
+FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": False, "hf-siglip": False}
 
 
 @pytest.fixture(params=TINY_KINDS)
@@ -49,7 +49,7 @@ def _hooks(model):
 
 def test_adapter_describes_the_family(kind, model):
     backbone = adapt(model)
-    expected_prefix = {"hf-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "timm-deit3": 1}[kind]
+    expected_prefix = {"hf-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "timm-deit3": 1, "open_clip": 1}[kind]
     assert backbone.num_prefix_tokens == expected_prefix
     assert backbone.cls_token == (kind != "hf-siglip")
     assert (backbone.probe is not None) == (kind == "hf-siglip")
@@ -58,9 +58,13 @@ def test_adapter_describes_the_family(kind, model):
 
 
 def test_cls_embedding_is_the_models_own(kind, model, pixels):
-    """Features.cls is the model's pooled output (HF pooler_output; timm's normed CLS token)."""
+    """Features.cls is the model's pooled output (HF pooler_output; timm's normed CLS token; OpenCLIP's
+    ln_post on the CLS token, before ``proj``)."""
     with torch.no_grad():
         out = model(pixels)
+        if kind == "open_clip":
+            torch.testing.assert_close(_cls(model, pixels) @ model.proj, out, atol=1e-6, rtol=0)
+            return
         ref = out.pooler_output if hasattr(out, "pooler_output") else model.forward_features(pixels)[:, 0]
         torch.testing.assert_close(_cls(model, pixels), ref, atol=0, rtol=0)
 
@@ -106,6 +110,13 @@ def _replay_last_block(kind, model, x_in, mask, pixels):
         z = norm1(x_in).double()
         q, k, v = (z @ w.T + b).chunk(3, dim=-1)
         out_proj, heads = block.attn.proj, block.attn.num_heads
+    elif kind == "open_clip":  # nn.MultiheadAttention: one fused in_proj weight, rows ordered q, k, v
+        block = model.transformer.resblocks[-1]
+        norm1, ls1, norm2, mlp, ls2, final = block.ln_1, block.ls_1, block.ln_2, block.mlp, block.ls_2, model.ln_post
+        w, b = block.attn.in_proj_weight.double(), block.attn.in_proj_bias.double()
+        z = norm1(x_in).double()
+        q, k, v = (z @ w.T + b).chunk(3, dim=-1)
+        out_proj, heads = block.attn.out_proj, block.attn.num_heads
     else:
         layer = model.model.layer[-1] if kind == "hf-dinov3" else model.encoder.layers[-1]
         attn = layer.attention if kind == "hf-dinov3" else layer.self_attn

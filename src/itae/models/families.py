@@ -194,3 +194,51 @@ def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
         forward_features_fn=forward_features, embed_fn=vision.embeddings, final_norm=None,
         parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=probe,
     )
+
+
+# ----------------------------------------------------------------------------------------- OpenCLIP
+
+
+def is_open_clip(model: nn.Module) -> bool:
+    """An OpenCLIP ``CLIP`` model (its ``visual`` tower is used) or an OpenCLIP ``VisionTransformer``."""
+    module = type(model).__module__ or ""
+    return module.startswith("open_clip") and (hasattr(model, "visual") or hasattr(model, "transformer"))
+
+
+def adapt_open_clip(model: nn.Module, name: str | None) -> Backbone:
+    """An OpenCLIP ViT with a class token and the default blocks (``nn.MultiheadAttention``)."""
+    visual = getattr(model, "visual", model)
+    if not all(hasattr(visual, a) for a in ("conv1", "class_embedding", "transformer", "ln_post")):
+        raise TypeError(f"{type(visual).__name__} is not an OpenCLIP ViT (no class-token vision transformer)")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+        raise TypeError("OpenCLIP ViTs that pool otherwise than by the class token are not supported")
+    blocks = list(visual.transformer.resblocks)
+    if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+        raise TypeError("OpenCLIP ViT with custom attention blocks (block_type='custom') is not supported")
+    if not getattr(visual.transformer, "batch_first", True):
+        raise TypeError("OpenCLIP ViT built with batch_first=False is not supported")
+    patch = _patch(visual.patch_size)
+    size = _patch(visual.image_size)
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        h = visual._embeds(pixel_values)
+        for block in blocks:
+            h = block(h)
+        h = visual.ln_post(h)
+        return Features(cls=h[:, 0], patches=h[:, 1:], registers=h[:, 1:1])
+
+    sites = []
+    for i, block in enumerate(blocks):
+        mha = block.attn
+        head_dim = mha.embed_dim // mha.num_heads
+        sites.append(AttentionSite(index=i, block=block, attention=mha, out_proj=mha.out_proj, num_heads=mha.num_heads,
+                                   head_dim=head_dim, scale=head_dim**-0.5, mha=mha))
+    return Backbone(
+        model=model, family="open_clip", name=name or type(model).__name__,
+        num_register_tokens=0, patch_size=patch, embed_dim=int(visual.class_embedding.shape[-1]),
+        num_heads=sites[0].num_heads, blocks=blocks, sites=sites,
+        preprocess=_square_preprocess(size, patch, cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)),
+        forward_features_fn=forward_features, embed_fn=visual._embeds, final_norm=visual.ln_post,
+        parts=[BlockParts(b.ln_1, b.ls_1, b.ln_2, b.mlp, b.ls_2) for b in blocks],
+    )

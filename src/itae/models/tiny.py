@@ -211,7 +211,7 @@ def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------- the other ViT families, for tests
 
 #: the tiny models of the other families ``tiny_vit`` builds (patch 16, 64 px: a 4 x 4 grid)
-TINY_KINDS = ("hf-dinov3", "hf-clip", "hf-siglip", "timm-deit3")
+TINY_KINDS = ("hf-dinov3", "hf-clip", "hf-siglip", "timm-deit3", "open_clip")
 
 
 def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> nn.Module:
@@ -220,7 +220,8 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
 
     hf-dinov3: ``DINOv3ViTModel`` with 4 registers and rotary embeddings; hf-clip: ``CLIPVisionModel``
     (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; timm-deit3:
-    ``deit3_small_patch16_224`` resized.
+    ``deit3_small_patch16_224`` resized; open_clip: an OpenCLIP ``VisionTransformer`` (quick_gelu,
+    ``nn.MultiheadAttention``; needs ``itae[openclip]``).
     """
     if kind not in TINY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}; got {kind!r}")
@@ -240,6 +241,11 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
             model = SiglipVisionModel(SiglipVisionConfig(**common))
+        elif kind == "open_clip":
+            from open_clip.transformer import QuickGELU, VisionTransformer
+
+            model = VisionTransformer(image_size=64, patch_size=16, width=embed_dim, layers=depth, heads=num_heads,
+                                      mlp_ratio=2.0, output_dim=16, act_layer=QuickGELU)
         else:
             import timm
 
