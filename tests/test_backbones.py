@@ -16,7 +16,8 @@ from itae.models.loading import load_backbone
 from itae.models.tiny import TINY_KINDS, tiny_vit
 
 # which kinds the fast CLS path serves (the others go through the hooks of ``attenuate``)
-FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": False, "hf-siglip": False}
+FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": False, "timm-dinov3": False,
+        "hf-siglip": False}
 
 
 @pytest.fixture(params=TINY_KINDS)
@@ -49,7 +50,8 @@ def _hooks(model):
 
 def test_adapter_describes_the_family(kind, model):
     backbone = adapt(model)
-    expected_prefix = {"hf-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "timm-deit3": 1, "open_clip": 1}[kind]
+    expected_prefix = {"hf-dinov3": 5, "timm-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "timm-deit3": 1,
+                       "open_clip": 1}[kind]
     assert backbone.num_prefix_tokens == expected_prefix
     assert backbone.cls_token == (kind != "hf-siglip")
     assert (backbone.probe is not None) == (kind == "hf-siglip")
@@ -110,6 +112,16 @@ def _replay_last_block(kind, model, x_in, mask, pixels):
         z = norm1(x_in).double()
         q, k, v = (z @ w.T + b).chunk(3, dim=-1)
         out_proj, heads = block.attn.proj, block.attn.num_heads
+    elif kind == "timm-dinov3":  # timm's Eva: layer scales are parameters, qkv without bias
+        block = model.blocks[-1]
+        norm1, norm2, mlp, final = block.norm1, block.norm2, block.mlp, model.norm
+        def ls1(t):
+            return block.gamma_1 * t
+        def ls2(t):
+            return block.gamma_2 * t
+        z = norm1(x_in).double()
+        q, k, v = (z @ block.attn.qkv.weight.double().T).chunk(3, dim=-1)
+        out_proj, heads = block.attn.proj, block.attn.num_heads
     elif kind == "open_clip":  # nn.MultiheadAttention: one fused in_proj weight, rows ordered q, k, v
         block = model.transformer.resblocks[-1]
         norm1, ls1, norm2, mlp, ls2, final = block.ln_1, block.ls_1, block.ln_2, block.mlp, block.ls_2, model.ln_post
@@ -131,8 +143,11 @@ def _replay_last_block(kind, model, x_in, mask, pixels):
         heads = attn.num_heads
     prefix = adapt(model).num_prefix_tokens
     d = q.shape[-1] // heads
-    if kind == "hf-dinov3":  # rotary embedding on the patch rows of q and k, per head
-        cos, sin = (t.double() for t in model.rope_embeddings(pixels))  # (N, d) each
+    if kind in ("hf-dinov3", "timm-dinov3"):  # rotary embedding on the patch rows of q and k, per head
+        if kind == "hf-dinov3":
+            cos, sin = (t.double() for t in model.rope_embeddings(pixels))  # (N, d) each
+        else:  # timm hands the blocks sin and cos concatenated, (N, 2d)
+            sin, cos = model._pos_embed(model.patch_embed(pixels))[1].double().chunk(2, dim=-1)
         def rope(t):
             t = t.clone().view(t.shape[0], t.shape[1], heads, d)
             patches = t[:, prefix:]
@@ -282,12 +297,13 @@ def test_hf_families_load_from_a_save_pretrained_folder(tmp_path, kind, pixels):
     assert backbone.preprocess.patch_size == 16
 
 
-def test_deit3_loads_from_a_described_checkpoint(tmp_path, pixels):
+@pytest.mark.parametrize("kind, arch", [("timm-deit3", "deit3_small_patch16_224"),
+                                        ("timm-dinov3", "vit_small_patch16_dinov3")])
+def test_timm_families_load_from_a_described_checkpoint(tmp_path, pixels, kind, arch):
     from itae.models.loading import write_checkpoint
 
-    model = tiny_vit("timm-deit3")
-    path = write_checkpoint(model.state_dict(), tmp_path / "deit3.safetensors", family="timm",
-                            arch="deit3_small_patch16_224",
+    model = tiny_vit(kind)
+    path = write_checkpoint(model.state_dict(), tmp_path / f"{kind}.safetensors", family="timm", arch=arch,
                             model_kwargs={"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 4, "init_values": 1.0})
     backbone = load_backbone(str(path))
     with torch.no_grad():

@@ -19,7 +19,8 @@ SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
     "Dinov2ForImageClassification, Dinov2Backbone), DINOv3ViTModel, CLIPVisionModel (and CLIPModel, "
     "CLIPVisionModelWithProjection), SiglipVisionModel (and SiglipModel); timm VisionTransformer with a class token "
-    "(e.g. vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, deit3_base_patch16_224); the official DINOv2 "
+    "(e.g. vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, deit3_base_patch16_224) and timm's DINOv3 Eva "
+    "(vit_base_patch16_dinov3, not the _qkvb entries); the official DINOv2 "
     "DinoVisionTransformer from torch.hub (dinov2_vits14, dinov2_vitb14_reg, ...); OpenCLIP ViTs (open_clip CLIP "
     "or its .visual, e.g. ViT-B-16)"
 )
@@ -50,6 +51,11 @@ def adapt(model: nn.Module | Backbone, name: str | None = None) -> Backbone:
     if families.is_open_clip(model):
         try:
             return families.adapt_open_clip(model, name)
+        except TypeError as err:
+            raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
+    if families.is_timm_eva(model):
+        try:
+            return families.adapt_timm_eva(model, name)
         except TypeError as err:
             raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
     if module.startswith("timm.") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):

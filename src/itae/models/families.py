@@ -242,3 +242,77 @@ def adapt_open_clip(model: nn.Module, name: str | None) -> Backbone:
         forward_features_fn=forward_features, embed_fn=visual._embeds, final_norm=visual.ln_post,
         parts=[BlockParts(b.ln_1, b.ls_1, b.ln_2, b.mlp, b.ls_2) for b in blocks],
     )
+
+
+# ------------------------------------------------------------------------------- timm DINOv3 (Eva)
+
+
+def is_timm_eva(model: nn.Module) -> bool:
+    return (type(model).__module__ or "").startswith("timm.") and type(model).__name__ == "Eva"
+
+
+def _read_rope(args: tuple, kwargs: dict):
+    """The rotary embedding of an ``EvaAttention`` call: (x, rope, attn_mask, is_causal)."""
+    if "rope" in kwargs:
+        return kwargs["rope"]
+    return args[1] if len(args) > 1 else None
+
+
+def _eva_rotary(attn: nn.Module) -> Rotary:
+    def apply(q: torch.Tensor, k: torch.Tensor, rope):
+        if rope is None:
+            return q, k
+        from timm.layers import apply_rot_embed_cat
+
+        # as EvaAttention: the patch rows rotated with timm's own function, prefix rows as they are
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+        return q, k
+
+    return Rotary(attn, _read_rope, apply)
+
+
+def adapt_timm_eva(model: nn.Module, name: str | None) -> Backbone:
+    """timm's ``Eva`` as its DINOv3 entries build it (``vit_*_patch16_dinov3``): class token, 4 registers,
+    rotary embeddings, fused qkv without bias. The ``_qkvb`` entries add the q/v biases outside the qkv
+    linear (``F.linear`` on its weight), where no hook sees them: they are refused."""
+    if getattr(model, "cls_token", None) is None:
+        raise TypeError("timm Eva model without a class token")
+    if getattr(model, "rope_mixed", False):
+        raise TypeError("timm Eva with depth-dependent (mixed) rotary embeddings is not supported")
+    blocks = list(model.blocks)
+    sites = []
+    for i, block in enumerate(blocks):
+        attn = block.attn
+        if type(block).__name__ != "EvaBlock" or getattr(attn, "qkv", None) is None:
+            raise TypeError(f"timm Eva block {i}: only pre-norm blocks with a fused qkv are supported")
+        if getattr(attn, "q_bias", None) is not None:
+            raise TypeError(f"timm Eva block {i}: qkv biases applied outside the qkv linear (*_qkvb models) "
+                            "are not supported")
+        if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
+            raise TypeError(f"timm Eva block {i}: attention with an output norm or gate is not supported")
+        heads = int(attn.num_heads)
+        head_dim = attn.qkv.out_features // 3 // heads
+        sites.append(AttentionSite(
+            index=i, block=block, attention=attn, out_proj=attn.proj, num_heads=heads, head_dim=head_dim,
+            scale=float(attn.scale), qkv=attn.qkv, q_norm=attn.q_norm, k_norm=attn.k_norm, rotary=_eva_rotary(attn),
+        ))
+    prefix = int(model.num_prefix_tokens)
+    patch = _patch(model.patch_embed.patch_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        h = model.forward_features(pixel_values)
+        return Features(cls=h[:, 0], patches=h[:, prefix:], registers=h[:, 1:prefix])
+
+    return Backbone(
+        model=model, family="timm",
+        name=name or cfg.get("hf_hub_id") or type(model).__name__,
+        num_register_tokens=prefix - 1, patch_size=patch, embed_dim=int(model.embed_dim),
+        num_heads=sites[0].num_heads, blocks=blocks, sites=sites,
+        preprocess=Preprocess(image_size=224, resize_size=256, interpolation=cfg.get("interpolation", "bicubic"),
+                              mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                              std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), patch_size=patch),
+        forward_features_fn=forward_features, final_norm=model.norm,
+    )

@@ -211,7 +211,7 @@ def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------- the other ViT families, for tests
 
 #: the tiny models of the other families ``tiny_vit`` builds (patch 16, 64 px: a 4 x 4 grid)
-TINY_KINDS = ("hf-dinov3", "hf-clip", "hf-siglip", "timm-deit3", "open_clip")
+TINY_KINDS = ("hf-dinov3", "timm-dinov3", "hf-clip", "hf-siglip", "timm-deit3", "open_clip")
 
 
 def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> nn.Module:
@@ -220,7 +220,8 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
 
     hf-dinov3: ``DINOv3ViTModel`` with 4 registers and rotary embeddings; hf-clip: ``CLIPVisionModel``
     (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; timm-deit3:
-    ``deit3_small_patch16_224`` resized; open_clip: an OpenCLIP ``VisionTransformer`` (quick_gelu,
+    ``deit3_small_patch16_224`` resized; timm-dinov3: ``vit_small_patch16_dinov3`` resized (timm's Eva, 4
+    registers, rotary embeddings); open_clip: an OpenCLIP ``VisionTransformer`` (quick_gelu,
     ``nn.MultiheadAttention``; needs ``itae[openclip]``).
     """
     if kind not in TINY_KINDS:
@@ -249,6 +250,7 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
         else:
             import timm
 
-            model = timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=64, embed_dim=embed_dim,
+            arch = "vit_small_patch16_dinov3" if kind == "timm-dinov3" else "deit3_small_patch16_224"
+            model = timm.create_model(arch, pretrained=False, img_size=64, embed_dim=embed_dim,
                                       depth=depth, num_heads=num_heads, init_values=1.0, num_classes=0)
     return model.eval()
