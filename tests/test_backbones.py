@@ -17,7 +17,7 @@ from itae.models.tiny import TINY_KINDS, tiny_vit
 
 # which kinds the fast CLS path serves (the others go through the hooks of ``attenuate``)
 FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": False, "timm-dinov3": False,
-        "hf-siglip": False}
+        "hf-siglip": False, "hf-siglip2": False}
 
 
 @pytest.fixture(params=TINY_KINDS)
@@ -50,11 +50,11 @@ def _hooks(model):
 
 def test_adapter_describes_the_family(kind, model):
     backbone = adapt(model)
-    expected_prefix = {"hf-dinov3": 5, "timm-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "timm-deit3": 1,
-                       "open_clip": 1}[kind]
+    expected_prefix = {"hf-dinov3": 5, "timm-dinov3": 5, "hf-clip": 1, "hf-siglip": 0, "hf-siglip2": 0,
+                       "timm-deit3": 1, "open_clip": 1}[kind]
     assert backbone.num_prefix_tokens == expected_prefix
-    assert backbone.cls_token == (kind != "hf-siglip")
-    assert (backbone.probe is not None) == (kind == "hf-siglip")
+    assert backbone.cls_token == (not kind.startswith("hf-siglip"))
+    assert (backbone.probe is not None) == kind.startswith("hf-siglip")
     assert backbone.patch_size == 16 and backbone.num_blocks == 2
     assert supports_fast_cls(backbone, None) == FAST[kind]
 
@@ -63,6 +63,14 @@ def test_cls_embedding_is_the_models_own(kind, model, pixels):
     """Features.cls is the model's pooled output (HF pooler_output; timm's normed CLS token; OpenCLIP's
     ln_post on the CLS token, before ``proj``)."""
     with torch.no_grad():
+        if kind == "hf-siglip2":  # NaFlex inputs, patched by the image processor's own function
+            from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+            patches = torch.stack([convert_image_to_patches(img, 16) for img in pixels])
+            out = model(pixel_values=patches, pixel_attention_mask=torch.ones(3, 16, dtype=torch.long),
+                        spatial_shapes=torch.tensor([[4, 4]] * 3))
+            torch.testing.assert_close(_cls(model, pixels), out.pooler_output, atol=0, rtol=0)
+            return
         out = model(pixels)
         if kind == "open_clip":
             torch.testing.assert_close(_cls(model, pixels) @ model.proj, out, atol=1e-6, rtol=0)
@@ -73,7 +81,7 @@ def test_cls_embedding_is_the_models_own(kind, model, pixels):
 
 @pytest.mark.parametrize("rows", ["cls", "all"])
 def test_nothing_flagged_is_the_unmodified_model(kind, model, pixels, rows):
-    if kind == "hf-siglip" and rows == "all":
+    if kind.startswith("hf-siglip") and rows == "all":
         pytest.skip("SigLIP: ITAE engineers only the probe's row")
     with torch.no_grad():
         ref = _cls(model, pixels)
@@ -186,7 +194,7 @@ def _replay_probe(model, tokens, mask):
 def test_engineered_output_equals_hand_written_replay(kind, model, pixels):
     backbone = adapt(model)
     seen = {}
-    target = backbone.probe.head if kind == "hf-siglip" else backbone.blocks[-1]
+    target = backbone.probe.head if backbone.probe is not None else backbone.blocks[-1]
     handle = target.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0]))
     try:
         with torch.no_grad(), itae.attenuate(model, ITAEConfig(threshold=_median_threshold(model, pixels))) as state:
@@ -196,7 +204,7 @@ def test_engineered_output_equals_hand_written_replay(kind, model, pixels):
     mask = state.last[1].artifact_mask
     assert 0 < mask.sum() < mask.numel()
     with torch.no_grad():
-        expected = _replay_probe(model, seen["x"], mask) if kind == "hf-siglip" else _replay_last_block(
+        expected = _replay_probe(model, seen["x"], mask) if backbone.probe is not None else _replay_last_block(
             kind, model, seen["x"], mask, pixels)
         plain = _cls(model, pixels)
     assert (out - plain).abs().max() > 1e-6  # the change is there...
@@ -273,6 +281,18 @@ def test_siglip_refuses_what_its_probe_cannot_do(pixels):
         itae.attenuate(model, ITAEConfig(threshold=1.0))
 
 
+def test_siglip2_refuses_padded_batches_under_itae(pixels):
+    from itae.models.families import patchify
+
+    model = tiny_vit("hf-siglip2")
+    patches = patchify(pixels, 16)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, -4:] = 0  # the first image's last row of patches is padding
+    with torch.no_grad(), itae.attenuate(model, ITAEConfig(threshold=1.0)):
+        with pytest.raises(RuntimeError, match="padded"):
+            model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[4, 4]] * 3))
+
+
 def test_clip_wrappers_use_the_vision_tower(pixels):
     from transformers import CLIPVisionModelWithProjection
 
@@ -286,7 +306,7 @@ def test_clip_wrappers_use_the_vision_tower(pixels):
         assert (engineered - wrapper(pixels).image_embeds).abs().max() > 0
 
 
-@pytest.mark.parametrize("kind", ["hf-dinov3", "hf-clip", "hf-siglip"])
+@pytest.mark.parametrize("kind", ["hf-dinov3", "hf-clip", "hf-siglip", "hf-siglip2"])
 def test_hf_families_load_from_a_save_pretrained_folder(tmp_path, kind, pixels):
     model = tiny_vit(kind)
     model.save_pretrained(str(tmp_path / kind))

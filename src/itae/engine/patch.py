@@ -202,6 +202,11 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
             if result is None:
                 raise RuntimeError(f"the attention-pooling probe ran before block {layer} was observed")
             query, key, value = mha_inputs(args, kwargs)
+            attn_mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
+            padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
+            if padding is not None or (attn_mask is not None and bool((attn_mask != 0).any())):
+                raise RuntimeError("ITAE on a pooling probe does not support padded (masked) batches; "
+                                   "feed whole images (Backbone.forward_features does)")
             q, k, v = (split_heads(x, probe.num_heads) for x in mha_projections(module, query, key, value))
             mask = result.artifact_mask
             if mask.shape[-1] != k.shape[2]:

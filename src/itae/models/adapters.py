@@ -18,7 +18,7 @@ from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess
 SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
     "Dinov2ForImageClassification, Dinov2Backbone), DINOv3ViTModel, CLIPVisionModel (and CLIPModel, "
-    "CLIPVisionModelWithProjection), SiglipVisionModel (and SiglipModel); timm VisionTransformer with a class token "
+    "CLIPVisionModelWithProjection), SiglipVisionModel / Siglip2VisionModel (and SiglipModel, Siglip2Model); timm VisionTransformer with a class token "
     "(e.g. vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, deit3_base_patch16_224) and timm's DINOv3 Eva "
     "(vit_base_patch16_dinov3, not the _qkvb entries); the official DINOv2 "
     "DinoVisionTransformer from torch.hub (dinov2_vits14, dinov2_vitb14_reg, ...); OpenCLIP ViTs (open_clip CLIP "

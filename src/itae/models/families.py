@@ -31,6 +31,8 @@ HF_MODEL_TYPES = {
     "clip": "clip",
     "siglip_vision_model": "siglip",
     "siglip": "siglip",
+    "siglip2_vision_model": "siglip2",
+    "siglip2": "siglip2",
 }
 
 
@@ -53,8 +55,10 @@ def _split_site(index: int, layer: nn.Module, attn: nn.Module, out_proj: nn.Modu
 
 
 def adapt_hf(model: nn.Module, kind: str, name: str | None) -> Backbone:
-    """An HF transformers model of ``kind`` ("dinov3", "clip" or "siglip"), or a model wrapping one."""
-    return {"dinov3": _adapt_hf_dinov3, "clip": _adapt_hf_clip, "siglip": _adapt_hf_siglip}[kind](model, name)
+    """An HF transformers model of ``kind`` ("dinov3", "clip", "siglip" or "siglip2"), or a model wrapping one."""
+    adapters = {"dinov3": _adapt_hf_dinov3, "clip": _adapt_hf_clip, "siglip": _adapt_hf_siglip,
+                "siglip2": _adapt_hf_siglip2}
+    return adapters[kind](model, name)
 
 
 def _hf_name(model: nn.Module, cfg, name: str | None) -> str:
@@ -163,6 +167,13 @@ def _adapt_hf_clip(model: nn.Module, name: str | None) -> Backbone:
 # ------------------------------------------------------------------------------------------- SigLIP
 
 
+def _siglip_probe(head: nn.Module | None) -> ProbeSite | None:
+    if head is None:
+        return None
+    return ProbeSite(head=head, attention=head.attention, num_heads=int(head.attention.num_heads),
+                     head_dim=int(head.attention.head_dim))
+
+
 def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
     vision = getattr(model, "vision_model", model)
     if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
@@ -172,10 +183,7 @@ def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
     layers = list(vision.encoder.layers)
     patch = _patch(cfg.patch_size)
     head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
-    probe = None
-    if head is not None:
-        heads = int(head.attention.num_heads)
-        probe = ProbeSite(head=head, attention=head.attention, num_heads=heads, head_dim=int(head.attention.head_dim))
+    probe = _siglip_probe(head)
 
     def forward_features(pixel_values: torch.Tensor) -> Features:
         h = vision.embeddings(pixel_values)
@@ -193,6 +201,48 @@ def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
         preprocess=_square_preprocess(int(cfg.image_size), patch, SIGLIP_MEAN, SIGLIP_STD),
         forward_features_fn=forward_features, embed_fn=vision.embeddings, final_norm=None,
         parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=probe,
+    )
+
+
+def patchify(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p * p * C) patches in SigLIP2's order (rows of patches; inside a patch, pixel
+    rows, then pixel columns, then channels), as its image processor hands them to the model."""
+    b, c, h, w = pixel_values.shape
+    x = pixel_values.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def _adapt_hf_siglip2(model: nn.Module, name: str | None) -> Backbone:
+    """SigLIP2 (NaFlex): the model takes patches, a padding mask and each image's grid. ``forward_features``
+    feeds whole images (no padding); a padded batch run under ITAE is refused by the probe hook."""
+    vision = getattr(model, "vision_model", model)
+    if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
+        raise TypeError(f"{type(model).__name__} has no SigLIP2 vision tower")
+    cfg = vision.config
+    cfg = getattr(cfg, "vision_config", cfg)
+    layers = list(vision.encoder.layers)
+    patch = _patch(cfg.patch_size)
+    head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
+    side = int(round(int(cfg.num_patches) ** 0.5)) * patch
+
+    def forward_features(pixel_values: torch.Tensor) -> Features:
+        b, _, h, w = pixel_values.shape
+        patches = patchify(pixel_values, patch)
+        spatial = torch.tensor([[h // patch, w // patch]] * b, device=pixel_values.device)
+        mask = torch.ones(patches.shape[:2], dtype=torch.long, device=pixel_values.device)
+        out = vision(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=spatial)
+        tokens = out.last_hidden_state
+        pooled = out.pooler_output if out.pooler_output is not None else tokens.mean(dim=1)
+        return Features(cls=pooled, patches=tokens, registers=tokens[:, :0])
+
+    return Backbone(
+        model=model, family="hf", name=_hf_name(model, cfg, name),
+        num_register_tokens=0, patch_size=patch, embed_dim=int(cfg.hidden_size),
+        num_heads=int(cfg.num_attention_heads), blocks=layers,
+        sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
+        preprocess=_square_preprocess(side, patch, SIGLIP_MEAN, SIGLIP_STD),
+        forward_features_fn=forward_features, final_norm=None,
+        parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=_siglip_probe(head),
     )
 
 

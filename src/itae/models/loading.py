@@ -9,7 +9,8 @@ Accepted names (see ``KNOWN_MODELS``):
 - official torch.hub names: ``dinov2_vits14``, ``dinov2_vitb14_reg``, ...;
 - the other ViT families (``OTHER_FAMILIES``): DINOv3 (``facebook/dinov3-vitb16-pretrain-lvd1689m``,
   ``timm/vit_base_patch16_dinov3.lvd1689m``), CLIP (``openai/clip-vit-base-patch16``; OpenCLIP as
-  ``open_clip:ViT-B-16/laion2b_s34b_b88k``), SigLIP (``google/siglip-base-patch16-224``) and DeiT-III
+  ``open_clip:ViT-B-16/laion2b_s34b_b88k``), SigLIP and SigLIP2 (``google/siglip-base-patch16-224``,
+  ``google/siglip2-base-patch16-naflex``) and DeiT-III
   (``timm/deit3_base_patch16_224.fb_in22k_ft_in1k``); any other HF id or timm name of these families loads too;
 - local files: a ``.safetensors`` or ``.pth`` state dict plus an architecture name, given as ``arch=`` or
   stored with the file (see ``write_checkpoint``).
@@ -63,7 +64,7 @@ class KnownModel:
 OTHER_FAMILIES = {
     "dinov3": "DINOv3 (HF facebook/dinov3-vitb16-pretrain-lvd1689m, timm/vit_base_patch16_dinov3.lvd1689m)",
     "clip": "CLIP (HF openai/clip-vit-base-patch16, OpenCLIP open_clip:ViT-B-16/laion2b_s34b_b88k)",
-    "siglip": "SigLIP (HF google/siglip-base-patch16-224)",
+    "siglip": "SigLIP / SigLIP2 (HF google/siglip-base-patch16-224, google/siglip2-base-patch16-naflex)",
     "deit3": "DeiT-III (timm/deit3_base_patch16_224.fb_in22k_ft_in1k)",
 }
 
@@ -91,7 +92,8 @@ def _known_models() -> dict[str, KnownModel]:
     for spec in ("ViT-B-32/laion2b_s34b_b79k", "ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k"):
         known[f"open_clip:{spec}"] = KnownModel("open_clip", spec, 0, "clip")
     for hf_id in ("google/siglip-base-patch16-224", "google/siglip-large-patch16-256",
-                  "google/siglip-so400m-patch14-384"):
+                  "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224",
+                  "google/siglip2-base-patch16-naflex"):
         known[hf_id] = KnownModel("hf", hf_id, 0, "siglip")
     return known
 
@@ -339,7 +341,9 @@ def _load_known(name: str, known: KnownModel, attn_implementation: str | None) -
             return _load_timm_by_name(name, hint_arch=known.arch)
         if known.family == "open_clip":
             return _load_open_clip(name)
-        return _load_hf(name, attn_implementation, known=True, hint_arch=None, vision_only=known.kind)
+        # SigLIP2 ids hold either architecture (fixed-size: SigLIP's; NaFlex: SigLIP2's): let AutoModel choose
+        vision_only = None if "siglip2" in name else known.kind
+        return _load_hf(name, attn_implementation, known=True, hint_arch=None, vision_only=vision_only)
     hint = known.arch + ("_reg" if known.registers else "")
     if known.family == "hf":
         return _load_hf(name, attn_implementation, known=True, hint_arch=hint)

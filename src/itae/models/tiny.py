@@ -211,7 +211,7 @@ def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------- the other ViT families, for tests
 
 #: the tiny models of the other families ``tiny_vit`` builds (patch 16, 64 px: a 4 x 4 grid)
-TINY_KINDS = ("hf-dinov3", "timm-dinov3", "hf-clip", "hf-siglip", "timm-deit3", "open_clip")
+TINY_KINDS = ("hf-dinov3", "timm-dinov3", "hf-clip", "hf-siglip", "hf-siglip2", "timm-deit3", "open_clip")
 
 
 def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> nn.Module:
@@ -219,7 +219,8 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
     mode, 64 px input with 16 px patches. Layer scales (DINOv3, DeiT-III) start at 1, as in ``tiny_model``.
 
     hf-dinov3: ``DINOv3ViTModel`` with 4 registers and rotary embeddings; hf-clip: ``CLIPVisionModel``
-    (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; timm-deit3:
+    (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; hf-siglip2: the same in
+    ``Siglip2VisionModel`` (NaFlex: 16 position embeddings, a 4 x 4 grid); timm-deit3:
     ``deit3_small_patch16_224`` resized; timm-dinov3: ``vit_small_patch16_dinov3`` resized (timm's Eva, 4
     registers, rotary embeddings); open_clip: an OpenCLIP ``VisionTransformer`` (quick_gelu,
     ``nn.MultiheadAttention``; needs ``itae[openclip]``).
@@ -242,6 +243,11 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
             model = SiglipVisionModel(SiglipVisionConfig(**common))
+        elif kind == "hf-siglip2":
+            from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+            common.pop("image_size")
+            model = Siglip2VisionModel(Siglip2VisionConfig(num_patches=16, **common))
         elif kind == "open_clip":
             from open_clip.transformer import QuickGELU, VisionTransformer
 
