@@ -16,7 +16,7 @@ from itae.models.loading import load_backbone
 from itae.models.tiny import TINY_KINDS, tiny_vit
 
 # which kinds the fast CLS path serves (the others go through the hooks of ``attenuate``)
-FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": False, "timm-dinov3": False,
+FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": True, "timm-dinov3": False,
         "hf-siglip": False, "hf-siglip2": False}
 
 

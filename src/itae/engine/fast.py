@@ -22,8 +22,10 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
     """Whether ``forward_cls`` can serve this backbone and config (else use ``attenuate``)."""
     if backbone.embed_fn is None or backbone.final_norm is None or len(backbone.parts) != backbone.num_blocks:
         return False
-    if not backbone.cls_token or backbone.sites[-1].rotary is not None:
-        return False  # a pooling probe, or rotary embeddings that the blocks must be handed: use attenuate
+    if not backbone.cls_token:
+        return False  # a pooling probe: use attenuate
+    if backbone.sites[-1].rotary is not None and backbone.block_kwargs_fn is None:
+        return False  # rotary embeddings the blocks must be handed, and no way to make them here
     if config is None:
         return True
     return (
@@ -103,9 +105,10 @@ def forward_cls(
             "forward_cls serves a calibrated config that engineers only the last block's CLS row; "
             "use itae.attenuate for other configs"
         )
+    block_kwargs = backbone.block_kwargs_fn(pixel_values) if backbone.block_kwargs_fn is not None else {}
     h = backbone.embed(pixel_values)
     for block in backbone.blocks[:-1]:
-        h = block(h, *backbone.block_args)
+        h = block(h, *backbone.block_args, **block_kwargs)
         h = h[0] if isinstance(h, (tuple, list)) else h
     site, parts = backbone.sites[-1], backbone.parts[-1]
     num_prefix = backbone.num_prefix_tokens
@@ -122,12 +125,19 @@ def forward_cls(
     kw = dict(num_prefix=num_prefix)
     if config is not None:
         kw.update(mode=config.mode, alpha=config.alpha)
-    if _identity(site.q_norm) and _identity(site.k_norm):
+    if _identity(site.q_norm) and _identity(site.k_norm) and site.rotary is None:
         context = cls_attention_absorbed(z, q_cls, site, mask, **kw)[:, None]  # (B, 1, D)
-    else:  # per-head q/k norms do not fold into the weights: project K and V
+    else:  # per-head q/k norms and per-token rotations do not fold into the weights: project K and V
         (_, _), (wk, bk), (wv, bv) = projections
-        qh = site.q_norm(split_heads(q_cls, site.num_heads))
-        kh = site.k_norm(split_heads(F.linear(z, wk, bk), site.num_heads))
+        qh = split_heads(q_cls, site.num_heads)
+        kh = split_heads(F.linear(z, wk, bk), site.num_heads)
+        if not _identity(site.q_norm):
+            qh = site.q_norm(qh)
+        if not _identity(site.k_norm):
+            kh = site.k_norm(kh)
+        if site.rotary is not None:
+            # the rotation leaves prefix rows (the CLS query among them) as they are: rotate the keys only
+            _, kh = site.rotary.apply(kh, kh, site.rotary.read((), block_kwargs))
         vh = split_heads(F.linear(z, wv, bv), site.num_heads)
         weights = cls_row_weights(qh, kh, mask, scale=site.scale, **kw)
         context = torch.matmul(weights.to(vh.dtype), vh).transpose(1, 2).reshape(h.shape[0], 1, -1)

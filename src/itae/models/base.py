@@ -156,6 +156,8 @@ class Backbone:
     final_norm: nn.Module | None = field(repr=False, default=None)
     parts: list[BlockParts] = field(repr=False, default_factory=list)
     block_args: tuple = ()  # extra positional arguments of each block call (HF CLIP/SigLIP: attention_mask=None)
+    block_kwargs_fn: object = field(repr=False, default=None)  # Callable[[Tensor], dict]: keyword arguments of
+    # every block call for these pixels (HF DINOv3: its rotary embedding, read by the sites' ``rotary``)
     cls_token: bool = True  # False for models that pool with a probe (SigLIP)
     probe: ProbeSite | None = field(repr=False, default=None)
 

@@ -94,6 +94,13 @@ def _adapt_hf_dinov3(model: nn.Module, name: str | None) -> Backbone:
     patch = _patch(cfg.patch_size)
     final_norm = getattr(base, "norm", None)
 
+    def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+        return base.embeddings(pixel_values.to(base.embeddings.patch_embeddings.weight.dtype))
+
+    def block_kwargs(pixel_values: torch.Tensor) -> dict:
+        pixel_values = pixel_values.to(base.embeddings.patch_embeddings.weight.dtype)
+        return {"position_embeddings": base.rope_embeddings(pixel_values)}
+
     def forward_features(pixel_values: torch.Tensor) -> Features:
         pixel_values = pixel_values.to(base.embeddings.patch_embeddings.weight.dtype)
         h = base.embeddings(pixel_values)
@@ -115,7 +122,7 @@ def _adapt_hf_dinov3(model: nn.Module, name: str | None) -> Backbone:
         num_register_tokens=registers, patch_size=patch, embed_dim=int(cfg.hidden_size),
         num_heads=int(cfg.num_attention_heads), blocks=layers, sites=sites,
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
-        forward_features_fn=forward_features, embed_fn=base.embeddings, final_norm=final_norm,
+        forward_features_fn=forward_features, embed_fn=embed, final_norm=final_norm, block_kwargs_fn=block_kwargs,
         parts=[BlockParts(layer.norm1, layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2) for layer in layers],
     )
 
