@@ -281,6 +281,26 @@ def test_siglip_refuses_what_its_probe_cannot_do(pixels):
         itae.attenuate(model, ITAEConfig(threshold=1.0))
 
 
+def test_embed_refuses_itae_on_a_model_without_cls_or_probe(tmp_path, monkeypatch):
+    import itae.data.extract
+
+    def calibration_ran(*_a, **_k):
+        raise AssertionError("calibration ran before the refusal")
+
+    monkeypatch.setattr(itae.data.extract, "_calibrate", calibration_ran)
+    model = tiny_vit("hf-siglip")
+    model.head, model.use_head = None, False
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "imgs" / "a.png")
+    with pytest.raises(ValueError, match="has neither"):
+        itae.embed(tmp_path / "imgs", model, out=tmp_path / "store", itae=ITAEConfig())
+    assert not (tmp_path / "store" / "embeddings.npy").exists()
+    store = itae.embed(tmp_path / "imgs", model, out=tmp_path / "plain", itae=None)  # the baseline still runs
+    assert store.embeddings().shape == (1, 32)
+
+
 def test_siglip2_refuses_padded_batches_under_itae(pixels):
     from itae.models.families import patchify
 

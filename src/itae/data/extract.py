@@ -261,6 +261,10 @@ def embed(
     if num_workers is None:
         num_workers = default_num_workers(dev)
     bb, preprocess = _load(backbone, dev, precision, resolution)
+    if itae is not None:  # ITAE on a model it does not apply to (no CLS row, no probe) is refused before any image
+        from itae.engine.patch import check_applies, resolve_layers
+
+        check_applies(bb, itae, resolve_layers(bb, itae))
     transform = build_transform(preprocess)
     manifest = new_manifest(
         bb, preprocess, src, name=backbone if isinstance(backbone, str) else None, itae=itae, feature=feature,
