@@ -250,6 +250,22 @@ def test_spec_parsing(tmp_path):
         registers_counterpart("my/vit")
 
 
+@pytest.mark.parametrize("name", ["facebook/dinov3-vitb16-pretrain-lvd1689m", "timm/vit_small_patch16_dinov3.lvd1689m",
+                                  "facebook/dinov3-vit7b16-pretrain-lvd1689m"])
+def test_dinov3_is_its_own_registers_counterpart(name):
+    assert registers_counterpart(name) == name
+
+
+@pytest.mark.parametrize("name, family", [
+    ("openai/clip-vit-base-patch16", "CLIP"), ("open_clip:ViT-B-16/laion2b_s34b_b88k", "CLIP"),
+    ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP"), ("google/siglip-base-patch16-224", "SigLIP"),
+    ("google/siglip2-base-patch16-224", "SigLIP"), ("timm/deit3_base_patch16_224.fb_in22k_ft_in1k", "DeiT-III"),
+])
+def test_families_without_a_registers_counterpart_say_so(name, family):
+    with pytest.raises(ValueError, match=f"no registers counterpart exists for .*no {family}.* does not apply"):
+        registers_counterpart(name)
+
+
 def test_hub_data_set_offline_fails_with_one_line(monkeypatch):
     pytest.importorskip("datasets")
     import datasets.config

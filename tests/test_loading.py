@@ -13,6 +13,7 @@ from itae.models import adapt
 from itae.models.dinov2_arch import checkpoint_filename, dinov2_vits14
 from itae.models.loading import (
     KNOWN_MODELS,
+    KnownModel,
     ModelLoadError,
     canonical_name,
     load_backbone,
@@ -143,14 +144,42 @@ def test_known_models_cover_the_three_families():
     assert KNOWN_MODELS["facebook/dinov2-with-registers-giant"].registers == 4
     assert KNOWN_MODELS["timm/vit_large_patch14_reg4_dinov2.lvd142m"].arch == "dinov2_vitl14"
     assert KNOWN_MODELS["dinov2_vits14_reg"].family == "hub"
-    assert {k.family for k in KNOWN_MODELS.values()} == {"hf", "timm", "hub"}
-    assert len(KNOWN_MODELS) == 24
+    dinov2 = {n: k for n, k in KNOWN_MODELS.items() if k.kind == "dinov2"}
+    assert {k.family for k in dinov2.values()} == {"hf", "timm", "hub"}
+    assert len(dinov2) == 24
     assert canonical_name("vit_large_patch14_dinov2") == "timm/vit_large_patch14_dinov2.lvd142m"
     assert canonical_name("Facebook/DINOv2-Base") == "facebook/dinov2-base"
     assert canonical_name("resnet50") is None
 
 
+def test_known_models_of_the_other_families():
+    assert KNOWN_MODELS["facebook/dinov3-vitb16-pretrain-lvd1689m"] == KnownModel(
+        "hf", "facebook/dinov3-vitb16-pretrain-lvd1689m", 4, "dinov3")
+    assert KNOWN_MODELS["timm/vit_large_patch16_dinov3.lvd1689m"].registers == 4
+    assert KNOWN_MODELS["openai/clip-vit-base-patch16"].kind == "clip"
+    assert KNOWN_MODELS["open_clip:ViT-B-16/laion2b_s34b_b88k"].family == "open_clip"
+    assert KNOWN_MODELS["google/siglip-base-patch16-224"].kind == "siglip"
+    assert canonical_name("deit3_base_patch16_224") == "timm/deit3_base_patch16_224.fb_in22k_ft_in1k"
+    assert {k.kind for k in KNOWN_MODELS.values()} == {"dinov2", "dinov3", "clip", "siglip", "deit3"}
+
+
+@pytest.mark.parametrize("name", ["facebook/dinov3-vits16-pretrain-lvd1689m", "openai/clip-vit-base-patch32",
+                                  "google/siglip-base-patch16-224"])
+def test_other_hf_families_offline_say_how_to_pass_a_folder(name):
+    with pytest.raises(ModelLoadError, match=f"^{name} is not available offline.*--model /path/to/folder$"):
+        load_backbone(name)
+
+
+def test_open_clip_names_are_checked():
+    with pytest.raises(ModelLoadError, match="open_clip:ARCH/PRETRAINED"):
+        load_backbone("open_clip:ViT-B-16")
+    with pytest.raises(ModelLoadError, match="unknown OpenCLIP model ViT-B-16/nope"):
+        load_backbone("open_clip:ViT-B-16/nope")
+
+
 def test_unknown_name_lists_the_families():
+    with pytest.raises(ModelLoadError, match="DINOv3.*CLIP.*OpenCLIP.*SigLIP.*DeiT-III"):
+        load_backbone("dino-v9")
     with pytest.raises(ModelLoadError, match="unknown model 'dino-v9'.*Hugging Face id.*timm name.*torch.hub name"):
         load_backbone("dino-v9")
     with pytest.raises(ModelLoadError, match="offline demo models.*demo:clean.*demo:planted.*demo:registers"):

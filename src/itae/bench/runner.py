@@ -251,7 +251,9 @@ def _known_params(name: str) -> float | None:
 
     canonical = canonical_name(name)
     known = KNOWN_MODELS.get(canonical) if canonical else None
-    return None if known is None else _SIZE_PARAMS.get(known.arch[len("dinov2_vit")])
+    if known is None or known.kind != "dinov2":
+        return None
+    return _SIZE_PARAMS.get(known.arch[len("dinov2_vit")])
 
 
 @dataclass

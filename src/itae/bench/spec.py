@@ -307,7 +307,12 @@ def load_spec(spec: BenchSpec | dict[str, Any] | str | os.PathLike) -> BenchSpec
 
 
 def registers_counterpart(model: str) -> str:
-    """The registers model trained like ``model``: the 'registers' method embeds with it."""
+    """The registers model trained like ``model``: the 'registers' method embeds with it.
+
+    DINOv2: its ``with-registers`` / ``reg4`` / ``_reg`` release. DINOv3 is trained with 4 registers: it is its
+    own counterpart. CLIP, OpenCLIP, SigLIP and DeiT-III have no released registers-trained counterpart:
+    the method does not apply to them, and a clear error says so.
+    """
     name = model.strip()
     low = name.lower()
     if low.startswith("demo:"):
@@ -322,15 +327,36 @@ def registers_counterpart(model: str) -> str:
             return f"dinov2_vit{letter}14_reg"
     if "registers" in low or "_reg" in low:
         return name  # already a registers model
+    family = _family_of(low)
+    if family == "DINOv3":
+        return name  # trained with 4 registers: the model is its own registers counterpart
+    if family is not None:
+        raise ValueError(
+            f"no registers counterpart exists for {model!r}: no {family} model trained with registers has been "
+            "released, so the 'registers' method does not apply to it (ITAE and the other methods do)"
+        )
     raise ValueError(
         f"no known registers counterpart for model {model!r}; the 'registers' method covers the DINOv2 "
-        "S/B/L/g names (HF, timm, torch.hub) and the demo models"
+        "S/B/L/g names (HF, timm, torch.hub), DINOv3 (its own counterpart) and the demo models"
     )
 
 
 # The published DINOv2-L settings, but for the outlier threshold ("auto": 150 is a DINOv2-L norm) and the
 # layer limit (the blocks up to the outlier block, as 17 < 22 is for DINOv2-L; here block 0 of 2).
 QUICK_TTR = TTRConfig(norm_threshold="auto", max_layer=-2)
+def _family_of(low_name: str) -> str | None:
+    """The family of a lower-cased model name beyond DINOv2, from the known names or the name itself."""
+    from itae.models.loading import KNOWN_MODELS, canonical_name
+
+    canonical = canonical_name(low_name)
+    kind = KNOWN_MODELS[canonical].kind if canonical else None
+    names = {"dinov3": "DINOv3", "clip": "CLIP/OpenCLIP", "siglip": "SigLIP", "deit3": "DeiT-III"}
+    if kind in names:
+        return names[kind]
+    for key in ("dinov3", "siglip", "deit3", "clip"):  # siglip before clip: the one name holds the other
+        if key in low_name:
+            return names[key]
+    return None
 
 
 def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> BenchSpec:

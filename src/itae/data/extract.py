@@ -275,6 +275,10 @@ def embed(
         from itae.engine.registers import check_registers_apply
 
         check_registers_apply(bb)  # refused before anything runs
+    if itae is not None:  # ITAE on a model it does not apply to (no CLS row, no probe) is refused before any image
+        from itae.engine.patch import check_applies, resolve_layers
+
+        check_applies(bb, itae, resolve_layers(bb, itae))
     transform = build_transform(preprocess)
     manifest = new_manifest(
         bb, preprocess, src, name=backbone if isinstance(backbone, str) else None, itae=itae, feature=feature,

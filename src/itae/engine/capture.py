@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import AttentionSite
@@ -28,6 +29,10 @@ class HookSet:
     def pre(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
+    def forward_with_kwargs(self, module: nn.Module, fn: Callable) -> None:
+        """``fn(module, args, kwargs, output)``; may return a replacement output."""
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
@@ -41,17 +46,19 @@ class HookSet:
 
 @dataclass
 class QKV:
-    """Projections of one forward of one block, each (B, T, D), before any per-head q/k norm."""
+    """Projections of one forward of one block, each (B, T, D), before any per-head q/k norm or rotary
+    embedding (``rotary`` holds the embedding of that forward, when the site has one)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    rotary: object = None
 
     def get(self, source: str) -> torch.Tensor:
         return {"q": self.q, "k": self.k, "v": self.v}[source]
 
     def heads(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, H, T, d) q, k, v as the attention sees them (per-head q/k norms applied)."""
+        """(B, H, T, d) q, k, v as the attention sees them (per-head q/k norms and rotary embedding applied)."""
         q = split_heads(self.q, site.num_heads)
         k = split_heads(self.k, site.num_heads)
         v = split_heads(self.v, site.num_heads)
@@ -59,7 +66,28 @@ class QKV:
             q = site.q_norm(q)
         if site.k_norm is not None:
             k = site.k_norm(k)
+        if site.rotary is not None:
+            q, k = site.rotary.apply(q, k, self.rotary)
         return q, k, v
+
+
+def mha_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query, key, value) of a ``nn.MultiheadAttention`` call, positional or by keyword."""
+    names = ("query", "key", "value")
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+    return values[0], values[1], values[2]
+
+
+def mha_projections(
+    mha: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, L or T, D) of a batch-first ``nn.MultiheadAttention`` with a fused ``in_proj``."""
+    if not getattr(mha, "batch_first", False) or mha.in_proj_weight is None:
+        raise RuntimeError("only batch-first nn.MultiheadAttention with a fused in_proj is supported")
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    dim = w.shape[0] // 3
+    parts = [(w[i * dim : (i + 1) * dim], None if b is None else b[i * dim : (i + 1) * dim]) for i in range(3)]
+    return tuple(F.linear(x, wi, bi) for x, (wi, bi) in zip((query, key, value), parts, strict=True))
 
 
 class QKVCapture:
@@ -68,11 +96,23 @@ class QKVCapture:
     def __init__(self, site: AttentionSite, hooks: HookSet) -> None:
         self.site = site
         self._parts: dict[str, torch.Tensor] = {}
-        if site.qkv is not None:
+        self._rotary = None
+        if site.mha is not None:
+            hooks.pre(site.mha, self._on_mha, with_kwargs=True)
+        elif site.qkv is not None:
             hooks.forward(site.qkv, self._on_qkv)
         else:
             for name in ("q", "k", "v"):
                 hooks.forward(getattr(site, name), self._on_part(name))
+        if site.rotary is not None:
+            hooks.pre(site.rotary.module, self._on_rotary, with_kwargs=True)
+
+    def _on_rotary(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._rotary = self.site.rotary.read(args, kwargs)
+
+    def _on_mha(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        q, k, v = mha_projections(module, *mha_inputs(args, kwargs))
+        self._parts = {"q": q, "k": k, "v": v}
 
     def _on_qkv(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         # (B, T, 3D) -> three (B, T, D), ordered q, k, v as in the fused layouts
@@ -87,10 +127,13 @@ class QKVCapture:
 
     def pop(self) -> QKV:
         parts, self._parts = self._parts, {}
+        rotary, self._rotary = self._rotary, None
         missing = {"q", "k", "v"} - set(parts)
         if missing:
             raise RuntimeError(
                 f"block {self.site.index}: the attention ran without {sorted(missing)} passing through the "
                 "expected projections; this model's attention layout is not supported"
             )
-        return QKV(parts["q"], parts["k"], parts["v"])
+        if self.site.rotary is not None and rotary is None:
+            raise RuntimeError(f"block {self.site.index}: the attention ran without its rotary position embedding")
+        return QKV(parts["q"], parts["k"], parts["v"], rotary)

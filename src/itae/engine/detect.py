@@ -11,8 +11,8 @@ from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
 from .calibrate import find_threshold
-from .capture import HookSet, QKVCapture
-from .functional import artifact_mask, cls_row_weights, patch_norms
+from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
+from .functional import artifact_mask, cls_row_weights, patch_norms, split_heads
 from .patch import resolve_layers
 
 
@@ -23,6 +23,7 @@ class LayerDiagnostics:
     norms: "q", "k", "v" (projection) and "residual" (block output, before the final norm), each (B, N).
     cls_attention / cls_attention_itae: CLS-row softmax over all T keys, (B, H, T), prefix keys first,
         unmodified and after engineering under the config.
+        On a model without a CLS token (SigLIP) the row of its attention-pooling probe, over the N patches.
     artifact_mask: (B, N) bool, or (B, H, N) for granularity "head".
     """
 
@@ -76,9 +77,19 @@ def detect_artifacts(
             hooks.forward(backbone.blocks[layer], keep)
         for layer, capture in captures.items():
             # pop right after each site's attention ran: the pre-hook on out_proj fires in order
-            def take(_m, _a, layer=layer, capture=capture):
+            def take(_m, *_a, layer=layer, capture=capture):
                 captured[layer] = capture.pop()
-            hooks.pre(backbone.sites[layer].out_proj, take)
+            site = backbone.sites[layer]
+            if site.mha is not None:  # its out_proj is not called as a module
+                hooks.forward(site.mha, take)
+            else:
+                hooks.pre(site.out_proj, take)
+        probe_qk = {}
+        if not backbone.cls_token and backbone.probe is not None:
+            def keep_probe(module, args, kwargs):
+                q, k, _ = mha_projections(module, *mha_inputs(args, kwargs))
+                probe_qk.update(q=split_heads(q, backbone.probe.num_heads), k=split_heads(k, backbone.probe.num_heads))
+            hooks.pre(backbone.probe.attention, keep_probe, with_kwargs=True)
         backbone.forward_features(pixel_values.to(backbone.device, backbone.dtype))
 
     h = pixel_values.shape[-2] // backbone.patch_size
@@ -98,6 +109,12 @@ def detect_artifacts(
         mask = artifact_mask(source_norms, threshold, config.side)
         q, k, _ = qkv.heads(site)
         kw = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=site.scale)
+        if not backbone.cls_token:
+            if not probe_qk:
+                raise ValueError(f"{backbone.name} has neither a CLS token nor an attention-pooling probe")
+            # the probe's row plays the CLS row (its keys are the normed output tokens, all patches)
+            q, k = probe_qk["q"], probe_qk["k"]
+            kw["scale"] = backbone.probe.head_dim**-0.5
         before = cls_row_weights(q[:, :, :1], k, None, **kw)[:, :, 0]
         after = cls_row_weights(q[:, :, :1], k, mask, **kw)[:, :, 0]
         out[layer] = LayerDiagnostics(

@@ -22,6 +22,10 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
     """Whether ``forward_cls`` can serve this backbone and config (else use ``attenuate``)."""
     if backbone.embed_fn is None or backbone.final_norm is None or len(backbone.parts) != backbone.num_blocks:
         return False
+    if not backbone.cls_token:
+        return False  # a pooling probe: use attenuate
+    if backbone.sites[-1].rotary is not None and backbone.block_kwargs_fn is None:
+        return False  # rotary embeddings the blocks must be handed, and no way to make them here
     if config is None:
         return True
     return (
@@ -33,8 +37,10 @@ def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
 
 def _weights(site: AttentionSite):
     """(W, b) of q, k and v, each W (D, D_in) and b (D,) or None, from a fused or split layout."""
-    if site.qkv is not None:
-        w, b = site.qkv.weight, site.qkv.bias
+    if site.qkv is not None or site.mha is not None:
+        fused = site.qkv if site.qkv is not None else None
+        w = fused.weight if fused is not None else site.mha.in_proj_weight
+        b = fused.bias if fused is not None else site.mha.in_proj_bias
         dim = w.shape[0] // 3
         return [(w[i * dim : (i + 1) * dim], None if b is None else b[i * dim : (i + 1) * dim]) for i in range(3)]
     return [(m.weight, m.bias) for m in (site.q, site.k, site.v)]
@@ -99,9 +105,10 @@ def forward_cls(
             "forward_cls serves a calibrated config that engineers only the last block's CLS row; "
             "use itae.attenuate for other configs"
         )
+    block_kwargs = backbone.block_kwargs_fn(pixel_values) if backbone.block_kwargs_fn is not None else {}
     h = backbone.embed(pixel_values)
     for block in backbone.blocks[:-1]:
-        h = block(h)
+        h = block(h, *backbone.block_args, **block_kwargs)
         h = h[0] if isinstance(h, (tuple, list)) else h
     site, parts = backbone.sites[-1], backbone.parts[-1]
     num_prefix = backbone.num_prefix_tokens
@@ -118,12 +125,19 @@ def forward_cls(
     kw = dict(num_prefix=num_prefix)
     if config is not None:
         kw.update(mode=config.mode, alpha=config.alpha)
-    if _identity(site.q_norm) and _identity(site.k_norm):
+    if _identity(site.q_norm) and _identity(site.k_norm) and site.rotary is None:
         context = cls_attention_absorbed(z, q_cls, site, mask, **kw)[:, None]  # (B, 1, D)
-    else:  # per-head q/k norms do not fold into the weights: project K and V
+    else:  # per-head q/k norms and per-token rotations do not fold into the weights: project K and V
         (_, _), (wk, bk), (wv, bv) = projections
-        qh = site.q_norm(split_heads(q_cls, site.num_heads))
-        kh = site.k_norm(split_heads(F.linear(z, wk, bk), site.num_heads))
+        qh = split_heads(q_cls, site.num_heads)
+        kh = split_heads(F.linear(z, wk, bk), site.num_heads)
+        if not _identity(site.q_norm):
+            qh = site.q_norm(qh)
+        if not _identity(site.k_norm):
+            kh = site.k_norm(kh)
+        if site.rotary is not None:
+            # the rotation leaves prefix rows (the CLS query among them) as they are: rotate the keys only
+            _, kh = site.rotary.apply(kh, kh, site.rotary.read((), block_kwargs))
         vh = split_heads(F.linear(z, wv, bv), site.num_heads)
         weights = cls_row_weights(qh, kh, mask, scale=site.scale, **kw)
         context = torch.matmul(weights.to(vh.dtype), vh).transpose(1, 2).reshape(h.shape[0], 1, -1)

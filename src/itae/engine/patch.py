@@ -20,8 +20,8 @@ from torch import nn
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import AttentionSite, Backbone
-from .capture import HookSet, QKVCapture
-from .functional import artifact_mask, cls_row_attention, engineered_attention, patch_norms
+from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
+from .functional import artifact_mask, cls_row_attention, engineered_attention, patch_norms, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
         self.backbone = adapt(model)
         self.config = config
         self.layers = resolve_layers(self.backbone, config)
+        check_applies(self.backbone, config, self.layers)
         self.state = ITAEState(self.backbone, config, self.layers)
         self._hooks: HookSet | None = None
 
@@ -125,10 +126,17 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
             raise RuntimeError("this model is already inside an itae.attenuate context; nesting is not supported")
         hooks = HookSet()
         try:
+            probe = self.backbone.probe if not self.backbone.cls_token else None
             for layer in self.layers:
                 site = self.backbone.sites[layer]
                 capture = QKVCapture(site, hooks)
-                hooks.pre(site.out_proj, self._engineer_hook(layer, site, capture))
+                engineer = self._engineer_hook(layer, site, capture, detect_only=probe is not None)
+                if site.mha is not None:
+                    hooks.forward_with_kwargs(site.mha, engineer)
+                else:
+                    hooks.pre(site.out_proj, engineer)
+            if probe is not None:
+                hooks.forward_with_kwargs(probe.attention, self._probe_hook(self.layers[-1]))
         except BaseException:
             hooks.remove()
             raise
@@ -144,36 +152,103 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
             self._hooks = None
             _ACTIVE.discard(self.backbone.model)
 
-    def _engineer_hook(self, layer: int, site: AttentionSite, capture: QKVCapture):
+    def _engineer_hook(self, layer: int, site: AttentionSite, capture: QKVCapture, *, detect_only: bool = False):
+        """For a ``mha`` site a forward hook that replaces rows of the module's output; otherwise a
+        pre-hook on ``out_proj`` that replaces rows of the attention context. ``detect_only``: record
+        the artifact mask and change nothing (a probe engineers it, see ``_probe_hook``)."""
         config = self.config
         state = self.state
         num_prefix = self.backbone.num_prefix_tokens
 
-        def hook(_module: nn.Module, args: tuple):
+        def hook(module: nn.Module, args: tuple, *rest):
             qkv = capture.pop()
-            (context,) = args[:1]  # (B, T, D), heads merged
             source = qkv.get(config.source)
             norms = patch_norms(source, num_prefix, site.num_heads if config.granularity == "head" else None)
             threshold = state.threshold(layer, norms)
             mask = artifact_mask(norms, threshold, config.side)
             state.last[layer] = LayerResult(norms.detach(), mask.detach(), threshold)
+            if detect_only:
+                return None
             # Images with nothing flagged keep the block's own output (and no host sync is needed).
             flagged = mask.flatten(1).any(dim=1)  # (B,)
             q, k, v = qkv.heads(site)
-            b, t, dim = context.shape
+            b, t, dim = qkv.q.shape
             kwargs = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=site.scale)
             if config.rows == "cls":
                 new = cls_row_attention(q[:, :, :1], k, v, mask, **kwargs)  # (B, H, 1, d)
-                new = new.transpose(1, 2).reshape(b, 1, dim).to(context.dtype)
-                new = torch.where(flagged[:, None, None], new, context[:, :1])
-                if torch.is_grad_enabled() and context.requires_grad:
-                    context = torch.cat([new, context[:, 1:]], dim=1)
-                else:
-                    context[:, :1] = new
+                new = new.transpose(1, 2).reshape(b, 1, dim)
             else:
                 new = engineered_attention(q, k, v, mask, **kwargs)  # (B, H, T, d)
-                new = new.transpose(1, 2).reshape(b, t, dim).to(context.dtype)
-                context = torch.where(flagged[:, None, None], new, context)
-            return (context, *args[1:])
+                new = new.transpose(1, 2).reshape(b, t, dim)
+            if site.mha is not None:  # rest = (kwargs, output): replace rows of the projected output
+                output = rest[1]
+                out = output[0]
+                new = site.mha.out_proj(new.to(out.dtype))
+                return (_replace_rows(out, new, flagged), *output[1:])
+            (context,) = args[:1]  # (B, T, D), heads merged
+            return (_replace_rows(context, new.to(context.dtype), flagged), *args[1:])
 
         return hook
+
+    def _probe_hook(self, layer: int):
+        """Forward hook on a probe's ``nn.MultiheadAttention``: its single query row engineered with the
+        artifact mask that block ``layer`` recorded in this forward (no prefix tokens: every key is a patch)."""
+        config = self.config
+        state = self.state
+        probe = self.backbone.probe
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            result = state.last.get(layer)
+            if result is None:
+                raise RuntimeError(f"the attention-pooling probe ran before block {layer} was observed")
+            query, key, value = mha_inputs(args, kwargs)
+            attn_mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
+            padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
+            if padding is not None or (attn_mask is not None and bool((attn_mask != 0).any())):
+                raise RuntimeError("ITAE on a pooling probe does not support padded (masked) batches; "
+                                   "feed whole images (Backbone.forward_features does)")
+            q, k, v = (split_heads(x, probe.num_heads) for x in mha_projections(module, query, key, value))
+            mask = result.artifact_mask
+            if mask.shape[-1] != k.shape[2]:
+                raise RuntimeError(f"the probe attends to {k.shape[2]} tokens; block {layer} flagged among {mask.shape[-1]}")
+            new = cls_row_attention(q, k, v, mask, num_prefix=0, mode=config.mode, alpha=config.alpha,
+                                    scale=probe.head_dim**-0.5)  # (B, H, 1, d)
+            out = output[0]
+            new = module.out_proj(new.transpose(1, 2).reshape(out.shape).to(out.dtype))
+            flagged = mask.flatten(1).any(dim=1)
+            return (torch.where(flagged[:, None, None], new, out), *output[1:])
+
+        return hook
+
+
+def _replace_rows(full: torch.Tensor, new: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """``full`` (B, T, D) with its first ``new.shape[1]`` rows replaced by ``new`` for flagged images."""
+    rows = new.shape[1]
+    new = torch.where(flagged[:, None, None], new, full[:, :rows])
+    if rows == full.shape[1]:
+        return new
+    if torch.is_grad_enabled() and full.requires_grad:
+        return torch.cat([new, full[:, rows:]], dim=1)
+    full[:, :rows] = new
+    return full
+
+
+def check_applies(backbone: Backbone, config: ITAEConfig, layers: list[int]) -> None:
+    """Refuse, before anything is patched, a config that ITAE cannot apply to this model."""
+    if backbone.cls_token:
+        return
+    if backbone.probe is None:
+        raise ValueError(
+            f"ITAE engineers the CLS row or an attention-pooling probe; {backbone.name} has neither (no CLS token, no "
+            "pooling head): use the method 'none' for this model"
+        )
+    if config.rows != "cls" or layers != [backbone.num_blocks - 1]:
+        raise ValueError(
+            f"{backbone.name} has no CLS token: ITAE engineers its pooling probe's row with artifacts detected in the "
+            "last block, so rows must be 'cls' and layers (-1,)"
+        )
+    if config.granularity == "head" and backbone.probe.num_heads != backbone.sites[-1].num_heads:
+        raise ValueError(
+            f"per-head detection needs as many probe heads as block heads ({backbone.probe.num_heads} vs "
+            f"{backbone.sites[-1].num_heads}); use granularity 'token'"
+        )

@@ -1,9 +1,10 @@
 """Adapters: recognise a model instance and describe it as a ``Backbone``.
 
-Three families are supported, as people load DINOv2:
+DINOv2 in the three ways people load it (here):
 - HF transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` and the models that wrap them;
-- timm ``VisionTransformer`` (``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``, ...);
+- timm ``VisionTransformer`` (``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``, ...; DeiT-III too);
 - the official DINOv2 ``DinoVisionTransformer`` (``torch.hub.load("facebookresearch/dinov2", ...)``).
+The other families (DINOv3, CLIP, OpenCLIP, SigLIP) are described in ``families``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import families
 from .base import AttentionSite, Backbone, BlockParts, Features, MLPSite, Preprocess, mlp_site
 
 SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
-    "Dinov2ForImageClassification, Dinov2Backbone), timm VisionTransformer with a class token "
-    "(e.g. vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2), and the official DINOv2 "
-    "DinoVisionTransformer from torch.hub (dinov2_vits14, dinov2_vitb14_reg, ...)"
+    "Dinov2ForImageClassification, Dinov2Backbone), DINOv3ViTModel, CLIPVisionModel (and CLIPModel, "
+    "CLIPVisionModelWithProjection), SiglipVisionModel / Siglip2VisionModel (and SiglipModel, Siglip2Model); timm VisionTransformer with a class token "
+    "(e.g. vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, deit3_base_patch16_224) and timm's DINOv3 Eva "
+    "(vit_base_patch16_dinov3, not the _qkvb entries); the official DINOv2 "
+    "DinoVisionTransformer from torch.hub (dinov2_vits14, dinov2_vitb14_reg, ...); OpenCLIP ViTs (open_clip CLIP "
+    "or its .visual, e.g. ViT-B-16)"
 )
 
 _HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -34,9 +39,25 @@ def adapt(model: nn.Module | Backbone, name: str | None = None) -> Backbone:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module; got {type(model).__name__}. Supported: {SUPPORTED}")
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in _HF_MODEL_TYPES:
+    model_type = getattr(config, "model_type", None)
+    if model_type in _HF_MODEL_TYPES:
         return _adapt_hf(model, name)
+    if model_type in families.HF_MODEL_TYPES:
+        try:
+            return families.adapt_hf(model, families.HF_MODEL_TYPES[model_type], name)
+        except TypeError as err:
+            raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
     module = type(model).__module__ or ""
+    if families.is_open_clip(model):
+        try:
+            return families.adapt_open_clip(model, name)
+        except TypeError as err:
+            raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
+    if families.is_timm_eva(model):
+        try:
+            return families.adapt_timm_eva(model, name)
+        except TypeError as err:
+            raise UnsupportedModelError(f"{err}. Supported: {SUPPORTED}") from None
     if module.startswith("timm.") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
         return _adapt_timm(model, name)
     if _looks_like_official_dinov2(model):

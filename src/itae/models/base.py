@@ -7,6 +7,7 @@ one file that builds a ``Backbone``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,13 +52,30 @@ class Preprocess:
 
 
 @dataclass
+class Rotary:
+    """A rotary position embedding that the attention applies to q and k after the projections.
+
+    ``module`` receives the embedding with each call (the attention module itself, in the layouts we
+    know); ``read(args, kwargs)`` takes it from that call's arguments; ``apply(q, k, embedding)`` rotates
+    q and k, each (B, H, T, d), exactly as the model does (prefix tokens unrotated in DINOv3).
+    """
+
+    module: nn.Module
+    read: Callable
+    apply: Callable
+
+
+@dataclass
 class AttentionSite:
     """Where one block's self-attention can be observed and engineered, without replacing its forward.
 
-    Either ``qkv`` (a fused linear whose output is (B, T, 3D), ordered q, k, v) or all of ``q``, ``k``,
-    ``v`` (linears with outputs (B, T, D)) are set. ``out_proj`` is the module whose *input* is the
-    attention context (B, T, D) with heads merged: the engine overwrites rows of that input.
-    ``q_norm``/``k_norm`` are per-head modules applied to q and k before the logits (Identity in DINOv2).
+    Exactly one layout is set: ``qkv`` (a fused linear whose output is (B, T, 3D), ordered q, k, v); all
+    of ``q``, ``k``, ``v`` (linears with outputs (B, T, D)); or ``mha``, a ``torch.nn.MultiheadAttention``
+    (batch first), whose fused ``in_proj`` is not a module of its own: the engine then reads the
+    module's inputs and replaces rows of its output. Otherwise ``out_proj`` is the module whose *input*
+    is the attention context (B, T, D) with heads merged: the engine overwrites rows of that input.
+    ``q_norm``/``k_norm`` are per-head modules applied to q and k before the logits (Identity in
+    DINOv2); ``rotary`` a rotary position embedding applied after them (DINOv3).
     """
 
     index: int
@@ -73,12 +91,26 @@ class AttentionSite:
     v: nn.Module | None = None
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
+    rotary: Rotary | None = None
+    mha: nn.Module | None = None
 
     def __post_init__(self) -> None:
         fused = self.qkv is not None
         split = all(m is not None for m in (self.q, self.k, self.v))
-        if fused == split:
-            raise ValueError("an AttentionSite needs either a fused qkv linear or all of q, k, v")
+        if fused + split + (self.mha is not None) != 1:
+            raise ValueError("an AttentionSite needs exactly one of a fused qkv linear, all of q, k, v, or an mha")
+
+
+@dataclass
+class ProbeSite:
+    """An attention-pooling head (SigLIP's ``SiglipMultiheadAttentionPoolingHead``): one learned query
+    attends to the normed output tokens through ``attention`` (a batch-first ``nn.MultiheadAttention``).
+    On a model without a CLS token, its attention row is the row ITAE engineers."""
+
+    head: nn.Module
+    attention: nn.Module
+    num_heads: int
+    head_dim: int
 
 
 @dataclass
@@ -135,7 +167,7 @@ class Backbone:
     """
 
     model: nn.Module
-    family: str  # "hf", "timm" or "hub"
+    family: str  # "hf", "timm", "hub" or "open_clip"
     name: str
     num_register_tokens: int
     patch_size: int
@@ -149,10 +181,15 @@ class Backbone:
     final_norm: nn.Module | None = field(repr=False, default=None)
     parts: list[BlockParts] = field(repr=False, default_factory=list)
     mlp_sites: list[MLPSite] = field(repr=False, default_factory=list)  # one per block, when described
+    block_args: tuple = ()  # extra positional arguments of each block call (HF CLIP/SigLIP: attention_mask=None)
+    block_kwargs_fn: object = field(repr=False, default=None)  # Callable[[Tensor], dict]: keyword arguments of
+    # every block call for these pixels (HF DINOv3: its rotary embedding, read by the sites' ``rotary``)
+    cls_token: bool = True  # False for models that pool with a probe (SigLIP)
+    probe: ProbeSite | None = field(repr=False, default=None)
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 + self.num_register_tokens
+        return int(self.cls_token) + self.num_register_tokens
 
     @property
     def num_blocks(self) -> int:

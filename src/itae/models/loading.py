@@ -7,6 +7,11 @@ Accepted names (see ``KNOWN_MODELS``):
 - timm names: ``timm/vit_{small,base,large,giant}_patch14_dinov2.lvd142m`` and ``..._reg4_...``
   (with or without the ``timm/`` prefix and the ``.lvd142m`` tag);
 - official torch.hub names: ``dinov2_vits14``, ``dinov2_vitb14_reg``, ...;
+- the other ViT families (``OTHER_FAMILIES``): DINOv3 (``facebook/dinov3-vitb16-pretrain-lvd1689m``,
+  ``timm/vit_base_patch16_dinov3.lvd1689m``), CLIP (``openai/clip-vit-base-patch16``; OpenCLIP as
+  ``open_clip:ViT-B-16/laion2b_s34b_b88k``), SigLIP and SigLIP2 (``google/siglip-base-patch16-224``,
+  ``google/siglip2-base-patch16-naflex``) and DeiT-III
+  (``timm/deit3_base_patch16_224.fb_in22k_ft_in1k``); any other HF id or timm name of these families loads too;
 - local files: a ``.safetensors`` or ``.pth`` state dict plus an architecture name, given as ``arch=`` or
   stored with the file (see ``write_checkpoint``).
 
@@ -35,6 +40,7 @@ from .adapters import adapt
 from .base import Backbone
 
 DEFAULT_MODEL = "facebook/dinov2-base"
+OPEN_CLIP_PREFIX = "open_clip:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _METADATA_KEY = "itae"
 
@@ -45,11 +51,22 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class KnownModel:
-    """What a known name stands for: the loading family, the official architecture and its registers."""
+    """What a known name stands for: the loading family, the architecture and its registers."""
 
-    family: str  # "hf", "timm" or "hub"
-    arch: str  # official hub architecture name without the register suffix, e.g. "dinov2_vitb14"
+    family: str  # "hf", "timm", "hub" or "open_clip"
+    arch: str  # DINOv2: official hub architecture name without the register suffix, e.g. "dinov2_vitb14";
+    # timm: the timm architecture; HF: the model id; OpenCLIP: "architecture/pretrained tag"
     registers: int
+    kind: str = "dinov2"  # "dinov2", "dinov3", "clip", "siglip" or "deit3"
+
+
+#: the model families beyond DINOv2, with example names (shown when a name is not recognised)
+OTHER_FAMILIES = {
+    "dinov3": "DINOv3 (HF facebook/dinov3-vitb16-pretrain-lvd1689m, timm/vit_base_patch16_dinov3.lvd1689m)",
+    "clip": "CLIP (HF openai/clip-vit-base-patch16, OpenCLIP open_clip:ViT-B-16/laion2b_s34b_b88k)",
+    "siglip": "SigLIP / SigLIP2 (HF google/siglip-base-patch16-224, google/siglip2-base-patch16-naflex)",
+    "deit3": "DeiT-III (timm/deit3_base_patch16_224.fb_in22k_ft_in1k)",
+}
 
 
 def _known_models() -> dict[str, KnownModel]:
@@ -63,6 +80,21 @@ def _known_models() -> dict[str, KnownModel]:
         known[f"timm/vit_{size}_patch14_reg4_dinov2.lvd142m"] = KnownModel("timm", arch, 4)
         known[arch] = KnownModel("hub", arch, 0)
         known[f"{arch}_reg"] = KnownModel("hub", arch, 4)
+    for size, letter in (("small", "s"), ("base", "b"), ("large", "l")):
+        hf_id = f"facebook/dinov3-vit{letter}16-pretrain-lvd1689m"
+        known[hf_id] = KnownModel("hf", hf_id, 4, "dinov3")
+        known[f"timm/vit_{size}_patch16_dinov3.lvd1689m"] = KnownModel("timm", f"vit_{size}_patch16_dinov3", 4, "dinov3")
+        known[f"timm/deit3_{size}_patch16_224.fb_in22k_ft_in1k"] = KnownModel(
+            "timm", f"deit3_{size}_patch16_224", 0, "deit3")
+    for hf_id in ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16", "openai/clip-vit-large-patch14",
+                  "openai/clip-vit-large-patch14-336"):
+        known[hf_id] = KnownModel("hf", hf_id, 0, "clip")
+    for spec in ("ViT-B-32/laion2b_s34b_b79k", "ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k"):
+        known[f"open_clip:{spec}"] = KnownModel("open_clip", spec, 0, "clip")
+    for hf_id in ("google/siglip-base-patch16-224", "google/siglip-large-patch16-256",
+                  "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224",
+                  "google/siglip2-base-patch16-naflex"):
+        known[hf_id] = KnownModel("hf", hf_id, 0, "siglip")
     return known
 
 
@@ -124,6 +156,9 @@ def load_backbone(
         if known is not None:
             label = canonical
             model = _load_known(canonical, known, attn_implementation)
+        elif name.lower().startswith(OPEN_CLIP_PREFIX):
+            label = name
+            model = _load_open_clip(name)
         elif name.startswith("timm/") or _is_timm_name(name):
             label = name
             model = _load_timm_by_name(name, hint_arch="dinov2_vitb14")
@@ -135,7 +170,8 @@ def load_backbone(
                 f"unknown model {name!r}; use a Hugging Face id (facebook/dinov2-base, "
                 "facebook/dinov2-with-registers-base, ...), a timm name (timm/vit_base_patch14_dinov2.lvd142m, "
                 "timm/vit_base_patch14_reg4_dinov2.lvd142m, ...), a torch.hub name (dinov2_vitb14, "
-                f"dinov2_vitb14_reg, ...), a local path, or one of the offline demo models ({', '.join(DEMO_MODELS)})"
+                f"dinov2_vitb14_reg, ...), a model of the other supported families: {'; '.join(OTHER_FAMILIES.values())}, "
+                f"a local path, or one of the offline demo models ({', '.join(DEMO_MODELS)})"
             )
     model = model.to(device=device, dtype=dtype).eval()
     backbone = adapt(model, name=label)
@@ -279,7 +315,12 @@ def _hf_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
-def _not_available(name: str, arch: str) -> ModelLoadError:
+def _not_available(name: str, arch: str | None) -> ModelLoadError:
+    if arch is None:  # no checkpoint-file route: only a save_pretrained folder
+        return ModelLoadError(
+            f"{name} is not available offline (not cached and could not be downloaded); download it once with "
+            "network, or pass a local save_pretrained folder: itae --model /path/to/folder"
+        )
     return ModelLoadError(
         f"{name} is not available offline (not cached and could not be downloaded); download it once with "
         f"network, or pass a local path: itae --model /path/to/folder or --model weights.safetensors --arch {arch}"
@@ -295,6 +336,14 @@ def _first_line(err: BaseException) -> str:
 
 
 def _load_known(name: str, known: KnownModel, attn_implementation: str | None) -> nn.Module:
+    if known.kind != "dinov2":
+        if known.family == "timm":
+            return _load_timm_by_name(name, hint_arch=known.arch)
+        if known.family == "open_clip":
+            return _load_open_clip(name)
+        # SigLIP2 ids hold either architecture (fixed-size: SigLIP's; NaFlex: SigLIP2's): let AutoModel choose
+        vision_only = None if "siglip2" in name else known.kind
+        return _load_hf(name, attn_implementation, known=True, hint_arch=None, vision_only=vision_only)
     hint = known.arch + ("_reg" if known.registers else "")
     if known.family == "hf":
         return _load_hf(name, attn_implementation, known=True, hint_arch=hint)
@@ -303,15 +352,19 @@ def _load_known(name: str, known: KnownModel, attn_implementation: str | None) -
     return _load_hub_by_name(name)
 
 
-def _load_hf(name_or_dir: str, attn_implementation: str | None, *, known: bool, hint_arch: str = "dinov2_vitb14"):
-    from transformers import AutoModel
+def _load_hf(name_or_dir: str, attn_implementation: str | None, *, known: bool, hint_arch: str | None = "dinov2_vitb14",
+             vision_only: str | None = None):
+    """``vision_only`` ("clip" or "siglip") loads only the vision tower of a CLIP or SigLIP checkpoint."""
+    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    loader = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(vision_only or "", AutoModel)
 
     local = Path(name_or_dir).is_dir()
     kwargs: dict = {"attn_implementation": attn_implementation or "sdpa"}
     if not local:
         kwargs.update(cache_dir=_hf_cache_dir(), local_files_only=_offline())
     try:
-        return AutoModel.from_pretrained(name_or_dir, **kwargs)
+        return loader.from_pretrained(name_or_dir, **kwargs)
     except OSError as err:
         if local:
             raise ModelLoadError(f"{name_or_dir}: not a loadable save_pretrained folder ({_first_line(err)})") from None
@@ -369,6 +422,26 @@ def _create_timm(arch: str, weights: str | Path, model_kwargs: dict) -> nn.Modul
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
     except RuntimeError as err:  # strict loading: names or shapes do not match the architecture
         raise ModelLoadError(f"{weights}: does not match timm architecture {arch} ({_first_line(err)})") from None
+
+
+def _load_open_clip(name: str) -> nn.Module:
+    """``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-B-16/laion2b_s34b_b88k``) -> its vision tower."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ModelLoadError(f"{name} needs OpenCLIP: pip install 'itae[openclip]'") from None
+    arch, _, pretrained = name[len(OPEN_CLIP_PREFIX):].partition("/")
+    if not arch or not pretrained:
+        raise ModelLoadError(f"{name!r}: an OpenCLIP name is open_clip:ARCH/PRETRAINED, e.g. "
+                             "open_clip:ViT-B-16/laion2b_s34b_b88k (see open_clip.list_pretrained())")
+    if (arch, pretrained) not in {tuple(p) for p in open_clip.list_pretrained()}:
+        raise ModelLoadError(f"unknown OpenCLIP model {arch}/{pretrained}; see open_clip.list_pretrained()")
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=_hf_cache_dir())
+    except Exception:  # noqa: BLE001 - no network, not cached...: one readable line
+        raise ModelLoadError(f"{name} is not available offline (not cached and could not be downloaded); "
+                             "download it once with network") from None
+    return model.visual
 
 
 def _load_hub_by_name(name: str) -> nn.Module:

@@ -206,3 +206,57 @@ def _hub_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 break
         out[prefix + rest] = value
     return out
+
+
+# ------------------------------------------------------------------- the other ViT families, for tests
+
+#: the tiny models of the other families ``tiny_vit`` builds (patch 16, 64 px: a 4 x 4 grid)
+TINY_KINDS = ("hf-dinov3", "timm-dinov3", "hf-clip", "hf-siglip", "hf-siglip2", "timm-deit3", "open_clip")
+
+
+def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int = 4, seed: int = 0) -> nn.Module:
+    """A small random model of another ViT family (see ``TINY_KINDS``), deterministic for ``seed``, in eval
+    mode, 64 px input with 16 px patches. Layer scales (DINOv3, DeiT-III) start at 1, as in ``tiny_model``.
+
+    hf-dinov3: ``DINOv3ViTModel`` with 4 registers and rotary embeddings; hf-clip: ``CLIPVisionModel``
+    (quick_gelu); hf-siglip: ``SiglipVisionModel`` with its attention-pooling head; hf-siglip2: the same in
+    ``Siglip2VisionModel`` (NaFlex: 16 position embeddings, a 4 x 4 grid); timm-deit3:
+    ``deit3_small_patch16_224`` resized; timm-dinov3: ``vit_small_patch16_dinov3`` resized (timm's Eva, 4
+    registers, rotary embeddings); open_clip: an OpenCLIP ``VisionTransformer`` (quick_gelu,
+    ``nn.MultiheadAttention``; needs ``itae[openclip]``).
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}; got {kind!r}")
+    common = {"hidden_size": embed_dim, "intermediate_size": 2 * embed_dim, "num_hidden_layers": depth,
+              "num_attention_heads": num_heads, "image_size": 64, "patch_size": 16}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "hf-dinov3":
+            from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+            model = DINOv3ViTModel(DINOv3ViTConfig(num_register_tokens=4, layerscale_value=1.0, **common))
+        elif kind == "hf-clip":
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            model = CLIPVisionModel(CLIPVisionConfig(hidden_act="quick_gelu", **common))
+        elif kind == "hf-siglip":
+            from transformers import SiglipVisionConfig, SiglipVisionModel
+
+            model = SiglipVisionModel(SiglipVisionConfig(**common))
+        elif kind == "hf-siglip2":
+            from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+            common.pop("image_size")
+            model = Siglip2VisionModel(Siglip2VisionConfig(num_patches=16, **common))
+        elif kind == "open_clip":
+            from open_clip.transformer import QuickGELU, VisionTransformer
+
+            model = VisionTransformer(image_size=64, patch_size=16, width=embed_dim, layers=depth, heads=num_heads,
+                                      mlp_ratio=2.0, output_dim=16, act_layer=QuickGELU)
+        else:
+            import timm
+
+            arch = "vit_small_patch16_dinov3" if kind == "timm-dinov3" else "deit3_small_patch16_224"
+            model = timm.create_model(arch, pretrained=False, img_size=64, embed_dim=embed_dim,
+                                      depth=depth, num_heads=num_heads, init_values=1.0, num_classes=0)
+    return model.eval()
