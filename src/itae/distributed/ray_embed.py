@@ -221,7 +221,8 @@ def embed_ray(
         replicas, autoscale from 1 to the cluster's CPUs not held by the model actors; with CPU replicas, 0.
 
     An "auto" threshold is calibrated once, on the driver, on ``calibration_images`` decodable images
-    spread evenly over the source, exactly as ``itae.embed`` does; the resolved config goes to every actor.
+    (whole batches spread evenly over the source), exactly as ``itae.embed`` does; the driver embeds those
+    images from the tokens the calibration pass kept, and the resolved config goes to every actor.
     Source paths and the model must be readable from every node (a shared file system) on a cluster.
     """
     ray = _import_ray()
