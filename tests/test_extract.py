@@ -13,6 +13,7 @@ import sys
 import tarfile
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +174,15 @@ def test_itae_on_by_default_calibrates_and_engineers(tmp_path):
     assert cfg is not None and cfg.is_calibrated
     assert m["calibration"]["images"] == 8
     assert 0 < m["calibration"]["flagged_fraction"]["1"] < 0.5
-    # The same thresholds from the engine directly, on 8 decodable images spread evenly over the source
-    # (a failing one is replaced by the first unused image in source order).
-    from itae.data.extract import spread_indices
+    # The same thresholds from the engine directly, on the first 8 decodable images of whole extraction
+    # batches spread evenly over the source: 13 records in chunks of 5 make the batches [0-3], [4], [5-8],
+    # [9], [10-12]; the first and the last give 7 images, the next one in source order the 8th.
+    from itae.data.dataset import CalibrationBatches
     from itae.data.sources import open_source
 
     ids = open_source(root).ids
-    spread = spread_indices(len(ids), 8)
-    order = spread + [i for i in range(len(ids)) if i not in spread]
+    order = [i for b in CalibrationBatches(len(ids), 5, 4, 8) for i in b]
+    assert order[:8] == [0, 1, 2, 3, 10, 11, 12, 4]
     t = build_transform(bb.preprocess.with_resolution(RES))
     sample = []
     for i in order:
@@ -195,7 +197,8 @@ def test_itae_on_by_default_calibrates_and_engineers(tmp_path):
     emb = torch.from_numpy(store.embeddings(mmap=False))
     torch.testing.assert_close(emb, ref, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(emb, torch.from_numpy(base.embeddings(mmap=False)), atol=1e-3)
-    hooked = itae.embed(root, bb, out=tmp_path / "hooked", calibration_images=8, fast_cls=False, **COMMON)
+    hooked = itae.embed(root, bb, out=tmp_path / "hooked", calibration_images=8, chunk_size=5, fast_cls=False,
+                        **COMMON)
     assert hooked.itae_config == cfg
     torch.testing.assert_close(torch.from_numpy(hooked.embeddings(mmap=False)), emb, rtol=1e-4, atol=1e-5)
     # A complete store with the same settings is returned as it is; other settings are refused.
@@ -542,3 +545,116 @@ def test_progress_is_committed_by_time_and_count_and_a_kill_keeps_it(tmp_path, m
     monkeypatch.setattr(extract_mod.StoreWriter, "write_part", write_part)
     itae.embed(root, bb, out=tmp_path / "count", itae=None, save_every=8, fast_cls=False, **COMMON)
     assert written == ["0-8", "8-16"]
+
+# ------------------------------------------------------------- calibration's work reused by extraction
+
+
+@contextmanager
+def _images_through(block: torch.nn.Module):
+    """Count the images that enter ``block`` (its forward pre-hook sees (B, T, D) tokens)."""
+    seen = [0]
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _planted(family: str, registers: int = 0, depth: int = 3):
+    from itae.models.planted import plant_artifacts
+    from itae.models.tiny import tiny_model
+
+    model = tiny_model(family, registers=registers, depth=depth, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambda1", "lambda2", "gamma")):
+                p.fill_(1.0)
+    plant_artifacts(model, [2, 9])
+    return model.eval()
+
+
+REUSE_CASES = {
+    "cls-fast": dict(),
+    "mean": dict(feature="mean"),
+    "cls+mean-normalized": dict(feature="cls+mean", normalize=True),
+    "hooks": dict(fast_cls=False),
+    "second-to-last-block": dict(itae=ITAEConfig(layers=(-2,))),
+    "two-blocks": dict(itae=ITAEConfig(layers=(1, -1))),
+    "all-rows": dict(itae=ITAEConfig(rows="all")),
+    "bf16": dict(precision="bf16"),
+    "fp8": dict(precision="fp8"),
+}
+
+
+@pytest.mark.parametrize("family,registers", [("hf", 0), ("timm", 4), ("hub", 0)], ids=["hf", "timm-reg4", "hub"])
+@pytest.mark.parametrize("case", list(REUSE_CASES))
+def test_calibrated_images_start_at_the_engineered_block_and_match_a_fresh_embedding(tmp_path, case, family,
+                                                                                      registers):
+    if family != "hf" and case not in ("cls-fast", "hooks", "second-to-last-block"):
+        pytest.skip("the other options are covered on the HF model")
+    root = _make_folder(tmp_path / "imgs", per_class=8, corrupt=0)  # 16 images, 4 batches of 4
+    kw = dict(COMMON) | REUSE_CASES[case]
+    requested = kw.pop("itae", ITAEConfig())
+    bb = adapt(_planted(family, registers))
+    with _images_through(bb.blocks[0]) as seen:
+        reused = itae.embed(root, bb, out=tmp_path / "reused", itae=requested, calibration_images=8, **kw)
+    # 8 images calibrated in 2 whole batches, kept at the first engineered block: block 0 (which comes
+    # before it, or is it) sees every image once, as without ITAE, and never twice.
+    assert seen[0] == 16
+    assert reused.manifest["calibration"]["images"] == 8
+    cfg = reused.itae_config
+    assert cfg.is_calibrated and cfg.layers == requested.layers
+    # the same thresholds given as numbers: no calibration, every image from its pixels (a new instance:
+    # embed casts and quantizes the one it is given)
+    bb = adapt(_planted(family, registers))
+    with _images_through(bb.blocks[0]) as seen:
+        fresh = itae.embed(root, bb, out=tmp_path / "fresh", itae=cfg, **kw)
+    assert seen[0] == 16
+    np.testing.assert_array_equal(reused.embeddings(mmap=False), fresh.embeddings(mmap=False))
+    assert reused.ids == fresh.ids
+    if case == "cls-fast" and family == "hf":
+        off = itae.embed(root, bb, out=tmp_path / "off", itae=None, **COMMON)
+        assert not np.allclose(reused.embeddings(mmap=False), off.embeddings(mmap=False), atol=1e-3)  # ITAE acted
+
+
+def test_kept_tokens_are_bounded_and_images_beyond_the_bound_come_from_their_pixels(tmp_path, monkeypatch):
+    import itae.data.extract as extract
+
+    root = _make_folder(tmp_path / "imgs", per_class=8, corrupt=1)  # 17 records, one undecodable
+    bb = adapt(_planted("hf"))
+    one_batch = 4 * 17 * 32 * 4  # 4 images x 17 tokens x 32 dims, float32
+    monkeypatch.setattr(extract, "KEEP_BYTES", one_batch)
+    with _images_through(bb.blocks[0]) as seen:
+        bounded = itae.embed(root, bb, out=tmp_path / "bounded", calibration_images=8, **COMMON)
+    assert seen[0] == 16 + 4  # the second calibrated batch did not fit: embedded again from its pixels
+    fresh = itae.embed(root, bb, out=tmp_path / "fresh", itae=bounded.itae_config, **COMMON)
+    np.testing.assert_array_equal(bounded.embeddings(mmap=False), fresh.embeddings(mmap=False))
+    assert bounded.errors == fresh.errors and len(bounded.errors) == 1
+
+
+def test_compile_embeds_calibrated_images_again_from_their_pixels(tmp_path, monkeypatch):
+    """Compiled blocks round differently from the eager calibration pass: nothing is reused with compile."""
+    root = _make_folder(tmp_path / "imgs", per_class=4, corrupt=0)
+    bb = adapt(_planted("hf"))
+    _spy_on_compile(monkeypatch)
+    with _images_through(bb.blocks[0]) as seen:
+        store = itae.embed(root, bb, out=tmp_path / "c", calibration_images=4, compile=True, **COMMON)
+    assert seen[0] == 8 + 4
+    eager = itae.embed(root, bb, out=tmp_path / "e", itae=store.itae_config, **COMMON)
+    np.testing.assert_allclose(store.embeddings(mmap=False), eager.embeddings(mmap=False), rtol=1e-4, atol=1e-5)
+
+
+def test_a_calibration_with_other_forwards_than_batches_keeps_nothing():
+    from itae.data.extract import KeptBatches, _keep
+
+    def record(start, n):
+        return {"index": torch.arange(start, start + n), "failed_index": [], "failed_reason": [], "pixels": None}
+
+    fed = [(record(0, 4), True), (record(8, 3), True), (record(4, 2), False)]
+    tokens = [torch.zeros(4, 5, 2), torch.zeros(3, 5, 2), torch.zeros(2, 5, 2)]
+    kept = KeptBatches(start=1)
+    _keep(kept, tokens, fed, [])
+    assert sorted(kept.batches) == [0, 8]  # the batch cut short is not kept: extraction runs it whole
+    kept = KeptBatches(start=1)
+    _keep(kept, tokens + tokens, fed, [record(12, 0) | {"failed_index": [12], "failed_reason": ["bad"]}])
+    assert sorted(kept.batches) == [12]  # two forwards per batch: which tokens are whose is unknown

@@ -197,15 +197,31 @@ def test_model_stage_in_process_with_fp8_equals_the_local_fp8_store(data, tmp_pa
 # --------------------------------------------------------------------------------- local Ray instance
 
 
-def test_ray_store_equals_the_local_store_with_itae_auto(data, tmp_path, ray_instance):
+def test_ray_store_equals_the_local_store_with_itae_auto(data, tmp_path, ray_instance, monkeypatch):
+    import itae.data.extract as local
+
     images, model = data
     ref = _local(images, model, tmp_path / "local")
     base = _local(images, model, tmp_path / "local-base", itae=None)
+    served = []
+    embed_kept = local.embed_kept
+
+    def spy(*args, **kw):
+        for batch, emb in embed_kept(*args, **kw):
+            served.extend(batch["index"].tolist())
+            yield batch, emb
+
+    monkeypatch.setattr(local, "embed_kept", spy)
     # A separate decoding stage, as with GPU replicas (CPU replicas decode themselves by default).
     got = embed_ray(images, model, out=tmp_path / "ray", num_actors=1, num_decoders=1, **COMMON)
 
     assert got.is_complete and len(got) == 40
     _assert_same_store(got, ref)
+    # The calibrated batches (records 0-7, 8-15 but the corrupt 10, and 40) were embedded on the driver from
+    # the tokens calibration kept, as the local engine embeds them: the same numbers, bit for bit.
+    assert sorted(served) == [i for i in range(16) if i != 10] + [40]
+    rows = np.isin(got.indices, served)
+    np.testing.assert_array_equal(np.asarray(got.embeddings())[rows], np.asarray(ref.embeddings())[rows])
     assert got.errors == [(10, "cat/010-broken.jpg", "not an image (unrecognised format)")]
     # The same calibration (same images, same order), so the same resolved config in the manifest.
     cfg = got.itae_config

@@ -7,8 +7,9 @@ travel with the tensors so order survives batching.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -76,16 +77,18 @@ class ChunkBatchSampler(Sampler[list[int]]):
 
     Keeping batches inside chunks makes every chunk's batches the same in a fresh and a resumed run, so
     a resumed store is identical to an uninterrupted one. ``starts`` maps a chunk to the record where it
-    resumes (after its committed parts, which end on a batch boundary of the same batch size).
+    resumes (after its committed parts, which end on a batch boundary of the same batch size). ``skip``:
+    first indices of batches to leave out (batches whose results are already at hand).
     """
 
     def __init__(self, num_records: int, chunk_size: int, batch_size: int, chunks: Sequence[int],
-                 starts: dict[int, int] | None = None) -> None:
+                 starts: dict[int, int] | None = None, skip: Collection[int] = ()) -> None:
         self.num_records = num_records
         self.chunk_size = chunk_size
         self.batch_size = batch_size
         self.chunks = list(chunks)
         self.starts = dict(starts or {})
+        self.skip = frozenset(skip)
 
     def _range(self, k: int) -> tuple[int, int]:
         start = k * self.chunk_size
@@ -95,14 +98,63 @@ class ChunkBatchSampler(Sampler[list[int]]):
         for k in self.chunks:
             start, stop = self._range(k)
             for b in range(start, stop, self.batch_size):
-                yield list(range(b, min(b + self.batch_size, stop)))
+                if b not in self.skip:
+                    yield list(range(b, min(b + self.batch_size, stop)))
 
     def __len__(self) -> int:
         n = 0
         for k in self.chunks:
             start, stop = self._range(k)
             n += -(-max(0, stop - start) // self.batch_size)
+        chunks = set(self.chunks)
+        for b in self.skip:
+            k = b // self.chunk_size
+            if k in chunks:
+                start, stop = self._range(k)
+                n -= start <= b < stop and (b - start) % self.batch_size == 0
         return n
 
 
-__all__ = ["ChunkBatchSampler", "ImageDataset", "collate_images"]
+def spread_indices(n: int, count: int) -> list[int]:
+    """``count`` evenly spaced positions in ``range(n)`` (all of them when count >= n), ascending."""
+    if count >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+
+
+class CalibrationBatches(Sampler[list[int]]):
+    """The extraction's own batches (``ChunkBatchSampler`` over every chunk), in the order calibration
+    reads them: enough batches for ``count`` images, spread evenly over the source, then all the others
+    in source order (they replace images that fail to decode).
+
+    Calibrating on whole extraction batches lets extraction reuse the calibration pass's work for them
+    and still compute exactly what it would compute from the pixels.
+    """
+
+    def __init__(self, num_records: int, chunk_size: int, batch_size: int, count: int) -> None:
+        self.num_records = num_records
+        self.chunk_size = chunk_size
+        self.batch_size = batch_size
+        self.per_chunk = -(-chunk_size // batch_size)
+        num_chunks = -(-num_records // chunk_size)
+        last = num_records - (num_chunks - 1) * chunk_size
+        self.num_batches = 0 if num_records == 0 else (num_chunks - 1) * self.per_chunk + -(-last // batch_size)
+        self.first = spread_indices(self.num_batches, -(-count // batch_size))
+
+    def batch(self, j: int) -> list[int]:
+        """Batch ``j`` of the extraction order."""
+        k, r = divmod(j, self.per_chunk)
+        start = k * self.chunk_size + r * self.batch_size
+        stop = min(start + self.batch_size, (k + 1) * self.chunk_size, self.num_records)
+        return list(range(start, stop))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from (self.batch(j) for j in self.first)
+        chosen = set(self.first)
+        yield from (self.batch(j) for j in range(self.num_batches) if j not in chosen)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+__all__ = ["CalibrationBatches", "ChunkBatchSampler", "ImageDataset", "collate_images", "spread_indices"]

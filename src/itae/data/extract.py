@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from itae.config import ITAEConfig
 from itae.methods import TTRConfig, resolve_method
 from itae.models.base import Backbone, Features, Preprocess
 
-from .dataset import ChunkBatchSampler, ImageDataset, collate_images
+from .dataset import CalibrationBatches, ChunkBatchSampler, ImageDataset, collate_images, spread_indices
 from .decode import PreprocessTransform, build_transform
 from .sources import ImageSource, LabelMode, open_source
 from .store import (
@@ -226,13 +227,17 @@ def embed(
     backbone: a model name or path (``itae.load_backbone``), a ``Backbone``, or a supported model instance
         (moved to ``device`` and the precision's dtype in place).
     itae: the ITAE configuration; a threshold of "auto" is calibrated first on ``calibration_images``
-        decodable images spread evenly over the source (``spread_indices``), and the resolved
-        thresholds are stored in the manifest and reused on resume. None embeds with the unmodified model.
+        decodable images, whole batches of the extraction spread evenly over the source
+        (``CalibrationBatches``), and the resolved thresholds are stored in the manifest and reused on
+        resume. Extraction starts the calibrated batches at the first engineered block, from the
+        tokens the calibration pass kept (up to ``KEEP_BYTES`` on the host), so they cost that block and
+        the rest of the model only (not with test-time registers, whose extra token changes every block's
+        input). None embeds with the unmodified model.
     method: the artifact fix, "none", "itae", "ttr" (test-time registers) or "itae+ttr"; None (default)
         runs what ``itae`` and ``ttr`` say. A method runs with the given config of each fix it uses, or
         that fix's defaults.
     ttr: the test-time registers configuration (``itae.TTRConfig``; None: off). Without neurons, they are
-        found first on the same image sample as the calibration (``calibration_images``), and the found
+        found first on ``calibration_images`` decodable images spread evenly over the source, and the found
         neurons are stored in the manifest and reused on resume.
     feature: "cls" (default), "mean" of the patch tokens, or "cls+mean" (concatenated, 2D wide).
     normalize: L2-normalise each stored embedding.
@@ -286,9 +291,11 @@ def embed(
         labels=labels, fast_decode=fast_decode, **ttr_manifest(ttr),
     )
     loader_kw = dict(num_workers=num_workers, device=dev, max_pixels=max_pixels, fast_decode=fast_decode)
+    kept = None if ttr is not None else new_kept_batches(bb, itae, compile)  # TTR's token: no reuse
     opened = open_writer(
         out_dir, existing, manifest, itae, overwrite=overwrite,
-        calibrate=lambda cfg: _calibrate(bb, src, transform, cfg, calibration_images, batch_size, out_dir, **loader_kw),
+        calibrate=lambda cfg: _calibrate(bb, src, transform, cfg, calibration_images, batch_size, chunk_size,
+                                         out_dir, kept=kept, **loader_kw),
         find_neurons=None if ttr is None or ttr.is_resolved else lambda: _find_neurons(
             bb, src, transform, ttr, calibration_images, batch_size, **loader_kw),
     )
@@ -300,7 +307,7 @@ def embed(
     todo = [k for k in range(writer.num_chunks) if k not in done]
     if todo:
         _extract(bb, src, transform, writer, todo, run_cfg, feature, normalize, batch_size, progress, fast_cls,
-                 compile, save=(save_every, save_interval), ttr=run_ttr, **loader_kw)
+                 compile, save=(save_every, save_interval), ttr=run_ttr, kept=kept, **loader_kw)
 
     errors = writer.error_rows()
     num_failed = len(errors)
@@ -313,6 +320,20 @@ def embed(
     logger.info("embedded %d of %d images into %s (%d failed, see %s)", len(store), len(src), out_dir,
                 num_failed, ERRORS)
     return store
+
+
+def new_kept_batches(bb: Backbone, itae: ITAEConfig | None, compile: bool) -> KeptBatches | None:
+    """Where the calibration pass keeps its work for extraction, or None where it cannot be reused.
+
+    Not with ``compile``: compiled blocks round differently from the eager ones calibration runs, and a
+    store must not depend on whether its run was interrupted (a resumed run never calibrates).
+    """
+    from itae.engine.fast import supports_forward_from
+    from itae.engine.patch import resolve_layers
+
+    if itae is None or itae.is_calibrated or compile or not supports_forward_from(bb):
+        return None
+    return KeptBatches(start=min(resolve_layers(bb, itae)))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -479,11 +500,23 @@ def open_writer(
     return writer, run_cfg
 
 
-def spread_indices(n: int, count: int) -> list[int]:
-    """``count`` evenly spaced positions in ``range(n)`` (all of them when count >= n), ascending."""
-    if count >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+# Block inputs kept from the calibration pass for extraction to start from, at most (bytes, on the host):
+# 512 images of ViT-g/14 at 224 px in fp32 are 0.8 GiB. Images beyond it are embedded from their pixels.
+KEEP_BYTES = 1 << 30
+
+
+@dataclass
+class KeptBatches:
+    """Work of the calibration pass that extraction reuses: per extraction batch (keyed by its first
+    record index), the batch's records and failures, and the input tokens (B, T, D) of block ``start``
+    (None when no image of the batch decoded)."""
+
+    start: int
+    batches: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(b["index"]) for b in self.batches.values())
 
 
 def _calibrate(
@@ -493,42 +526,53 @@ def _calibrate(
     itae: ITAEConfig,
     count: int,
     batch_size: int,
+    chunk_size: int,
     out_dir: Path,
     *,
     num_workers: int,
     device: torch.device,
     max_pixels: int | None,
     fast_decode: bool = False,
+    kept: KeptBatches | None = None,
 ) -> tuple[ITAEConfig, dict[str, Any]]:
-    """Resolve an "auto" threshold on ``count`` decodable images spread evenly over the source.
+    """Resolve an "auto" threshold on ``count`` decodable images: whole extraction batches spread evenly
+    over the source (``CalibrationBatches``).
 
-    Evenly spaced positions give every class of a class-sorted folder its share of the sample; images
-    that fail to decode are replaced by the next ones in source order. Deterministic for a source.
+    Evenly spaced batches give every part of a class-sorted folder its share of the sample; images that
+    fail to decode are replaced by the next batches in source order (the last one read may be cut short).
+    Deterministic for a source. With ``kept``, the input tokens of block ``kept.start`` of every batch
+    calibration read whole are kept there, so that extraction starts those batches at that block.
     """
-    from itae.engine.calibrate import calibrate
+    from contextlib import nullcontext
 
-    first = spread_indices(len(src), count)
-    chosen = set(first)
-    order = first + [i for i in range(len(src)) if i not in chosen]
-    sampler = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    from itae.engine.calibrate import calibrate
+    from itae.engine.reuse import keep_block_inputs
+
+    sampler = CalibrationBatches(len(src), chunk_size, batch_size, count)
     loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels,
                      fast_decode=fast_decode)
     used = 0
     failures: list[tuple[int, str]] = []
+    fed: list[tuple[dict[str, Any], bool]] = []  # each batch given to calibrate, and whether it went whole
+    undecodable: list[dict[str, Any]] = []  # batches of which no image decoded
 
     def batches() -> Iterator[torch.Tensor]:
         nonlocal used
         for batch in loader:
             failures.extend(zip(batch["failed_index"], batch["failed_reason"], strict=True))
+            record = {k: batch[k] for k in ("index", "failed_index", "failed_reason")} | {"pixels": None}
             if batch["pixels"] is None:
+                undecodable.append(record)
                 continue
             x = batch["pixels"][: count - used]
             used += len(x)
+            fed.append((record, len(x) == len(batch["pixels"])))
             yield _to_device(x, transform, device, bb.dtype)
             if used >= count:
                 return
 
-    with torch.inference_mode():
+    keeper = keep_block_inputs(bb, kept.start, KEEP_BYTES) if kept is not None else nullcontext()
+    with torch.inference_mode(), keeper:
         gen = batches()
         first = next(gen, None)
         if first is None:  # nothing decodes: say so, list why, write nothing else
@@ -541,7 +585,10 @@ def _calibrate(
             yield from gen
 
         cal = calibrate(bb, chained(), itae)
-    logger.info("ITAE calibration (%d decodable images spread over the source): %s", used, cal.summary())
+    if kept is not None:
+        _keep(kept, keeper.kept, fed, undecodable)
+    logger.info("ITAE calibration (%d decodable images, whole batches spread over the source): %s", used,
+                cal.summary())
     record = {
         "images": used,
         "thresholds": {str(k): float(v) for k, v in cal.thresholds.items()},
@@ -580,6 +627,28 @@ def _find_neurons(
     check = registers_check(bb, torch.cat(batches)[:16], found.config, found.threshold)
     logger.info("test-time registers (%d images spread over the source): %s", found.num_images, found.summary())
     return found.config, {**found.to_record(), "check": check.to_dict()}
+
+
+def _batch_key(record: dict[str, Any]) -> int:
+    """A batch's first record index: where ``ChunkBatchSampler`` starts it."""
+    return min(record["index"].tolist() + list(record["failed_index"]))
+
+
+def _keep(kept: KeptBatches, hidden: list[torch.Tensor | None], fed: list[tuple[dict[str, Any], bool]],
+          undecodable: list[dict[str, Any]]) -> None:
+    """Pair the block inputs seen during calibration with the batches it was given, one forward each.
+
+    Any other pattern (a calibration that ran more or fewer forwards than batches) keeps nothing: the
+    tokens could not be told apart, and extraction then computes every image from its pixels.
+    """
+    for record in undecodable:
+        kept.batches[_batch_key(record)] = record | {"hidden": None}
+    if len(hidden) != len(fed):
+        logger.debug("calibration ran %d forwards for %d batches: nothing kept for extraction", len(hidden), len(fed))
+        return
+    for (record, whole), h in zip(fed, hidden, strict=True):
+        if whole and h is not None and h.shape[0] == len(record["index"]):
+            kept.batches[_batch_key(record)] = record | {"hidden": h}
 
 
 def _all_failed_message(src: ImageSource, out_dir: Path, example: tuple[int, str, str] | None) -> str:
@@ -689,18 +758,36 @@ def _extract(
     fast_decode: bool = False,
     save: tuple[int, float] = (4096, 30.0),
     ttr: TTRConfig | None = None,
+    kept: KeptBatches | None = None,
 ) -> None:
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
-    from itae.engine.fast import compiled_blocks, forward_cls, supports_fast_cls
+    from itae.engine.fast import compiled_blocks, supports_fast_cls
 
     buffers = _resume_parts(writer, todo)
     starts = {k: writer.chunk_bounds(k)[0] + buf.seen for k, buf in buffers.items()}
-    sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo, starts)
+    kept = kept if kept is not None and kept.batches else None
+    reused = 0 if kept is None else kept.num_images
+    sampler = ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo, starts,
+                                skip=() if kept is None else kept.batches)
     loader = _loader(src, transform, sampler, num_workers=num_workers, device=device, max_pixels=max_pixels,
                      fast_decode=fast_decode)
+
+    def batches() -> Iterator[dict]:
+        """Every batch of ``todo`` in order: decoded by the loader, or as the calibration pass kept it."""
+        if kept is None:
+            yield from loader
+            return
+        decoded = None  # started at the first batch it must serve: no workers when calibration kept all
+        for b in ChunkBatchSampler(len(src), writer.chunk_size, batch_size, todo, starts):
+            batch = kept.batches.pop(b[0], None)
+            if batch is None:
+                decoded = iter(loader) if decoded is None else decoded
+                batch = next(decoded)
+            yield batch
+
     remaining = sum(writer.chunk_bounds(k)[1] - writer.chunk_bounds(k)[0] for k in todo)
     remaining -= sum(buf.seen for buf in buffers.values())
     bar = tqdm(total=len(src), initial=len(src) - remaining, unit="img", file=sys.stderr, disable=not progress,
@@ -726,8 +813,9 @@ def _extract(
         context = nullcontext()
     else:
         context = compiled_blocks(bb) if compile else nullcontext()
-    logger.info("extracting %d images with %s", remaining,
-                "the CLS-only fast path" if fast else "ITAE hooks" if cfg is not None else "the unmodified model")
+    logger.info("extracting %d images with %s%s", remaining,
+                "the CLS-only fast path" if fast else "ITAE hooks" if cfg is not None else "the unmodified model",
+                f" ({reused} of them from block {kept.start}, kept by calibration)" if kept is not None else "")
     processed = failed = 0
     t0 = time.perf_counter()
     saver = _ProgressSaver(*save)
@@ -763,15 +851,16 @@ def _extract(
     pending: tuple[dict, torch.Tensor | None] | None = None
     try:
         with registers, context, torch.inference_mode():
-            for batch in loader:
+            for batch in batches():
                 emb = None
-                if batch["pixels"] is not None:
+                hidden = batch.get("hidden")
+                if hidden is not None or batch["pixels"] is not None:
                     try:
-                        x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
-                        if fast:
-                            features = Features(cls=forward_cls(bb, x, cfg)[0])
+                        if hidden is not None:  # (B, T, D) input of block kept.start
+                            features = _forward_kept(bb, hidden, kept.start, cfg, fast)
                         else:
-                            features = bb.forward_features(x)
+                            x = _to_device(batch["pixels"], transform, bb.device, bb.dtype)
+                            features = _forward_pixels(bb, x, cfg, fast)
                         emb = pool_features(features, feature, normalize)  # (B, D) float32, maybe still computing
                     except torch.OutOfMemoryError as e:
                         raise _out_of_memory(e, bb.device, len(batch["index"]), writer) from None
@@ -786,6 +875,46 @@ def _extract(
         bar.close()
     if buffers:
         raise RuntimeError(f"extraction ended with unfinished chunks {sorted(buffers)}")
+
+
+def _forward_pixels(bb: Backbone, x: torch.Tensor, cfg: ITAEConfig | None, fast: bool) -> Features:
+    """Features of preprocessed pixels (B, 3, S, S): the CLS-only fast path, or the model as it is (with
+    the ITAE hooks of an enclosing ``attenuate``)."""
+    from itae.engine.fast import forward_cls
+
+    if fast:
+        return Features(cls=forward_cls(bb, x, cfg)[0])
+    return bb.forward_features(x)
+
+
+def _forward_kept(bb: Backbone, hidden: torch.Tensor, start: int, cfg: ITAEConfig | None,
+                  fast: bool) -> Features:
+    """``forward`` of the same images from the input tokens (B, T, D) of block ``start``, kept on the host."""
+    from itae.engine.fast import forward_cls_from, forward_features_from
+
+    h = hidden.to(bb.device, non_blocking=True)
+    if fast:
+        return Features(cls=forward_cls_from(bb, h, start, cfg)[0])
+    return forward_features_from(bb, h, start)
+
+
+def embed_kept(bb: Backbone, kept: KeptBatches, cfg: ITAEConfig | None, feature: Feature, normalize: bool,
+               fast_cls: bool) -> Iterator[tuple[dict[str, Any], torch.Tensor | None]]:
+    """Each kept batch with its (B, D) float32 embeddings (None where no image decoded), computed from the
+    kept tokens as ``embed`` computes them; the batches leave ``kept`` as they are served."""
+    from contextlib import nullcontext
+
+    from itae.engine.fast import supports_fast_cls
+    from itae.engine.patch import attenuate
+
+    fast = fast_cls and feature == "cls" and supports_fast_cls(bb, cfg)
+    with attenuate(bb, cfg) if cfg is not None and not fast else nullcontext(), torch.inference_mode():
+        for key in sorted(kept.batches):
+            batch = kept.batches.pop(key)
+            emb = None
+            if batch["hidden"] is not None:
+                emb = pool_features(_forward_kept(bb, batch["hidden"], kept.start, cfg, fast), feature, normalize)
+            yield batch, emb
 
 
 def _out_of_memory(err: BaseException, device: torch.device, batch: int, writer: StoreWriter) -> RuntimeError:
@@ -832,4 +961,7 @@ def _commit(writer: StoreWriter, k: int, buf: _ChunkBuffer, src: ImageSource) ->
     )
 
 
-__all__ = ["embed", "embed_batches", "default_num_workers", "pool_features", "resolve_device", "resolve_precision"]
+__all__ = [
+    "KEEP_BYTES", "KeptBatches", "default_num_workers", "embed", "embed_batches", "pool_features", "resolve_device",
+    "resolve_precision", "spread_indices",
+]

@@ -221,7 +221,8 @@ def embed_ray(
         replicas, autoscale from 1 to the cluster's CPUs not held by the model actors; with CPU replicas, 0.
 
     An "auto" threshold is calibrated once, on the driver, on ``calibration_images`` decodable images
-    spread evenly over the source, exactly as ``itae.embed`` does; the resolved config goes to every actor.
+    (whole batches spread evenly over the source), exactly as ``itae.embed`` does; the driver embeds those
+    images from the tokens the calibration pass kept, and the resolved config goes to every actor.
     Source paths and the model must be readable from every node (a shared file system) on a cluster.
     """
     ray = _import_ray()
@@ -247,12 +248,12 @@ def embed_ray(
         normalize=normalize, batch_size=batch_size, precision=precision, dtype=dtype,
         resolution=resolution, labels=labels, image_column=image_column, label_column=label_column,
         split=split, hf_config=hf_config, max_pixels=max_pixels, fast_decode=fast_decode,
-        calibration_images=calibration_images,
+        calibration_images=calibration_images, fast_cls=fast_cls, compile=compile,
         chunk_size=chunk_size, resume=resume, overwrite=overwrite, ray_running=ray.is_initialized(),
     )
     if isinstance(prepared, EmbeddingStore):  # already complete
         return prepared
-    src, writer, preprocess, run_cfg = prepared
+    src, writer, preprocess, run_cfg, buffers = prepared
 
     done = set(writer.committed_chunks())
     todo = [k for k in range(writer.num_chunks) if k not in done]
@@ -264,7 +265,7 @@ def embed_ray(
                 normalize=normalize, batch_size=batch_size, max_pixels=max_pixels, fast_decode=fast_decode,
                 fast_cls=fast_cls, compile=compile,
                 num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor, num_decoders=num_decoders,
-                progress=progress,
+                progress=progress, buffers=buffers,
             )
 
     errors = writer.error_rows()
@@ -303,15 +304,20 @@ def _prepare_store(
     max_pixels: int | None,
     fast_decode: bool,
     calibration_images: int,
+    fast_cls: bool,
+    compile: bool,
     chunk_size: int,
     resume: bool,
     overwrite: bool,
     ray_running: bool,
-) -> EmbeddingStore | tuple[ImageSource, StoreWriter, Preprocess, ITAEConfig | None]:
+) -> EmbeddingStore | tuple[ImageSource, StoreWriter, Preprocess, ITAEConfig | None, dict[int, Any]]:
     """Open the source and the store folder as ``itae.embed`` does: the same manifest, the same resume
-    rules and the same calibration, so the stores of both engines are interchangeable.
+    rules and the same calibration, so the stores of both engines are interchangeable. The batches the
+    calibration pass read are embedded here, on the driver, from the tokens it kept (as ``itae.embed``
+    does): the actors get only the other records.
 
-    Returns the finished store when it is already complete, else (source, writer, preprocess, config).
+    Returns the finished store when it is already complete, else (source, writer, preprocess, config,
+    chunk buffers holding the driver's results).
     """
     from itae.data.sources import open_source
 
@@ -334,6 +340,8 @@ def _prepare_store(
         engine="ray",  # not a setting (resume ignores it): which engine started the store
     )
 
+    kept = local.new_kept_batches(bb, itae, compile)
+
     def calibrate(cfg: ITAEConfig):
         from itae.data.decode import build_transform
 
@@ -341,12 +349,17 @@ def _prepare_store(
         # in-process then (calibration reads only a few hundred images).
         workers = 0 if ray_running else local.default_num_workers(device)
         return local._calibrate(
-            bb, src, build_transform(preprocess), cfg, calibration_images, batch_size, out_dir,
-            num_workers=workers, device=device, max_pixels=max_pixels, fast_decode=fast_decode,
+            bb, src, build_transform(preprocess), cfg, calibration_images, batch_size, chunk_size, out_dir,
+            num_workers=workers, device=device, max_pixels=max_pixels, fast_decode=fast_decode, kept=kept,
         )
 
+    buffers: dict[int, Any] = {}
     try:
         opened = local.open_writer(out_dir, existing, manifest, itae, overwrite=overwrite, calibrate=calibrate)
+        if kept is not None and kept.batches and not isinstance(opened, EmbeddingStore):
+            writer, run_cfg = opened
+            for batch, emb in local.embed_kept(bb, kept, run_cfg, feature, normalize, fast_cls):
+                _gather(local, writer, src, buffers, _result_rows(batch, emb, writer.dim))
     finally:
         # The actors load their own replicas; the driver's copy would only hold (GPU) memory.
         bb = None  # noqa: F841 - drops the last reference
@@ -355,7 +368,17 @@ def _prepare_store(
     if isinstance(opened, EmbeddingStore):
         return opened
     writer, run_cfg = opened
-    return src, writer, preprocess, run_cfg
+    return src, writer, preprocess, run_cfg, buffers
+
+
+def _result_rows(batch: dict[str, Any], emb: torch.Tensor | None, dim: int) -> dict[str, np.ndarray]:
+    """A local batch and its embeddings as the rows the model actors return (failed rows zero)."""
+    index = batch["index"].tolist() + list(batch["failed_index"])
+    out = np.zeros((len(index), dim), dtype=np.float32)
+    if emb is not None:
+        out[: len(batch["index"])] = emb.cpu().numpy()
+    reasons = [""] * len(batch["index"]) + list(batch["failed_reason"])
+    return {"index": np.asarray(index, dtype=np.int64), "embedding": out, "reason": np.asarray(reasons, dtype=object)}
 
 
 @contextmanager
@@ -402,8 +425,12 @@ def _run_pipeline(
     num_gpus_per_actor: float | None,
     num_decoders: int | None,
     progress: bool,
+    buffers: dict[int, Any] | None = None,
 ) -> None:
-    """Stream the missing chunks through the Ray pipeline and commit each chunk once it is complete."""
+    """Stream the missing chunks through the Ray pipeline and commit each chunk once it is complete.
+
+    ``buffers``: chunks partly filled already (by the driver); their records are not sent again.
+    """
     from tqdm.auto import tqdm
 
     resources = ray.cluster_resources()
@@ -421,7 +448,13 @@ def _run_pipeline(
         decoders = None
     decode_args = dict(source=src, preprocess=preprocess, max_pixels=max_pixels, fast_decode=fast_decode)
 
-    indices = [i for k in todo for i in range(*writer.chunk_bounds(k))]
+    buffers = {} if buffers is None else buffers
+    have = {k: {int(i) for part in b.index for i in part} | {i for i, _ in b.failed} for k, b in buffers.items()}
+    indices = [i for k in todo for i in range(*writer.chunk_bounds(k)) if i not in have.get(k, ())]
+    if not indices:
+        if buffers:
+            raise RuntimeError(f"chunks {sorted(buffers)} are complete but were not committed")
+        return
     blocks = min(_MAX_INPUT_BLOCKS, -(-len(indices) // batch_size))
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
@@ -447,7 +480,6 @@ def _run_pipeline(
                     "in the model actors" if decoders is None else "on CPU actors")
         bar = tqdm(total=len(src), initial=len(src) - len(indices), unit="img", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True, desc="embedding (ray)")
-        buffers: dict[int, Any] = {}
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _gather(local, writer, src, buffers, batch)

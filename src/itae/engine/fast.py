@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ITAEConfig
-from ..models.base import AttentionSite, Backbone
+from ..models.base import AttentionSite, Backbone, Features
 from .functional import artifact_mask, cls_row_weights, patch_norms, split_heads
 
 
@@ -90,6 +90,43 @@ def cls_attention_absorbed(
     return context.reshape(b, heads * d)
 
 
+def _check_fast(backbone: Backbone, config: ITAEConfig | None) -> None:
+    if not supports_fast_cls(backbone, config):
+        raise ValueError(
+            "forward_cls serves a calibrated config that engineers only the last block's CLS row; "
+            "use itae.attenuate for other configs"
+        )
+
+
+def supports_forward_from(backbone: Backbone) -> bool:
+    """Whether a forward can start at any block from its input tokens alone: the backbone exposes its
+    blocks and final norm, has a CLS token, and its blocks take no per-image arguments (rotary
+    embeddings, attention masks) that would have to be made again from the pixels."""
+    return (
+        backbone.embed_fn is not None
+        and backbone.final_norm is not None
+        and backbone.cls_token
+        and backbone.probe is None
+        and backbone.block_kwargs_fn is None
+        and not backbone.block_args
+    )
+
+
+def _run_blocks(blocks, h: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+    for block in blocks:
+        h = block(h, *args, **(kwargs or {}))
+        h = h[0] if isinstance(h, (tuple, list)) else h
+    return h
+
+
+def forward_features_from(backbone: Backbone, hidden: torch.Tensor, start: int) -> Features:
+    """The rest of the forward from the input tokens (B, T, D) of block ``start``: the same steps, in the
+    same order, as the model's own forward after that block's input (ITAE hooks apply when installed)."""
+    h = backbone.final_norm(_run_blocks(backbone.blocks[start:], hidden))  # type: ignore[misc]
+    p = backbone.num_prefix_tokens
+    return Features(cls=h[:, 0], patches=h[:, p:], registers=h[:, 1:p])
+
+
 def forward_cls(
     backbone: Backbone, pixel_values: torch.Tensor, config: ITAEConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -100,16 +137,30 @@ def forward_cls(
     (``supports_fast_cls``). Only the detection source is projected for all tokens (and nothing,
     without a config): the CLS row itself folds the K and V projections into the query and output.
     """
-    if not supports_fast_cls(backbone, config):
-        raise ValueError(
-            "forward_cls serves a calibrated config that engineers only the last block's CLS row; "
-            "use itae.attenuate for other configs"
-        )
+    _check_fast(backbone, config)
     block_kwargs = backbone.block_kwargs_fn(pixel_values) if backbone.block_kwargs_fn is not None else {}
-    h = backbone.embed(pixel_values)
-    for block in backbone.blocks[:-1]:
-        h = block(h, *backbone.block_args, **block_kwargs)
-        h = h[0] if isinstance(h, (tuple, list)) else h
+    return forward_cls_from(backbone, backbone.embed(pixel_values), 0, config, block_kwargs=block_kwargs)
+
+
+def forward_cls_from(
+    backbone: Backbone,
+    hidden: torch.Tensor,
+    start: int,
+    config: ITAEConfig | None = None,
+    *,
+    block_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``forward_cls`` from the input tokens (B, T, D) of block ``start`` instead of the pixels.
+
+    ``forward_cls(bb, x, cfg)`` is ``forward_cls_from(bb, bb.embed(x), 0, cfg)``, bit for bit; starting at
+    a later block skips the blocks before it (their output was kept, e.g. from a calibration pass).
+    ``block_kwargs``: the keyword arguments every block call takes for these pixels (rotary embeddings).
+    """
+    _check_fast(backbone, config)
+    if not 0 <= start < backbone.num_blocks:
+        raise IndexError(f"start block {start} is out of range for a model with {backbone.num_blocks} blocks")
+    block_kwargs = block_kwargs or {}
+    h = _run_blocks(backbone.blocks[start:-1], hidden, backbone.block_args, block_kwargs)
     site, parts = backbone.sites[-1], backbone.parts[-1]
     num_prefix = backbone.num_prefix_tokens
     z = parts.norm1(h)  # (B, T, D)
