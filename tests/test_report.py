@@ -546,7 +546,7 @@ def test_map_hover_colour_and_filter_in_headless_chromium(tmp_path):
     t = got["target"]
     # Hovering a point with a thumbnail shows that thumbnail and the point's own facts.
     assert got["hover"]["hovered"] == t
-    assert got["hover"]["pic"].startswith("data:image/webp;base64,")
+    assert got["hover"]["pic"].startswith("data:image/jpeg;base64,")
     assert got["hover"]["path"] == ids[t]
     assert got["hover"]["cluster"] == str(clusters[t])
     assert got["hover"]["label"] == labels[t]
