@@ -568,3 +568,49 @@ def test_map_hover_colour_and_filter_in_headless_chromium(tmp_path):
     assert got["state"].endswith(f"{got['inKept']:,} points shown")
     # Nothing was fetched: no resource entries at all (data: URIs are not requests).
     assert got["resources"] == []
+
+
+def _unpack(spec: dict) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(spec["b64"]), dtype={"u1": "<u1", "u2": "<u2", "u4": "<u4", "f4": "<f4"}[spec["dtype"]])
+
+
+def test_map_payload_round_trips_every_point():
+    from itae.report.layout import EmbeddingMap
+    from itae.report.mapview import map_payload
+
+    ids, clusters, labels, embeddings = make_run(n=300)
+    ids[5] = "deep/folder/x.jpg"
+    clusters = clusters.copy()
+    clusters[:7] = -1  # noise
+    index = np.arange(0, 300, 2)  # a sample of the rows
+    coords = np.random.default_rng(0).normal(size=(index.size, 2)) * [10.0, 1.0]
+    dist = np.linspace(0.5, 3.0, 300)
+    thumbs = {name: tiny_image((i, 0, 0)) for i, name in enumerate(ids) if i % 3}  # some have none
+    payload = map_payload(EmbeddingMap(coords, index, "pca", "d"), ids, clusters, np.asarray(labels), dist, thumbs,
+                          max_thumbs=40)
+    assert payload["n"] == index.size and payload["total"] == 300
+    x, y = _unpack(payload["x"]).astype(float), _unpack(payload["y"]).astype(float)
+    # One scale for both axes: positions come back up to a shift and a flip of y (screen coordinates).
+    scale = (coords[:, 0].max() - coords[:, 0].min()) / 65535
+    np.testing.assert_allclose(x * scale + coords[:, 0].min(), coords[:, 0], atol=2 * scale)
+    np.testing.assert_allclose(np.ptp(y) * scale, np.ptp(coords[:, 1]), atol=2 * scale)
+    np.testing.assert_allclose(-y * scale - (-y * scale).mean() + coords[:, 1].mean(), coords[:, 1], atol=2 * scale)
+    cats = [c["name"] for c in payload["clusters"]]
+    assert [cats[c] for c in _unpack(payload["cluster"])] == [
+        "noise" if c == -1 else str(c) for c in clusters[index]]
+    assert payload["clusters"][0]["noise"] and payload["clusters"][0]["colour"] == "#b8b8b8"
+    names = [payload["labels"][j]["name"] for j in _unpack(payload["label"])]
+    assert names == [labels[i] for i in index]
+    paths = [payload["folders"][f] + n for f, n in zip(_unpack(payload["folder"]), payload["names"])]
+    assert paths == [ids[i] for i in index]
+    np.testing.assert_allclose(_unpack(payload["dist"]), dist[index], rtol=1e-6)
+    with_thumb = _unpack(payload["thumbs"]["index"])
+    assert 0 < len(with_thumb) == len(payload["thumbs"]["data"]) <= 40
+    assert all(index[j] % 3 for j in with_thumb)  # only points whose image could be had
+    # A cluster takes its matched label's colour when a matching is given.
+    matched = map_payload(EmbeddingMap(coords, index, "pca", "d"), ids, clusters, np.asarray(labels), None, None,
+                          matched={1: 2})
+    assert matched["clusters"][1]["colour"] == matched["labels"][2]["colour"]
+    assert matched["thumbs"]["data"] == [] and matched["dist"] is None

@@ -10,9 +10,13 @@ nearest-neighbour query.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger("itae")
 
 MAP_METHODS = ("auto", "tsne", "umap", "pca")
 PCA_DIMS = 50  # the space that t-SNE / UMAP fit in and that places the points not fitted
@@ -80,8 +84,11 @@ def embedding_map(
     if method != "pca" and m < 10:
         method = "pca"  # too few points for a neighbourhood graph
 
+    t0 = time.perf_counter()
     reduced = _pca(x[index], PCA_DIMS, seed)  # (m, <=50)
     fit = np.sort(rng.choice(m, size=fit_points, replace=False)) if m > fit_points else np.arange(m)
+    if method != "pca":
+        log.info("itae: map layout: %s on %s of %s points, then placing the rest", method, f"{fit.size:,}", f"{m:,}")
     if method == "pca":
         coords = np.zeros((m, 2))
         coords[:, : min(2, reduced.shape[1])] = reduced[:, :2]
@@ -99,6 +106,7 @@ def embedding_map(
         coords[rest] = _place(reduced[fit], fitted, reduced[rest])
         placed = (f" Fitted on {fit.size:,} of them; the other {rest.size:,} are placed at the median position "
                   f"of their {PLACE_NEIGHBOURS} nearest fitted points.")
+    log.info("itae: map layout done in %.1f s", time.perf_counter() - t0)
     return EmbeddingMap(coords, index, method, f"{how} of {drawn}.{placed}")
 
 

@@ -57,7 +57,7 @@ def _thumbnail(image: Any, size: int) -> str | None:
         if isinstance(image, Image.Image):
             im = image.convert("RGB")
         elif isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-            with Image.open(image) as opened:
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
                 im = opened.convert("RGB")
         else:
             im = Image.fromarray(image_array(image))
