@@ -474,3 +474,35 @@ def test_inspect_draws_the_good_images_and_names_the_bad(assets, tmp_path, capsy
     assert (tmp_path / "fig" / "grid.png").is_file() and list((tmp_path / "fig").glob("000_00_*_norms.png"))
     assert "missing.jpg" in captured.err and "file not found" in captured.err
     assert "1 of 2 image(s) could not be inspected" in captured.err
+
+
+def test_run_report_has_title_k_scores_and_its_map_layout(assets, tmp_path, capsys):
+    import html as html_lib
+
+    out = tmp_path / "out"
+    title = "Colours <b>&</b> shapes"
+    rc = _run("run", assets["data"], "-o", out, "--model", assets["model"], "--labels", "from-folders",
+              "--k-range", "2:5", "--title", title, *COMMON)
+    assert rc == 0, capsys.readouterr().err
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"<title>{html_lib.escape(title)}</title>" in page and "<b>&</b>" not in page
+    # Every k tried is a row of the k table, with its score as written to clustering.json.
+    clustering = json.loads((out / "clustering.json").read_text())
+    scores = {int(k): v for k, v in clustering["k_scores"].items()}
+    assert sorted(scores) == [2, 3, 4, 5]
+    k_section = page[page.index('<section id="k">'):]
+    k_section = k_section[: k_section.index("</section>")]
+    for k, v in scores.items():
+        chosen = " (chosen)" if k == clustering["k"] else ""
+        assert f"<td>{k}{chosen}</td><td>{v:.4f}</td>" in k_section
+    run = json.loads((out / "run.json").read_text())
+    assert run["report"]["title"] == title
+    assert run["report"]["map_layout"] in ("tsne", "umap", "pca")
+    assert f"Layout: {run['report']['map_layout']}." in page
+
+
+def test_run_with_given_k_has_no_k_table(assets, tmp_path):
+    out = tmp_path / "out"
+    assert _run("run", assets["data"], "-k", 3, "-o", out, "--model", assets["model"], *COMMON) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<section id="k">' not in page and "<title>itae run: images</title>" in page

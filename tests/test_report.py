@@ -16,7 +16,14 @@ import pytest
 from PIL import Image
 
 from itae.report.figures import artifact_map, figure_to_png
-from itae.report.html import SECTION_IDS, embedding_map, write_report
+from itae.report.html import SECTION_IDS, write_report
+from itae.report.layout import embedding_map, resolve_method
+
+
+def _has(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
 
 EVIL = "<img src=x onerror=alert(1)>.png"
 EVIL_LABEL = "<script>1</script>"
@@ -50,6 +57,17 @@ class Page(HTMLParser):
     @property
     def all_text(self) -> str:
         return "".join(self.text)
+
+
+def _assert_only_the_map_scripts(page: Page, text: str) -> None:
+    """The page's only scripts are the map's data block and its inline code: nothing loaded, nothing fetched."""
+    scripts = page.tags("script")
+    assert scripts == [{"type": "application/json", "id": "map-data"}, {}], scripts
+    code = text[text.index('<script type="application/json" id="map-data">'):]
+    code = code[: code.rindex("</script>")]
+    for needle in ("fetch(", "XMLHttpRequest", "WebSocket", "import(", "http://", "https://"):
+        assert needle not in code, needle
+    assert "<" not in code.split(">", 1)[1].split("</script>", 1)[0]  # the JSON block escapes every "<"
 
 
 def tiny_image(color, size: int = 12) -> Image.Image:
@@ -98,13 +116,14 @@ def test_report_has_all_sections_and_is_self_contained(tmp_path):
     text = path.read_text(encoding="utf-8")
     page = Page(text)
     assert set(SECTION_IDS) <= page.ids
-    assert page.tags("script") == []
+    _assert_only_the_map_scripts(page, text)
     assert page.tags("link") == []  # CSS is inline
     for img in page.tags("img"):
         assert img["src"].startswith("data:image/")
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
-    # The map, one diagnostic figure and thumbnails are all embedded.
-    assert len(page.tags("img")) > 1 + 1 + 4
+    # One diagnostic figure and thumbnails are embedded; the map is a canvas.
+    assert len(page.tags("img")) > 1 + 4
+    assert "map-canvas" in page.ids
     assert "0.7500" in page.all_text and "itae" in page.all_text
 
 
@@ -113,7 +132,7 @@ def test_report_escapes_every_string_from_data(tmp_path):
     page = Page(text)
     for _tag, attrs in page.elements:
         assert not any(name.startswith("on") for name in attrs), attrs
-    assert page.tags("script") == []
+    _assert_only_the_map_scripts(page, text)  # a label "<script>..." did not become a third one
     assert page.tags("b") == []  # the config value stayed text
     visible = page.all_text
     assert EVIL in visible  # the file name is shown, as text (gallery caption, title, sweep table)
@@ -214,30 +233,39 @@ def test_large_run_is_sampled_and_stays_small(tmp_path):
 def test_embedding_map_samples_and_picks_a_method():
     x = np.random.default_rng(0).normal(size=(500, 12)).astype(np.float32)
     emap = embedding_map(x, max_points=100, method="pca", seed=1)
-    assert emap.coords.shape == (100, 2)
+    assert emap.coords.shape == (100, 2) and emap.method == "pca"
     assert len(np.unique(emap.index)) == 100 and np.all(np.diff(emap.index) > 0) and emap.index.max() < 500
     assert "100 of 500 points" in emap.description
     again = embedding_map(x, max_points=100, method="pca", seed=1)
     np.testing.assert_array_equal(emap.index, again.index)
 
-    auto = embedding_map(x, method="auto", max_points=100, tsne_max_points=40)
-    assert np.isfinite(auto.coords).all()
-    try:
-        import umap  # noqa: F401
-
-        assert auto.method == "umap" and auto.coords.shape == (100, 2)
-    except ImportError:
-        # t-SNE has its own, smaller cap.
-        assert auto.method == "tsne" and auto.coords.shape == (40, 2)
-        assert "t-SNE" in auto.description and "40 of 500 points" in auto.description
-        with pytest.raises(ImportError, match="umap-learn"):
+    assert resolve_method("auto") == ("tsne" if _has("openTSNE") else "umap" if _has("umap") else "pca")
+    if not _has("umap"):
+        with pytest.raises(ImportError, match="itae\\[umap\\]"):
             embedding_map(x[:40], method="umap")
+    if not _has("openTSNE"):
+        with pytest.raises(ImportError, match="itae\\[maps\\]"):
+            embedding_map(x[:40], method="tsne")
 
     pre = embedding_map(x[:, :2], max_points=50)
     assert pre.method == "precomputed"
     np.testing.assert_allclose(pre.coords, x[pre.index, :2], rtol=1e-6)
     with pytest.raises(ValueError, match="map method"):
         embedding_map(x, method="mds")
+
+
+@pytest.mark.skipif(not _has("openTSNE"), reason="needs openTSNE (itae[maps])")
+def test_tsne_map_fits_a_sample_and_places_the_rest_near_their_neighbours():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    x = (rng.normal(0, 8, (3, 20))[labels] + rng.normal(0, 1, (600, 20))).astype(np.float32)
+    emap = embedding_map(x, method="tsne", fit_points=200, seed=0)
+    assert emap.method == "tsne" and emap.coords.shape == (600, 2) and np.isfinite(emap.coords).all()
+    assert "Fitted on 200 of them; the other 400 are placed" in emap.description
+    # Blobs stay apart: each point is nearer its own blob's centre on the map than any other blob's.
+    centres = np.stack([emap.coords[labels == j].mean(axis=0) for j in range(3)])
+    nearest = np.argmin(np.linalg.norm(emap.coords[:, None] - centres[None], axis=2), axis=1)
+    assert (nearest == labels).mean() > 0.99
 
 
 def test_report_write_is_atomic_and_overwrites(tmp_path):
@@ -305,7 +333,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     dom = Page(result.stdout)
     assert set(SECTION_IDS) <= dom.ids
-    assert dom.tags("script") == []
+    _assert_only_the_map_scripts(dom, result.stdout)
     for tag, attrs in dom.elements:
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
     imgs = dom.tags("img")
@@ -422,3 +450,167 @@ def test_shown_run_is_named_in_each_section_it_concerns(tmp_path):
         assert "Run shown: c10 · demo:planted · itae · seed 1" in section, sid
     metrics = text[text.index('<section id="metrics">'):]
     assert metrics[: metrics.index("</section>")].count("Scores in %.") == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The explorable map, driven in headless Chromium
+
+# Appended to a copy of the report by the test (the report itself holds no test code): it plays a user's
+# moves through real DOM events at the canvas coordinates of known points, and writes what the page
+# showed into <pre id="probe"> for --dump-dom to print.
+PROBE = """
+<script>
+window.addEventListener("load", () => setTimeout(() => {
+  const out = {}, map = window.itaeMap, canvas = document.getElementById("map-canvas");
+  const at = (type, i) => {
+    const [x, y] = map.clientPosition(i);
+    canvas.dispatchEvent(new MouseEvent(type, {clientX: x, clientY: y, bubbles: true}));
+  };
+  const text = (id) => document.getElementById(id).textContent;
+  const pic = () => { const img = document.querySelector("#map-pic img"); return img ? img.src.slice(0, 30) : text("map-pic"); };
+  document.getElementById("map").scrollIntoView();
+  out.count = map.count;
+  const withThumb = map.withThumbnail(), all = [...Array(map.count).keys()];
+  const target = PICK_TARGET;
+  out.target = target;
+  at("mousemove", target);
+  out.hover = {pic: pic(), path: text("map-path"), cluster: text("map-cluster"), label: text("map-label"),
+               dist: text("map-dist"), hovered: map.state().hover};
+  const bare = all.find((i) => !withThumb.includes(i));
+  if (bare !== undefined) { at("mousemove", bare); out.bare = {pic: pic(), hovered: map.state().hover, index: bare}; }
+  at("mousedown", target);
+  at("mouseup", target);
+  out.pinned = map.state().pinned;
+  const colour = document.getElementById("map-colour");
+  out.clusterColours = all.map((i) => map.colourOf(i));
+  colour.value = "label"; colour.dispatchEvent(new Event("change"));
+  out.labelColours = all.map((i) => map.colourOf(i));
+  out.colourBy = map.state().colourBy;
+  const filter = document.getElementById("map-filter");
+  const keep = map.cluster(target);
+  filter.value = String(keep); filter.dispatchEvent(new Event("change"));
+  const far = (i) => all.every((j) => map.cluster(j) !== keep ||
+      Math.hypot(...map.clientPosition(i).map((v, a) => v - map.clientPosition(j)[a])) > 15);
+  const other = all.find((i) => map.cluster(i) !== keep && far(i));
+  out.other = other === undefined ? null : other;
+  at("mousemove", other);
+  out.hiddenHover = map.state().hover;
+  out.shownAfterFilter = all.filter((i) => map.colourOf(i) !== null).length;
+  out.inKept = all.filter((i) => map.cluster(i) === keep).length;
+  out.state = document.getElementById("map-state").textContent;
+  out.resources = performance.getEntriesByType("resource").map((e) => e.name);
+  filter.value = "-1"; filter.dispatchEvent(new Event("change"));
+  at("mousemove", target);
+  const pre = document.createElement("pre");
+  pre.id = "probe"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 50));
+</script>
+"""
+
+
+def _probe(binary: str, report: Path, tmp_path: Path, target: str = "map.withThumbnail()[0]") -> dict:
+    import json
+
+    page = tmp_path / "probed.html"
+    text = report.read_text(encoding="utf-8")
+    page.write_text(text.replace("</body>", PROBE.replace("PICK_TARGET", target) + "</body>"), encoding="utf-8")
+    # No network: every host resolves to nothing, so a request would fail and show in the probe's list.
+    result = _run_chromium(binary, tmp_path / "profile", "--window-size=1280,1000",
+                           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000",
+                           "--dump-dom", page.resolve().as_uri())
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
+    assert match, "the probe did not run: " + result.stderr[-2000:]
+    return json.loads(html.unescape(match.group(1)))
+
+
+def _map_report(path: Path, n: int = 400, max_map_thumbs: int = 150) -> Path:
+    ids, clusters, labels, embeddings = make_run(n=n)
+    colors = np.random.default_rng(1).integers(0, 256, (len(ids), 3))
+    thumbs = {name: tiny_image(colors[i], 24) for i, name in enumerate(ids)}
+    return write_report(path, title="map", metrics=None, config={}, ids=ids, cluster_labels=clusters,
+                        true_labels=labels, embeddings=embeddings, thumbnails=thumbs, map_method="pca",
+                        max_map_thumbs=max_map_thumbs)
+
+
+@pytest.mark.browser
+def test_map_hover_colour_and_filter_in_headless_chromium(tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium)")
+    ids, clusters, labels, _ = make_run(n=400)
+    report = _map_report(tmp_path / "report.html")
+    got = _probe(binary, report, tmp_path)
+    assert got["count"] == 400
+    t = got["target"]
+    # Hovering a point with a thumbnail shows that thumbnail and the point's own facts.
+    assert got["hover"]["hovered"] == t
+    assert got["hover"]["pic"].startswith("data:image/jpeg;base64,")
+    assert got["hover"]["path"] == ids[t]
+    assert got["hover"]["cluster"] == str(clusters[t])
+    assert got["hover"]["label"] == labels[t]
+    assert float(got["hover"]["dist"]) > 0
+    # A point without one says so; a click pins.
+    assert got["bare"]["hovered"] == got["bare"]["index"] and got["bare"]["pic"] == "no thumbnail"
+    assert got["pinned"] == t
+    # Colour by label: points of one label share a colour, and the colouring differs from the clusters'.
+    assert got["colourBy"] == "label"
+    by_label: dict[str, set] = {}
+    for i, colour in enumerate(got["labelColours"]):
+        by_label.setdefault(labels[i], set()).add(colour)
+    assert all(len(c) == 1 for c in by_label.values()) and len(set(got["labelColours"])) == len(by_label)
+    assert got["labelColours"] != got["clusterColours"]
+    # The filter keeps one cluster: others are not drawn in colour and cannot be picked.
+    assert got["shownAfterFilter"] == got["inKept"] == int((clusters == clusters[t]).sum())
+    assert got["other"] is not None and clusters[got["other"]] != clusters[t]
+    assert got["hiddenHover"] == -1  # the pointer is on a filtered-out point, away from the kept cluster
+    assert got["state"].endswith(f"{got['inKept']:,} points shown")
+    # Nothing was fetched: no resource entries at all (data: URIs are not requests).
+    assert got["resources"] == []
+
+
+def _unpack(spec: dict) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(spec["b64"]), dtype={"u1": "<u1", "u2": "<u2", "u4": "<u4", "f4": "<f4"}[spec["dtype"]])
+
+
+def test_map_payload_round_trips_every_point():
+    from itae.report.layout import EmbeddingMap
+    from itae.report.mapview import map_payload
+
+    ids, clusters, labels, embeddings = make_run(n=300)
+    ids[5] = "deep/folder/x.jpg"
+    clusters = clusters.copy()
+    clusters[:7] = -1  # noise
+    index = np.arange(0, 300, 2)  # a sample of the rows
+    coords = np.random.default_rng(0).normal(size=(index.size, 2)) * [10.0, 1.0]
+    dist = np.linspace(0.5, 3.0, 300)
+    thumbs = {name: tiny_image((i, 0, 0)) for i, name in enumerate(ids) if i % 3}  # some have none
+    payload = map_payload(EmbeddingMap(coords, index, "pca", "d"), ids, clusters, np.asarray(labels), dist, thumbs,
+                          max_thumbs=40)
+    assert payload["n"] == index.size and payload["total"] == 300
+    x, y = _unpack(payload["x"]).astype(float), _unpack(payload["y"]).astype(float)
+    # One scale for both axes: positions come back up to a shift and a flip of y (screen coordinates).
+    scale = (coords[:, 0].max() - coords[:, 0].min()) / 65535
+    np.testing.assert_allclose(x * scale + coords[:, 0].min(), coords[:, 0], atol=2 * scale)
+    np.testing.assert_allclose(np.ptp(y) * scale, np.ptp(coords[:, 1]), atol=2 * scale)
+    np.testing.assert_allclose(-y * scale - (-y * scale).mean() + coords[:, 1].mean(), coords[:, 1], atol=2 * scale)
+    cats = [c["name"] for c in payload["clusters"]]
+    assert [cats[c] for c in _unpack(payload["cluster"])] == [
+        "noise" if c == -1 else str(c) for c in clusters[index]]
+    assert payload["clusters"][0]["noise"] and payload["clusters"][0]["colour"] == "#b8b8b8"
+    names = [payload["labels"][j]["name"] for j in _unpack(payload["label"])]
+    assert names == [labels[i] for i in index]
+    paths = [payload["folders"][f] + n for f, n in zip(_unpack(payload["folder"]), payload["names"])]
+    assert paths == [ids[i] for i in index]
+    np.testing.assert_allclose(_unpack(payload["dist"]), dist[index], rtol=1e-6)
+    with_thumb = _unpack(payload["thumbs"]["index"])
+    assert 0 < len(with_thumb) == len(payload["thumbs"]["data"]) <= 40
+    assert all(index[j] % 3 for j in with_thumb)  # only points whose image could be had
+    # A cluster takes its matched label's colour when a matching is given.
+    matched = map_payload(EmbeddingMap(coords, index, "pca", "d"), ids, clusters, np.asarray(labels), None, None,
+                          matched={1: 2})
+    assert matched["clusters"][1]["colour"] == matched["labels"][2]["colour"]
+    assert matched["thumbs"]["data"] == [] and matched["dist"] is None

@@ -251,6 +251,7 @@ def run(
     cluster_options: dict[str, Any] | None = None,
     save_every: int = 4096,
     save_interval: float = 30.0,
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Embed ``data``, cluster it into ``k`` groups (None: chosen automatically), score it when labels are
     known, and write everything under ``out``. Returns the run record (also ``out/run.json``).
@@ -263,6 +264,7 @@ def run(
     method: the artifact fix ("none", "itae", "ttr", "itae+ttr"; see ``itae.embed``); None runs what
     ``itae`` and ``ttr`` say. algorithm: the clustering algorithm ("kmeans", "agglomerative", "hdbscan";
     an algorithm passed as ``method``, as before 0.2, still works, with a DeprecationWarning).
+    title: the report's title (default: "itae run: " and the data's name).
     """
     from .clustering import METHODS as CLUSTER_METHODS
     from .clustering import check_cluster_arguments
@@ -306,7 +308,7 @@ def run(
                 precision=precision, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
                 calibration_images=calibration_images, report=report, progress=progress, fast_decode=fast_decode,
                 compile=compile, overwrite=overwrite, cluster_options=cluster_options, save_every=save_every,
-                save_interval=save_interval,
+                save_interval=save_interval, title=title,
             )
         except BaseException as e:
             error = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
@@ -318,7 +320,8 @@ def run(
 
 def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, algorithm,
                ttr, seeds, spherical, dev, precision, resolution, batch_size, num_workers, calibration_images, report,
-               progress, fast_decode, compile, overwrite, cluster_options, save_every, save_interval) -> dict[str, Any]:
+               progress, fast_decode, compile, overwrite, cluster_options, save_every, save_interval,
+               title=None) -> dict[str, Any]:
     from .data.extract import embed, resolve_precision
     from .models.loading import load_backbone
 
@@ -373,8 +376,10 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
 
     if report:
         t0 = time.perf_counter()
-        write_run_report(out, store, source, result, metrics, record, backbone=backbone)
+        layout = write_run_report(out, store, source, result, metrics, record, backbone=backbone, title=title)
         timings["report_s"] = time.perf_counter() - t0
+        record["report"] = {"title": title or default_title(data), "map_layout": layout.method,
+                            "map_description": layout.description}
     timings["images_per_s_embed"] = n / timings["embed_s"] if timings["embed_s"] > 0 else None
     record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_json(out / RUN, record)
@@ -401,10 +406,17 @@ def _clear_previous_run(out: Path) -> None:
             pass
 
 
-def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, record, *, backbone=None) -> Path:
-    """``out/report.html`` for a finished run (diagnostics included when the backbone is given)."""
+def default_title(data: str | os.PathLike) -> str:
+    return f"itae run: {Path(str(data)).name or data}"
+
+
+def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, record, *, backbone=None,
+                     title: str | None = None):
+    """``out/report.html`` for a finished run (diagnostics included when the backbone is given); returns
+    the map's layout (an ``EmbeddingMap``: which method drew it, and how)."""
     from .data.decode import DecodeError, load_rgb
     from .report.html import write_report
+    from .report.layout import embedding_map
 
     index = {ident: i for i, ident in enumerate(source.ids)}
 
@@ -422,9 +434,16 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
             log.warning("itae: artifact diagnostics skipped: %s", e)
     config = {k: v for k, v in record.items() if k not in ("metrics", "versions", "timings")}
     config["versions"] = record["versions"]
-    return write_report(
-        out / REPORT, title=f"itae run: {Path(str(record['data'])).name or record['data']}", metrics=metrics,
+    embeddings = store.embeddings(mmap=True)
+    layout = embedding_map(embeddings)
+    k_selection = None
+    if result.k_scores:
+        criterion = result.params.get("k_selection", {}).get("criterion", "silhouette")
+        k_selection = {"criterion": criterion, "scores": result.k_scores, "chosen": result.k}
+    write_report(
+        out / REPORT, title=title or default_title(record["data"]), metrics=metrics,
         config=_jsonable(config), ids=store.ids, cluster_labels=result.labels, true_labels=store.labels,
-        embeddings=store.embeddings(mmap=True), centroid_distances=result.distances, thumbnails=thumbnail,
-        diagnostics_pngs=[("CLS attention before and after ITAE", p) for p in pngs],
+        embeddings=embeddings, layout=layout, k_selection=k_selection, centroid_distances=result.distances,
+        thumbnails=thumbnail, diagnostics_pngs=[("CLS attention before and after ITAE", p) for p in pngs],
     )
+    return layout

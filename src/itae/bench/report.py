@@ -86,8 +86,10 @@ def _comparison_tables(results) -> list[tuple[str, list[list[str]], list[str]]]:
     return tables
 
 
-def write_bench_report(results, *, diagnostics: bool = True) -> Path:
-    """Write ``<out_dir>/report.html`` for a finished (or partly finished) grid; return its path."""
+def write_bench_report(results, *, diagnostics: bool = True, title: str | None = None) -> Path:
+    """Write ``<out_dir>/report.html`` for a finished (or partly finished) grid; return its path.
+
+    title: the page's title (default: "itae bench: " and the data sets' names)."""
     from itae.data.store import EmbeddingStore
     from itae.report.html import write_report
 
@@ -138,7 +140,7 @@ def write_bench_report(results, *, diagnostics: bool = True) -> Path:
     ]
     return write_report(
         out / REPORT,
-        title=f"itae bench: {', '.join(d.name for d in spec.datasets)}",
+        title=title or f"itae bench: {', '.join(d.name for d in spec.datasets)}",
         metrics=_shown_run_metrics(shown),
         metrics_note=f"The run that the confusion table, map and gallery below show ({why}); scores in %. "
                      "Every run of the grid is in the next table.",

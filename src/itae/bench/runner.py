@@ -313,6 +313,7 @@ def run_bench(
     report: bool = True,
     keep_going: bool = False,
     estimate: bool = True,
+    title: str | None = None,
 ) -> BenchResults:
     """Run every (data set, model, method, seed) of ``spec`` not yet in ``out_dir/results.csv``.
 
@@ -325,7 +326,7 @@ def run_bench(
     Writes ``results.csv`` (one row per run, rewritten atomically after each), ``results.md`` (mean ± std
     per data set, model and method, deltas against the baseline, the published figures beside ours when
     the spec names a reference, missing cells), ``spec.json``, ``cache/`` and, with ``report``,
-    ``report.html`` (the tables plus one run shown in full).
+    ``report.html`` (the tables plus one run shown in full), named ``title`` when given.
     """
     from itae.metrics import evaluate
 
@@ -447,7 +448,7 @@ def run_bench(
                            comparison=_comparison(spec, summary, missing))
     if report and rows:
         try:
-            write_bench_report(results)
+            write_bench_report(results, title=title)
         except Exception as e:  # results.csv and results.md are written; the page is a view of them
             log.always(f"itae bench: report.html not written: {e}")
     return results

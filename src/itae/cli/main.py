@@ -433,7 +433,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
         image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
         fast_decode=args.fast_decode, compile=args.compile, save_every=args.save_every,
-        cluster_options=_cluster_options(args),
+        cluster_options=_cluster_options(args), title=args.title,
     )
     print(_run_summary(record))
     print(f"outputs in {args.out}" + ("" if args.no_report else f" (open {Path(args.out) / 'report.html'})"))
@@ -489,7 +489,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     ("--paper/--preset", args.paper or args.preset)) if on]
     if len(chosen) > 1:
         raise ValueError(f"give one of --spec, --quick and --paper/--preset; got {' and '.join(chosen)}")
-    run = {"progress": not args.no_progress, "keep_going": args.keep_going, "report": not args.no_report}
+    run = {"progress": not args.no_progress, "keep_going": args.keep_going, "report": not args.no_report,
+           "title": args.title}
     if args.quick:
         data = args.data
         if data is None:  # nothing given: generated labelled images, so the preset runs anywhere
@@ -548,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="folder, .txt/.csv list, WebDataset .tar shards, or HF data set (id or saved folder)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--title", help="title of report.html (default: 'itae run: ' and the data's name)")
     _add_cluster(p)
     _add_model(p)
     _add_method(p, clustering_too=True)
@@ -676,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled image folder (<class>/<image>) for --quick (default: generated images)")
     p.add_argument("-o", "--out", required=True, help="output folder (results.csv, results.md, report.html)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--title", help="title of report.html (default: 'itae bench: ' and the data sets' names)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -15,7 +15,8 @@ from itae.report.figures import (
     norm_histograms,
     write_inspection,
 )
-from itae.report.html import SECTION_IDS, EmbeddingMap, embedding_map, write_report
+from itae.report.html import SECTION_IDS, write_report
+from itae.report.layout import EmbeddingMap, embedding_map
 
 __all__ = [
     "SECTION_IDS",

@@ -1,9 +1,12 @@
-"""`report.html`: one self-contained page per run (metrics, confusion, 2-D map, gallery, diagnostics, config).
+"""`report.html`: one self-contained page per run (metrics, confusion, explorable map, gallery, diagnostics,
+config).
 
-The page needs no network and no JavaScript: CSS is inline, images are base64 data URIs, the 2-D map is
-one PNG. Everything drawn is sampled and capped, so a run over 100,000 images still gives a page of a
-few MB that opens fast; the page says what was sampled. Every string that comes from data (ids,
-labels, config values, metric names) goes through ``html.escape``.
+The page needs no network: CSS and the map's small script are inline, images are base64 data URIs. The
+map is a canvas drawn by that script (pan, zoom, hover, colour by cluster or label, cluster filter; see
+`itae.report.mapview`), with thumbnails for a sample of its points. Everything drawn is sampled and
+capped, so a run over 100,000 images still gives a page of a few MB that opens fast; the page says what
+was sampled. Every string that comes from data (ids, labels, config values, metric names) is escaped:
+``html.escape`` here, Jinja2's autoescaping and ``tojson`` in the map's template.
 
 Noise (cluster label -1, from HDBSCAN) follows the rule of `itae.metrics`: it is not a cluster. The page
 counts clusters without it, shows it as one "noise" row of the confusion table that is matched to no
@@ -27,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from itae.data.sources import display_name
-from itae.report.figures import figure_to_png, image_array
+from itae.report.figures import image_array
+from itae.report.layout import MAP_METHODS, EmbeddingMap, embedding_map
+from itae.report.mapview import map_payload, map_section_html
 
 SECTION_IDS = ("metrics", "confusion", "map", "gallery", "diagnostics", "config")
-MAP_METHODS = ("auto", "umap", "tsne", "pca")
+__all__ = ["MAP_METHODS", "SECTION_IDS", "EmbeddingMap", "embedding_map", "write_report"]
 
 Thumbnails = Callable[[str], Any] | Mapping[str, Any]
 PngLike = bytes | str | Path
@@ -103,191 +108,6 @@ def _as_label_array(labels: Sequence[Any]) -> np.ndarray:
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr):
         return arr.astype(np.int64)
     return arr.astype(str)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2-D map
-
-
-@dataclass(frozen=True)
-class EmbeddingMap:
-    """2-D coordinates of a sample of the points: coords (m, 2) for the rows ``index`` (m,)."""
-
-    coords: np.ndarray
-    index: np.ndarray
-    method: str
-    description: str
-
-
-def embedding_map(
-    embeddings: np.ndarray,
-    *,
-    max_points: int = 20000,
-    method: str = "auto",
-    seed: int = 0,
-    tsne_max_points: int = 5000,
-) -> EmbeddingMap:
-    """Project a uniform sample of the embeddings (n, D) to 2-D.
-
-    method "auto": UMAP when ``umap`` is importable, else PCA to 50 dimensions then t-SNE, else (fewer
-    than 10 points) PCA. At most ``max_points`` points are drawn, and at most ``tsne_max_points`` for
-    t-SNE, whose cost grows fastest (20,000 points take minutes on two cores). A (n, 2) input is taken
-    as a precomputed map and only sampled.
-    """
-    if method not in MAP_METHODS:
-        raise ValueError(f"map method must be one of {', '.join(MAP_METHODS)}; got {method!r}")
-    x = np.asarray(embeddings, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty (n, D) array; got shape {x.shape}")
-    if max_points < 1 or tsne_max_points < 1:
-        raise ValueError(f"max_points and tsne_max_points must be >= 1; got {max_points}, {tsne_max_points}")
-    n = x.shape[0]
-    if x.shape[1] == 2:
-        method = "precomputed"
-    elif method == "auto":
-        try:
-            import umap  # noqa: F401
-
-            method = "umap"
-        except ImportError:
-            method = "tsne" if min(n, max_points, tsne_max_points) >= 10 else "pca"
-    cap = min(max_points, tsne_max_points) if method == "tsne" else max_points
-    rng = np.random.default_rng(seed)
-    index = np.sort(rng.choice(n, size=cap, replace=False)) if n > cap else np.arange(n)
-    sample = x[index]
-    m = sample.shape[0]
-    drawn = f"{m:,} of {n:,} points" + (f" (uniform random sample, seed {seed})" if m < n else "")
-
-    if method == "precomputed":
-        return EmbeddingMap(sample.astype(np.float64), index, method, f"Precomputed 2-D map; {drawn}.")
-    if method == "umap":
-        try:
-            import umap
-        except ImportError:
-            raise ImportError("map method 'umap' needs umap-learn: pip install 'itae[umap]'") from None
-        coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(sample)
-        return EmbeddingMap(np.asarray(coords, np.float64), index, "umap", f"UMAP of {drawn}.")
-    reduced = _pca(sample, min(50, sample.shape[1], max(m - 1, 1)))
-    if method == "tsne" and m >= 4:
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30.0, max(2.0, (m - 1) / 3.0)))
-        coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
-        return EmbeddingMap(
-            np.asarray(coords, np.float64), index, "tsne",
-            f"t-SNE (perplexity {perplexity:g}, after PCA to {reduced.shape[1]} dimensions) of {drawn}.",
-        )
-    coords = np.zeros((m, 2))
-    coords[:, : min(2, reduced.shape[1])] = reduced[:, :2]
-    return EmbeddingMap(coords, index, "pca", f"PCA (first two components) of {drawn}.")
-
-
-def _pca(x: np.ndarray, k: int) -> np.ndarray:
-    x = x.astype(np.float64) - x.mean(axis=0, keepdims=True)
-    if x.shape[0] < 2 or k < 1:
-        return np.zeros((x.shape[0], max(k, 1)))
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    return x @ vt[:k].T
-
-
-_NOISE_RGBA = np.array([[0.72, 0.72, 0.72, 1.0]])  # noise points on the map: light grey
-
-
-def _is_noise_id(c: Any) -> bool:
-    from itae.metrics.contingency import is_noise
-
-    return is_noise(c.item() if isinstance(c, np.generic) else c)
-
-
-def _category_colors(k: int) -> np.ndarray:
-    from matplotlib import colormaps
-
-    if k <= 10:
-        return colormaps["tab10"](np.arange(k))
-    if k <= 20:
-        return colormaps["tab20"](np.arange(k))
-    # Many categories: spread hues, then interleave so neighbouring ids get distant colours.
-    hues = colormaps["turbo"](np.linspace(0.05, 0.95, k))
-    order = np.argsort((np.arange(k) * 7) % k, kind="stable")
-    return hues[order]
-
-
-def _scatter_png(
-    emap: EmbeddingMap,
-    clusters: np.ndarray,
-    labels: np.ndarray | None,
-    matching: _Matching | None = None,
-    *,
-    dpi: int = 90,
-) -> bytes:
-    """Scatter of the map, coloured by cluster and (when known) by label.
-
-    With a matching, each cluster takes the colour of its matched label, so the two panels compare at a glance.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    panels = []
-    if matching is not None:
-        n_labels, k = len(matching.label_ids), len(matching.cluster_ids)
-        colour_of_cluster = np.empty(k, dtype=np.int64)
-        matched = dict(zip(matching.rows.tolist(), matching.cols.tolist(), strict=True))
-        spare = iter(range(n_labels, n_labels + k))
-        for r in range(k):
-            if r != matching.noise_row:
-                colour_of_cluster[r] = matched[r] if r in matched else next(spare)
-        n_colours = int(max((colour_of_cluster[r] for r in range(k) if r != matching.noise_row),
-                            default=n_labels - 1)) + 1
-        palette = np.vstack([_category_colors(n_colours), _NOISE_RGBA])  # the last colour is noise's grey
-        if matching.noise_row is not None:
-            colour_of_cluster[matching.noise_row] = n_colours
-        c_inv = np.searchsorted(matching.cluster_ids, clusters[emap.index])
-        l_inv = np.searchsorted(matching.label_ids, labels[emap.index])
-        panels.append(("coloured by cluster", matching.cluster_ids, colour_of_cluster, c_inv, palette))
-        panels.append(("coloured by label", matching.label_ids, np.arange(n_labels), l_inv, palette))
-    else:
-        for name, values in (("coloured by cluster", clusters), ("coloured by label", labels)):
-            if values is None:
-                continue
-            cats, inv = np.unique(values[emap.index], return_inverse=True)
-            colour_index = np.arange(len(cats))
-            palette = _category_colors(len(cats))
-            noise = _noise_row(cats) if values is clusters else None
-            if noise is not None:  # clusters keep the colours they would have without noise; noise is grey
-                colour_index = np.where(colour_index > noise, colour_index - 1, colour_index)
-                colour_index[noise] = len(cats) - 1
-                palette = np.vstack([_category_colors(max(len(cats) - 1, 1))[: len(cats) - 1], _NOISE_RGBA])
-            panels.append((name, cats, colour_index, inv, palette))
-
-    fig = Figure(figsize=(6.2 * len(panels), 5.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    m = emap.coords.shape[0]
-    size = float(np.clip(300.0 / np.sqrt(max(m, 1)), 0.4, 14.0))
-    draw_order = np.random.default_rng(0).permutation(m)  # so no category is painted systematically on top
-    noise = _noise_mask(clusters[emap.index])
-    if noise.any():  # noise first, so the clusters are painted over it
-        draw_order = np.concatenate([draw_order[noise[draw_order]], draw_order[~noise[draw_order]]])
-    for ax, (name, cats, colour_index, inv, palette) in zip(axes, panels, strict=True):
-        colors = palette[colour_index]  # one colour per category
-        ax.scatter(
-            emap.coords[draw_order, 0], emap.coords[draw_order, 1], c=colors[inv[draw_order]], s=size,
-            linewidths=0, rasterized=True,
-        )
-        ax.set_title(name, fontsize=11)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_color("#cccccc")
-        if len(cats) <= 20:
-            handles = [
-                Line2D([], [], marker="o", linestyle="", color=colors[i], markersize=6,
-                       label="noise" if name == "coloured by cluster" and _is_noise_id(c) else _short(str(c), 18))
-                for i, c in enumerate(cats)
-            ]
-            ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    return figure_to_png(fig, dpi=dpi)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,6 +222,12 @@ def _confusion_html(matching: _Matching, max_size: int) -> str:
         + '<div class="scroll"><table class="confusion"><thead><tr><th>cluster</th><th>matched label</th>'
         + head + "<th>total</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
     )
+
+
+def _is_noise_id(c: Any) -> bool:
+    from itae.metrics.contingency import is_noise
+
+    return is_noise(c.item() if isinstance(c, np.generic) else c)
 
 
 def _cluster_name(c: Any) -> str:
@@ -611,6 +437,33 @@ def _rows_table(rows: Sequence[Any]) -> str:
     return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _k_selection_html(k_selection: Mapping[str, Any]) -> str:
+    """Every k tried by the automatic choice, with its score as a number and a bar; the chosen k marked."""
+    criterion = str(k_selection.get("criterion", "score"))
+    scores = {int(k): float(v) for k, v in (k_selection.get("scores") or {}).items()}
+    chosen = k_selection.get("chosen")
+    if not scores:
+        return '<p class="note">No scores were kept for the automatic choice of k.</p>'
+    higher = criterion != "davies_bouldin"
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    rows = []
+    for k in sorted(scores):
+        v = scores[k]
+        share = 0.0 if not math.isfinite(v) or hi == lo else (v - lo) / (hi - lo)
+        if not higher:
+            share = 1.0 - share
+        bar = f'<span class="kbar" style="width:{4 + 156 * share:.0f}px"></span>' if math.isfinite(v) else ""
+        mark = ' class="chosen"' if k == chosen else ""
+        rows.append(f"<tr{mark}><td>{k}{' (chosen)' if k == chosen else ''}</td><td>{_fmt(v)}</td>"
+                    f'<td class="kcell">{bar}</td></tr>')
+    direction = "higher" if higher else "lower"
+    note = (f"k was chosen automatically by the {criterion.replace('_', '-')} criterion ({direction} is better; "
+            f"ties go to the smaller k). The bar is longer for a better score.")
+    return (f'<p class="note">{_e(note)}</p><table class="metrics ktable"><thead><tr><th>k</th>'
+            f"<th>{_e(criterion)}</th><th></th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Page
 
@@ -658,6 +511,9 @@ font-size:11px;border-radius:3px}
 pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:12px 14px;overflow:auto;
 font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 footer{color:var(--muted);font-size:12px;margin-top:40px}
+table.ktable td.kcell{text-align:left;width:170px}
+.kbar{display:inline-block;height:9px;border-radius:2px;background:var(--accent);opacity:.75}
+table.ktable tr.chosen td{font-weight:600}table.ktable tr.chosen .kbar{opacity:1}
 """
 
 
@@ -688,8 +544,11 @@ def write_report(
     thumbnails: Thumbnails | None = None,
     diagnostics_pngs: Sequence[PngLike | tuple[str, PngLike]] | None = None,
     extra_tables: Sequence[tuple[str, Sequence[Any]] | tuple[str, Sequence[Any], Sequence[str]]] | None = None,
-    max_points: int = 20000,
-    tsne_max_points: int = 5000,
+    layout: EmbeddingMap | None = None,
+    k_selection: Mapping[str, Any] | None = None,
+    max_points: int = 100_000,
+    fit_points: int = 2_500,
+    max_map_thumbs: int = 1_500,
     max_thumbs_per_cluster: int = 12,
     max_clusters_shown: int = 50,
     max_confusion: int = 30,
@@ -703,11 +562,15 @@ def write_report(
 
     ids, cluster_labels, true_labels and the rows of embeddings / centroid_distances are aligned (n each).
     embeddings: (n, D) features, or an (n, 2) precomputed map; also used for centroid distances when
-    ``centroid_distances`` is None. thumbnails: id -> PIL image, array or image path (callable or mapping),
+    ``centroid_distances`` is None. layout: the map's 2-D coordinates, already computed (see
+    `itae.report.layout.embedding_map`); without it the map is computed here from ``embeddings`` with
+    ``map_method``, ``max_points`` and ``fit_points``. thumbnails: id -> PIL image, array or image path (callable or mapping),
     called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
     extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header,
     or (title, rows, notes) with notes printed under the table.
     metrics: see ``_metrics_html`` for the shapes accepted; ``metrics_note`` is printed above its table.
+    k_selection: when k was chosen automatically, {"criterion": name, "scores": {k: score}, "chosen": k},
+    shown as a table of every k tried.
     shown_run: which run the confusion table, map and gallery show, when the page covers several (e.g. a
     benchmark grid); each of those sections then starts by naming it.
     """
@@ -751,6 +614,8 @@ def write_report(
     if metrics_note:
         metrics_body = f'<p class="note">{_e(metrics_note)}</p>' + metrics_body
     sections = [_section("metrics", "Metrics", metrics_body)]
+    if k_selection:
+        sections.append(_section("k", "Choosing k", _k_selection_html(k_selection)))
     shown = f'<p class="note shown">Run shown: {_e(shown_run)}</p>' if shown_run else ""
     for i, (table_title, rows, *notes) in enumerate(extra_tables or []):
         below = "".join(f'<p class="note">{_e(n)}</p>' for n in (notes[0] if notes else ()))
@@ -763,18 +628,24 @@ def write_report(
         confusion = '<p class="note">No ground-truth labels were given for this run.</p>'
     sections.append(_section("confusion", "Clusters against labels", shown + confusion))
 
-    if embeddings is not None:
-        emap = embedding_map(
-            embeddings, max_points=max_points, method=map_method, seed=seed, tsne_max_points=tsne_max_points
-        )
-        png = _scatter_png(emap, clusters, labels, matching)
-        note = emap.description
+    if layout is None and embeddings is not None:
+        layout = embedding_map(embeddings, max_points=max_points, method=map_method, seed=seed, fit_points=fit_points)
+    if layout is not None:
+        if layout.index.size and int(layout.index.max()) >= n:
+            raise ValueError(f"layout indexes row {int(layout.index.max())} but there are {n} ids")
+        matched = None
+        if matching is not None:
+            matched = dict(zip(matching.rows.tolist(), matching.cols.tolist(), strict=True))
+        payload = map_payload(layout, ids, clusters, labels, centroid_distances, thumbnails, matched=matched,
+                              max_thumbs=max_map_thumbs, seed=seed)
+        n_thumbs = len(payload["thumbs"]["data"])
+        note = (f"{layout.description} Layout: {layout.method}. Thumbnails are embedded for {n_thumbs:,} of the "
+                f"{layout.index.size:,} points (a uniform sample); the others show \u201cno thumbnail\u201d.")
         if matching is not None:
             note += " Each cluster is drawn in the colour of its matched label."
         if _noise_mask(clusters).any():
             note += " Noise (in no cluster) is drawn in grey, under the clusters."
-        body = (f'<p class="note">{_e(note)}</p>'
-                f'<img class="figure" src="{_data_uri(png)}" alt="2-D map of the embeddings">')
+        body = map_section_html(payload, note=note)
     else:
         body = '<p class="note">No embeddings were given; no map drawn.</p>'
     sections.append(_section("map", "Embedding map", shown + body))
@@ -800,13 +671,14 @@ def write_report(
     config_text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
     sections.append(_section("config", "Configuration", f"<pre>{_e(config_text)}</pre>"))
 
-    nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in SECTION_IDS)
+    nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in SECTION_IDS[:1] + (("k",) if k_selection else ())
+                  + SECTION_IDS[1:])
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f'<header><h1>{_e(title)}</h1><p class="summary">{_e(_DOT.join(summary))}</p><nav>{nav}</nav></header>'
-        f"<main>{''.join(sections)}<footer>Self-contained report: no scripts, no network; images are embedded."
+        f"<main>{''.join(sections)}<footer>Self-contained report: no network; the map's script and every image are embedded."
         "</footer></main></body></html>\n"
     )
     return _write_atomic(Path(path), page)
