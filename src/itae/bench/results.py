@@ -15,7 +15,7 @@ from .published import verdict
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
     "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
-    "embedding", "settings", "data", "seconds", "weights",
+    "source", "side", "lift", "residual_ratio", "embedding", "settings", "data", "seconds", "weights",
 )
 SCORES = ("acc", "nmi", "ari")
 

@@ -312,7 +312,8 @@ def registers_counterpart(model: str) -> str:
 
 
 def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> BenchSpec:
-    """The offline preset: the demo models (clean, planted) x baseline, ITAE, registers on a labelled folder."""
+    """The offline preset: the demo models (clean, planted) x baseline, ITAE (auto), ITAE fixed to the published
+    v/low, registers, on a labelled folder."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
@@ -323,7 +324,8 @@ def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tupl
     return BenchSpec(
         datasets=(dataset,),
         models=("demo:clean", "demo:planted"),
-        methods=(MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()), MethodSpec(REGISTERS, registers=True)),
+        methods=(MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()),
+                 MethodSpec("itae-v-low", ITAEConfig(source="v", side="low")), MethodSpec(REGISTERS, registers=True)),
         seeds=seeds,
     )
 
