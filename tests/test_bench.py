@@ -85,10 +85,10 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
     out = tmp_path / "out"
     result = run_bench(folder, out, quick=True, progress=False)
     rows = _csv_rows(out / "results.csv")
-    # 2 models x 3 methods x 3 seeds, one row each, every key once
-    assert len(rows) == 18 and result.ran == 18 and result.skipped == 0
+    # 2 models x 4 methods (baseline, itae auto, itae v/low, registers) x 3 seeds, one row each, every key once
+    assert len(rows) == 24 and result.ran == 24 and result.skipped == 0
     keys = {(r["dataset"], r["model"], r["method"], r["seed"], r["protocol"]) for r in rows}
-    assert len(keys) == 18
+    assert len(keys) == 24
     assert {r["backbone"] for r in rows if r["method"] == "registers"} == {"demo:registers"}
     assert all(r["n_images"] == "18" and r["k"] == "3" for r in rows)
     # the ITAE calibration found the planted sinks: 2 of 64 patches
@@ -111,7 +111,7 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
                 assert delta == "—"
             else:
                 assert float(delta) == pytest.approx(values.mean() - base.mean(), abs=0.006)
-    assert len(cells) == 6
+    assert len(cells) == 8
     assert result.summary[0]["acc"][0] == pytest.approx(np.mean([float(r["acc"]) for r in rows[:3]]))
     _check_report(out / "report.html", rows)
 
