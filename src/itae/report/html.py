@@ -599,8 +599,8 @@ def _self_check_html(check: Mapping[str, Any]) -> str:
     """The ITAE self-check: a line saying what was flagged, and per block (and per candidate) its scores."""
     status = check.get("status")
     if status == "off":
-        return ('<p class="note shown">ITAE was off for this run: the figures show the unmodified model '
-                "(nothing flagged, no threshold).</p>")
+        return ('<p class="note shown">ITAE was off for this run: the figures show the unmodified model, '
+                "and nothing is flagged.</p>")
     cls = "note shown" + (" warn" if status == "nothing flagged" else "")
     out = f'<p class="{cls}">{_e(check.get("summary", ""))}</p>'
     columns = ("source", "side", "threshold", "flagged_fraction", "lift", "residual_ratio", "passes", "reason")
