@@ -186,9 +186,9 @@ def main() -> None:
 
     # a threshold that flags about 2% of patches on this input, so ITAE really changes rows
     with torch.no_grad():
-        diag = itae.detect_artifacts(backbone, x[: min(8, args.batch)], ITAEConfig(threshold=1.0))
+        diag = itae.detect_artifacts(backbone, x[: min(8, args.batch)], ITAEConfig(source="v", side="low", threshold=1.0))
     v = diag[backbone.num_blocks - 1].norms["v"].flatten()
-    cfg = ITAEConfig(threshold=float(torch.quantile(v.float(), 0.02)))
+    cfg = ITAEConfig(source="v", side="low", threshold=float(torch.quantile(v.float(), 0.02)))
 
     variants: dict[str, callable] = {}
     wanted = args.variants.split(",")

@@ -80,8 +80,8 @@ def main() -> int:
         g = torch.Generator(device="cpu").manual_seed(int(dtype == torch.bfloat16))
         x = torch.randn(args.batch, 3, 224, 224, generator=g).to(args.device, dtype)
         with torch.no_grad():
-            diag = itae.detect_artifacts(model, x, ITAEConfig(threshold=1.0))[backbone.num_blocks - 1]
-        cfg = ITAEConfig(threshold=float(torch.quantile(diag.norms["v"].float().flatten(), 0.05)))
+            diag = itae.detect_artifacts(model, x, ITAEConfig(source="v", side="low", threshold=1.0))[backbone.num_blocks - 1]
+        cfg = ITAEConfig(source="v", side="low", threshold=float(torch.quantile(diag.norms["v"].float().flatten(), 0.05)))
         ref = reference_cls(backbone, x, cfg)
         with torch.no_grad(), itae.attenuate(model, cfg) as state:
             hooked = backbone.forward_features(x).cls
@@ -118,8 +118,8 @@ def fp8_report(args) -> int:
     bf16 = itae.adapt(build_hf(args.size, "sdpa", torch.bfloat16, args.device))
     fp8 = quantize_fp8(itae.adapt(build_hf(args.size, "sdpa", torch.bfloat16, args.device)))
     xb = x.bfloat16()
-    diag = itae.detect_artifacts(bf16, xb, ITAEConfig(threshold=1.0))[bf16.num_blocks - 1]
-    cfg = ITAEConfig(threshold=float(torch.quantile(diag.norms["v"].float().flatten(), 0.05)))
+    diag = itae.detect_artifacts(bf16, xb, ITAEConfig(source="v", side="low", threshold=1.0))[bf16.num_blocks - 1]
+    cfg = ITAEConfig(source="v", side="low", threshold=float(torch.quantile(diag.norms["v"].float().flatten(), 0.05)))
     failures = 0
     masks = {}
     for name, bb in (("bf16", bf16), ("fp8", fp8)):

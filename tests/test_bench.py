@@ -85,11 +85,11 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
     out = tmp_path / "out"
     result = run_bench(folder, out, quick=True, progress=False)
     rows = _csv_rows(out / "results.csv")
-    # 2 models x 5 methods x 3 seeds, one row each, every key once
-    assert len(rows) == 30 and result.ran == 30 and result.skipped == 0
+    # 2 models x 6 methods (none, itae auto, itae v/low, ttr, itae+ttr, registers) x 3 seeds, one row each
+    assert len(rows) == 36 and result.ran == 36 and result.skipped == 0
     keys = {(r["dataset"], r["model"], r["method"], r["seed"], r["protocol"]) for r in rows}
-    assert len(keys) == 30
-    assert [r["method"] for r in rows[::3][:5]] == ["none", "itae", "ttr", "itae+ttr", "registers"]
+    assert len(keys) == 36
+    assert [r["method"] for r in rows[::3][:6]] == ["none", "itae", "itae-v-low", "ttr", "itae+ttr", "registers"]
     assert {r["backbone"] for r in rows if r["method"] == "registers"} == {"demo:registers"}
     assert all(r["n_images"] == "18" and r["k"] == "3" for r in rows)
     # the ITAE calibration found the planted sinks: 2 of 64 patches
@@ -121,7 +121,7 @@ def test_quick_preset_writes_rows_and_a_summary_that_matches_them(tmp_path):
                 assert delta == "—"
             else:
                 assert float(delta) == pytest.approx(values.mean() - base.mean(), abs=0.006)
-    assert len(cells) == 10
+    assert len(cells) == 12
     assert result.summary[0]["acc"][0] == pytest.approx(np.mean([float(r["acc"]) for r in rows[:3]]))
     _check_report(out / "report.html", rows)
 

@@ -168,7 +168,7 @@ def test_embed_hub_data_set_configuration(assets, tmp_path, monkeypatch, capsys)
 def test_inspect_writes_figures(assets, tmp_path):
     images = sorted(Path(assets["data"]).glob("class1/*.png"))[:2]
     rc = _run("inspect", *images, "-o", tmp_path / "fig", "--model", assets["model"], "--resolution", 56,
-              "--threshold", "0.5")
+              "--threshold", "0.5", "--source", "v", "--side", "low")
     assert rc == 0
     pngs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
     assert "grid.png" in pngs and len(pngs) >= 7
@@ -210,7 +210,7 @@ def test_bench_quick_runs_offline_on_generated_images(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "demo:planted" in text and "itae" in text
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 * 5 * 3  # models x methods x seeds
+    assert len(rows) == 2 * 6 * 3  # models x methods (none, itae auto, itae v/low, ttr, itae+ttr, registers) x seeds
     assert (out / "report.html").stat().st_size > 10_000
     html = (out / "report.html").read_text()
     assert all(f'id="{s}"' in html for s in ("metrics", "map", "gallery", "diagnostics", "config"))
@@ -221,9 +221,16 @@ def test_bench_quick_runs_offline_on_generated_images(tmp_path, capsys):
     # the planted sinks hurt the baseline and ITAE takes most of it back
     assert mean_acc("demo:planted", "none") < mean_acc("demo:clean", "none") - 0.1
     assert mean_acc("demo:planted", "itae") > mean_acc("demo:planted", "none") + 0.1
+    # auto against the published fixed choice; the self-check columns say what each flagged
+    auto = next(r for r in rows if (r["model"], r["method"]) == ("demo:planted", "itae"))
+    fixed = next(r for r in rows if (r["model"], r["method"]) == ("demo:planted", "itae-v-low"))
+    assert (fixed["source"], fixed["side"]) == ("v", "low")
+    assert float(auto["lift"]) > 2 and float(auto["residual_ratio"]) > 1
+    clean = next(r for r in rows if (r["model"], r["method"]) == ("demo:clean", "itae"))
+    assert float(clean["flagged_fraction"]) == 0.0 and clean["lift"] == ""
     # restart: nothing left to run
     assert _run("bench", "--quick", "-o", out, "--no-progress") == 0
-    assert "0 runs done, 30 already there" in capsys.readouterr().out
+    assert "0 runs done, 36 already there" in capsys.readouterr().out
 
 
 def test_embed_fast_decode_and_compile_flags_reach_the_store(assets, tmp_path, capsys, monkeypatch):
@@ -388,7 +395,8 @@ def test_embed_summary_is_true_for_fresh_and_complete_stores(assets, tmp_path, c
     args = ("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON)
     assert _run(*args) == 0
     fresh = capsys.readouterr().out.strip()
-    assert fresh == f"store {store}: 24 images embedded, 1 could not be decoded (listed in errors.csv)"
+    assert fresh.splitlines() == [f"store {store}: 24 images embedded, 1 could not be decoded (listed in errors.csv)",
+                                  "ITAE off: the unmodified model (baseline)"]
     assert _run(*args) == 0  # already complete: the same true sentence
     assert capsys.readouterr().out.strip() == fresh
 

@@ -59,7 +59,7 @@ def test_deterministic_and_variants_share_the_random_features():
 
 def test_planted_sinks_hold_the_cls_attention_and_have_low_value_norm():
     x = _images()
-    diag = itae.detect_artifacts(demo_backbone("planted"), x, itae.ITAEConfig(threshold=1.0))[1]
+    diag = itae.detect_artifacts(demo_backbone("planted"), x, itae.ITAEConfig(source="v", side="low", threshold=1.0))[1]
     cls_to_patches = diag.cls_attention[:, :, diag.num_prefix_tokens :].mean(dim=1)  # (B, N)
     sinks = list(SINK_POSITIONS)
     assert (cls_to_patches[:, sinks].sum(dim=1) > 0.9).all()
@@ -67,7 +67,7 @@ def test_planted_sinks_hold_the_cls_attention_and_have_low_value_norm():
     others = [i for i in range(v.shape[1]) if i not in sinks]
     assert v[:, sinks].max() < 0.5 * v[:, others].min()
     # the clean model has no sinks: its CLS row spreads over the patches
-    clean = itae.detect_artifacts(demo_backbone("clean"), x, itae.ITAEConfig(threshold=1.0))[1]
+    clean = itae.detect_artifacts(demo_backbone("clean"), x, itae.ITAEConfig(source="v", side="low", threshold=1.0))[1]
     assert clean.cls_attention[:, :, clean.num_prefix_tokens :].mean(dim=1).max() < 0.1
 
 
@@ -95,7 +95,7 @@ def test_registers_take_the_sink_role():
     x = _images(8)
     backbone = demo_backbone("registers")
     assert backbone.num_register_tokens == 2
-    diag = itae.detect_artifacts(backbone, x, itae.ITAEConfig(threshold=1e-6))[1]
+    diag = itae.detect_artifacts(backbone, x, itae.ITAEConfig(source="v", side="low", threshold=1e-6))[1]
     to_registers = diag.cls_attention[:, :, 1 : diag.num_prefix_tokens].sum(dim=-1).mean(dim=1)
     assert (to_registers > 0.5).all()
     with torch.no_grad():

@@ -23,7 +23,7 @@ def _out(model, x):
 
 def _median_threshold(model, x, source="v"):
     """A threshold that flags about half the patches of ``x``: many artifacts, a strong test."""
-    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, threshold=1.0))
+    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, side="low", threshold=1.0))
     return float(diag[adapt(model).num_blocks - 1].norms[source].median())
 
 
@@ -35,7 +35,7 @@ def _hooks(model) -> list[tuple[str, tuple, tuple]]:
 def test_nothing_flagged_is_the_unmodified_model(tiny, images):
     ref = _out(tiny, images)
     for rows in ("cls", "all"):
-        with itae.attenuate(tiny, ITAEConfig(threshold=0.0, side="low", rows=rows)) as state:
+        with itae.attenuate(tiny, ITAEConfig(source="v", threshold=0.0, side="low", rows=rows)) as state:
             out = _out(tiny, images)
         assert not state.last[adapt(tiny).num_blocks - 1].artifact_mask.any()
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
@@ -45,7 +45,7 @@ def test_models_own_forward_is_engineered(tiny, images):
     """The model's own forward (not only forward_features) goes through the engine."""
     thr = _median_threshold(tiny, images)
     ref = tiny(images)
-    with itae.attenuate(tiny, ITAEConfig(threshold=thr)):
+    with itae.attenuate(tiny, ITAEConfig(source="v", side="low", threshold=thr)):
         out = tiny(images)
     ref = ref.last_hidden_state if hasattr(ref, "last_hidden_state") else ref
     out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
@@ -96,7 +96,7 @@ def test_cls_output_equals_hand_written_replay(tiny, images):
     seen = {}
     handle = backbone.blocks[-1].register_forward_pre_hook(lambda _m, a: seen.update(x=a[0]))
     try:
-        with itae.attenuate(tiny, ITAEConfig(threshold=thr)) as state:
+        with itae.attenuate(tiny, ITAEConfig(source="v", side="low", threshold=thr)) as state:
             out = backbone.forward_features(images).cls
     finally:
         handle.remove()
@@ -116,7 +116,7 @@ def test_fast_path_equals_reference(rows, mode, granularity, images):
         backbone = adapt(model)
         site = backbone.sites[-1]
         thr = _median_threshold(model, images, "k")
-        cfg = ITAEConfig(source="k", threshold=thr, rows=rows, mode=mode, granularity=granularity, alpha=0.3)
+        cfg = ITAEConfig(source="k", side="low", threshold=thr, rows=rows, mode=mode, granularity=granularity, alpha=0.3)
         got = {}
         with itae.attenuate(model, cfg) as state:
             # observers registered after the engine's hooks see what the engine did
@@ -151,7 +151,7 @@ def test_fast_path_equals_reference(rows, mode, granularity, images):
 
 
 def test_batch_equals_single_images(tiny, images):
-    cfg = ITAEConfig(threshold=_median_threshold(tiny, images))
+    cfg = ITAEConfig(source="v", side="low", threshold=_median_threshold(tiny, images))
     with itae.attenuate(tiny, cfg):
         batch = _out(tiny, images)
         singles = torch.cat([_out(tiny, images[i : i + 1]) for i in range(images.shape[0])])
@@ -162,7 +162,7 @@ def test_model_restored_after_exit_and_after_exception(tiny, images):
     ref = _out(tiny, images)
     hooks_before = _hooks(tiny)
     state_before = copy.deepcopy(tiny.state_dict())
-    cfg = ITAEConfig(threshold=_median_threshold(tiny, images))
+    cfg = ITAEConfig(source="v", side="low", threshold=_median_threshold(tiny, images))
     with itae.attenuate(tiny, cfg):
         assert not torch.allclose(_out(tiny, images), ref, atol=1e-5)
     assert _hooks(tiny) == hooks_before
@@ -182,9 +182,9 @@ def test_model_restored_after_exit_and_after_exception(tiny, images):
 def test_nesting_refused(images):
     model = build_tiny("hf")
     before = _hooks(model)
-    with itae.attenuate(model, ITAEConfig(threshold=1.0)):
+    with itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=1.0)):
         with pytest.raises(RuntimeError, match="already inside"):
-            with itae.attenuate(model, ITAEConfig(threshold=1.0)):
+            with itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=1.0)):
                 pass
     assert _hooks(model) == before
 
@@ -218,14 +218,22 @@ def test_planted_artifacts_detected_calibrated_and_attenuated(tiny, images):
 def test_auto_threshold_calibrates_on_first_batch_and_keeps_it(images):
     model = build_tiny("timm")
     plant_artifacts(model, [3, 7])
-    with itae.attenuate(model, ITAEConfig()) as state:
+    fixed = ITAEConfig(source="v", side="low")  # threshold "auto"
+    with itae.attenuate(model, fixed) as state:
         _out(model, images[:2])
         first = dict(state.thresholds)
         _out(model, images[2:])
     assert state.calibrated_on_first_batch
     assert state.thresholds == first
-    expected = itae.calibrate(model, images[:2]).thresholds
+    expected = itae.calibrate(model, images[:2], fixed).thresholds
     assert first == pytest.approx(expected)
+
+
+def test_attenuate_refuses_an_auto_source_with_a_pointer_to_calibrate():
+    model = build_tiny("timm")
+    for cfg in (ITAEConfig(), ITAEConfig(source="v"), ITAEConfig(side="low")):
+        with pytest.raises(ValueError, match=r"itae\.calibrate"):
+            itae.attenuate(model, cfg)
 
 
 def test_calibration_reports_what_its_threshold_flags(images):
@@ -238,7 +246,8 @@ def test_calibration_reports_what_its_threshold_flags(images):
         norms = cal.norms[last]
         expected = 16 * images.shape[0] * (4 if cfg.granularity == "head" else 1)  # 4 x 4 patches (x heads)
         assert norms.shape == (expected,)
-        flagged = float((norms <= cal.thresholds[last]).mean())
+        threshold = cal.thresholds[last]
+        flagged = float((norms <= threshold if cal.side == "low" else norms >= threshold).mean())
         assert cal.flagged_fraction[last] == pytest.approx(flagged)
         assert cal.bimodal[last] == (flagged > 0)
 
@@ -256,7 +265,7 @@ def test_wrappers_are_supported(images):
         thr = _median_threshold(wrapper, images)
         ref = wrapper(images)
         # the first block: its CLS change reaches the patch feature maps that Dinov2Backbone returns
-        with itae.attenuate(wrapper, ITAEConfig(threshold=thr, layers=(0,))) as state:
+        with itae.attenuate(wrapper, ITAEConfig(source="v", side="low", threshold=thr, layers=(0,))) as state:
             out = wrapper(images)
         assert state.last[0].artifact_mask.any()
         a = ref.logits if hasattr(ref, "logits") else ref.feature_maps[0]
@@ -273,9 +282,9 @@ def test_hf_attention_implementations_agree(images):
     for impl in ("eager", "sdpa", "flex_attention"):
         model = build_tiny("hf", attn=impl).requires_grad_(False)  # flex has no CPU backward
         ref = model(pixel_values=images).pooler_output
-        with itae.attenuate(model, ITAEConfig(threshold=0.0)):
+        with itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=0.0)):
             torch.testing.assert_close(model(pixel_values=images).pooler_output, ref, atol=1e-6, rtol=0)
-        with itae.attenuate(model, ITAEConfig(threshold=_median_threshold(model, images))):
+        with itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=_median_threshold(model, images))):
             outs[impl] = model(pixel_values=images).pooler_output
     for impl, out in outs.items():
         torch.testing.assert_close(out, outs["eager"], atol=1e-5, rtol=1e-5, msg=impl)
@@ -288,15 +297,15 @@ def test_bad_inputs_fail_at_the_call_and_patch_nothing(images):
     model = build_tiny("hub")
     before = _hooks(model)
     with pytest.raises(IndexError, match="out of range"):
-        itae.attenuate(model, ITAEConfig(layers=(7,), threshold=1.0))
+        itae.attenuate(model, ITAEConfig(source="v", side="low", layers=(7,), threshold=1.0))
     with pytest.raises(IndexError, match="out of range"):
-        itae.attenuate(model, ITAEConfig(layers=(-3,), threshold=1.0))
+        itae.attenuate(model, ITAEConfig(source="v", side="low", layers=(-3,), threshold=1.0))
     with pytest.raises(UnsupportedModelError, match="Supported"):
-        itae.attenuate(torch.nn.Linear(3, 3), ITAEConfig(threshold=1.0))
+        itae.attenuate(torch.nn.Linear(3, 3), ITAEConfig(source="v", side="low", threshold=1.0))
     with pytest.raises(TypeError, match="ITAEConfig"):
         itae.attenuate(model, {"threshold": 1.0})
     with pytest.raises(ValueError, match="same block twice"):
-        itae.attenuate(model, ITAEConfig(layers=(1, -1), threshold=1.0))
+        itae.attenuate(model, ITAEConfig(source="v", side="low", layers=(1, -1), threshold=1.0))
     assert _hooks(model) == before
 
 
@@ -316,6 +325,13 @@ def test_bad_inputs_fail_at_the_call_and_patch_nothing(images):
         ({"layers": ()}, "at least one"),
         ({"layers": (1.5,)}, "ints"),
         ({"calibration": "kde"}, "calibration"),
+        ({"source": "Q"}, "'q', 'k', 'v', 'auto'"),
+        ({"side": "middle"}, "'low', 'high', 'auto'"),
+        ({"threshold": 1.0}, "numeric threshold needs a fixed source and side.*source='auto' and side='auto'"),
+        ({"threshold": 1.0, "source": "v"}, "numeric threshold needs a fixed source and side.*side='auto'"),
+        ({"threshold": (1.0, "auto"), "layers": (0, 1)}, "'auto' is not accepted"),
+        ({"alpha": "auto"}, "alpha must be a number; 'auto' is not accepted"),
+        ({"layers": ("auto",)}, "ints"),
     ],
 )
 def test_invalid_config(kwargs, match):
@@ -324,7 +340,7 @@ def test_invalid_config(kwargs, match):
 
 
 def test_config_round_trip():
-    cfg = ITAEConfig(source="k", threshold=(1.5, 2.5), layers=(-2, -1), mode="scale", alpha=0.5)
+    cfg = ITAEConfig(source="k", side="low", threshold=(1.5, 2.5), layers=(-2, -1), mode="scale", alpha=0.5)
     assert ITAEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         ITAEConfig.from_dict({"sauce": "v"})
@@ -342,7 +358,8 @@ def test_fast_cls_path_equals_hooked_model(tiny, images, source, granularity):
         plain, none_mask = forward_cls(backbone, images)
         torch.testing.assert_close(plain, backbone.forward_features(images).cls, atol=1e-5, rtol=1e-5)
         assert none_mask is None
-        cfg = ITAEConfig(threshold=_median_threshold(tiny, images, source), source=source, granularity=granularity)
+        cfg = ITAEConfig(threshold=_median_threshold(tiny, images, source), source=source, side="low",
+                         granularity=granularity)
         assert supports_fast_cls(backbone, cfg)
         with itae.attenuate(tiny, cfg) as state:
             hooked = backbone.forward_features(images).cls
@@ -355,7 +372,7 @@ def test_fast_cls_path_refuses_other_configs(images):
     from itae.engine.fast import forward_cls
 
     backbone = adapt(build_tiny("timm"))
-    for cfg in (ITAEConfig(), ITAEConfig(threshold=1.0, rows="all"), ITAEConfig(threshold=1.0, layers=(0,))):
+    for cfg in (ITAEConfig(), ITAEConfig(source="v", side="low", threshold=1.0, rows="all"), ITAEConfig(source="v", side="low", threshold=1.0, layers=(0,))):
         with pytest.raises(ValueError, match="attenuate"):
             forward_cls(backbone, images, cfg)
 
@@ -366,17 +383,18 @@ def test_calibration_splits_rare_modes_only():
     rng = np.random.default_rng(0)
     bulk = rng.lognormal(mean=3.0, sigma=0.1, size=5000)
     rare = rng.lognormal(mean=0.0, sigma=0.1, size=100)  # 2% artifacts, decades below
-    split = find_threshold(np.concatenate([bulk, rare]), ITAEConfig())
+    low = ITAEConfig(source="v", side="low")
+    split = find_threshold(np.concatenate([bulk, rare]), low)
     assert split.bimodal and rare.max() < split.threshold < bulk.min()
     assert split.flagged_fraction == pytest.approx(100 / 5100)
-    high = find_threshold(np.concatenate([bulk, np.exp(6.0) * np.ones(50)]), ITAEConfig(side="high"))
+    high = find_threshold(np.concatenate([bulk, np.exp(6.0) * np.ones(50)]), ITAEConfig(source="v", side="high"))
     assert high.bimodal and high.flagged_fraction == pytest.approx(50 / 5050)
     # a balanced two-mode mixture (e.g. two kinds of images) is not an artifact mode
-    balanced = find_threshold(np.concatenate([bulk, rng.lognormal(0.0, 0.1, 5000)]), ITAEConfig())
+    balanced = find_threshold(np.concatenate([bulk, rng.lognormal(0.0, 0.1, 5000)]), low)
     assert not balanced.bimodal and balanced.flagged_fraction == 0.0
-    unimodal = find_threshold(bulk, ITAEConfig())
+    unimodal = find_threshold(bulk, low)
     assert not unimodal.bimodal and unimodal.flagged_fraction == 0.0
-    gmm = find_threshold(np.concatenate([bulk, rare]), ITAEConfig(calibration="gmm"))
+    gmm = find_threshold(np.concatenate([bulk, rare]), low.replace(calibration="gmm"))
     assert gmm.bimodal and rare.max() < gmm.threshold < bulk.min()
 
 
@@ -390,7 +408,7 @@ def test_fast_cls_path_with_per_head_qk_norms(images):
     model = VisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=4, qk_norm=True,
                               init_values=1.0, num_classes=0).eval()
     backbone = adapt(model)
-    cfg = ITAEConfig(threshold=_median_threshold(model, images))
+    cfg = ITAEConfig(source="v", side="low", threshold=_median_threshold(model, images))
     with torch.no_grad():
         with itae.attenuate(model, cfg):
             hooked = backbone.forward_features(images).cls

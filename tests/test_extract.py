@@ -209,7 +209,7 @@ def test_itae_on_by_default_calibrates_and_engineers(tmp_path):
         itae.embed(root, bb, out=tmp_path / "itae", itae=None, calibration_images=8, chunk_size=5, **COMMON)
     with pytest.raises(StoreError, match="resume=True"):
         itae.embed(root, bb, out=tmp_path / "itae", resume=False, calibration_images=8, chunk_size=5, **COMMON)
-    again = itae.embed(root, bb, out=tmp_path / "itae", itae=ITAEConfig(threshold=cfg.threshold), overwrite=True,
+    again = itae.embed(root, bb, out=tmp_path / "itae", itae=ITAEConfig(source="v", side="low", threshold=cfg.threshold), overwrite=True,
                        chunk_size=5, **COMMON)
     np.testing.assert_array_equal(np.asarray(again.embeddings()), emb.numpy())
 
@@ -451,7 +451,7 @@ def _spy_on_compile(monkeypatch) -> list[bool]:
 def test_compiled_extraction_equals_the_eager_one_and_restores_the_model(tmp_path, monkeypatch):
     root = _make_folder(tmp_path / "imgs", per_class=3, corrupt=0)
     bb = adapt(build_model())
-    cfg = ITAEConfig(threshold=0.5)  # explicit: the fast CLS path (the compiled ITAE path) serves it
+    cfg = ITAEConfig(source="v", side="low", threshold=0.5)  # explicit: the fast CLS path (the compiled ITAE path) serves it
     entered = _spy_on_compile(monkeypatch)
     eager = itae.embed(root, bb, out=tmp_path / "eager", itae=cfg, **COMMON)
     assert entered == []

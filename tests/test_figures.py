@@ -257,7 +257,7 @@ def test_write_inspection_from_real_detect_artifacts(tmp_path, granularity):
     model = build_tiny("hf", registers=4)
     backbone = adapt(model)
     pixel_values = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    config = itae.ITAEConfig(threshold=0.5, granularity=granularity)
+    config = itae.ITAEConfig(source="v", side="low", threshold=0.5, granularity=granularity)
     diagnostics = itae.detect_artifacts(model, pixel_values, config)
     images = images_from_pixel_values(pixel_values, backbone.preprocess.mean, backbone.preprocess.std)
     paths = write_inspection(images, ["a.jpg"], diagnostics, tmp_path, source=config.source, dpi=40)

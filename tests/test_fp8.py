@@ -85,8 +85,8 @@ def test_the_engine_is_exact_on_a_quantized_model(family, images):
     x = images.bfloat16()
     with torch.no_grad():
         plain = bb.forward_features(x).cls.float()
-        norms = itae.detect_artifacts(bb, x, ITAEConfig(threshold=1.0))[bb.num_blocks - 1].norms["v"]
-        cfg = ITAEConfig(threshold=float(torch.quantile(norms.float().flatten(), 0.2)))
+        norms = itae.detect_artifacts(bb, x, ITAEConfig(source="v", side="low", threshold=1.0))[bb.num_blocks - 1].norms["v"]
+        cfg = ITAEConfig(source="v", side="low", threshold=float(torch.quantile(norms.float().flatten(), 0.2)))
         fast, mask = forward_cls(bb, x, cfg)
         with itae.attenuate(bb, cfg) as state:
             hooked = bb.forward_features(x).cls.float()

@@ -6,14 +6,15 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-Source = Literal["q", "k", "v"]
-Side = Literal["low", "high"]
+Source = Literal["q", "k", "v", "auto"]
+Side = Literal["low", "high", "auto"]
 Rows = Literal["cls", "all"]
 Mode = Literal["min", "mask", "scale"]
 Granularity = Literal["token", "head"]
 Threshold = float | tuple[float, ...] | Literal["auto"]
 
-SOURCES = ("q", "k", "v")
+AUTO = "auto"
+SOURCES = ("q", "k", "v")  # the fixed choices; "auto" picks one of them per model and data set
 SIDES = ("low", "high")
 ROWS = ("cls", "all")
 MODES = ("min", "mask", "scale")
@@ -27,6 +28,8 @@ def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
 
 
 def _check_finite(name: str, value: Any) -> float:
+    if isinstance(value, str) and value == AUTO:
+        raise TypeError(f"ITAEConfig.{name} must be a number; 'auto' is not accepted here")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"ITAEConfig.{name} must be a number; got {type(value).__name__} {value!r}")
     value = float(value)
@@ -39,9 +42,13 @@ def _check_finite(name: str, value: Any) -> float:
 class ITAEConfig:
     """How artifacts are detected and how the attention to them is engineered.
 
-    source: projection ("q", "k" or "v") whose patch-token L2 norm flags artifacts.
+    source: projection ("q", "k" or "v") whose patch-token L2 norm flags artifacts, or "auto" (default):
+        ``itae.calibrate`` tries every source and side and keeps the split whose flagged tokens the
+        unmodified CLS row over-attends (see ``itae.engine.calibrate``).
     threshold: a float, one float per engineered layer, or "auto" (calibrated; see ``itae.calibrate``).
-    side: "low" flags tokens with norm <= threshold (as published), "high" flags norm >= threshold.
+        A number needs a fixed source and side (a number means nothing without them).
+    side: "low" flags tokens with norm <= threshold (as published), "high" flags norm >= threshold,
+        "auto" (default) is chosen with the source.
     layers: block indices to engineer; negative indices count from the end.
     rows: "cls" engineers only the CLS query row (as published); "all" engineers every query row.
     mode: "min" replaces artifact logits by the row minimum over patch keys (as published);
@@ -52,9 +59,9 @@ class ITAEConfig:
         see ``itae.engine.split``), or itae 0.1.0's "otsu" / "gmm" (a two-class cut moved to the valley).
     """
 
-    source: Source = "v"
+    source: Source = "auto"
     threshold: Threshold = "auto"
-    side: Side = "low"
+    side: Side = "auto"
     layers: tuple[int, ...] = (-1,)
     rows: Rows = "cls"
     mode: Mode = "min"
@@ -63,8 +70,8 @@ class ITAEConfig:
     calibration: str = "mode"
 
     def __post_init__(self) -> None:
-        _check_choice("source", self.source, SOURCES)
-        _check_choice("side", self.side, SIDES)
+        _check_choice("source", self.source, (*SOURCES, AUTO))
+        _check_choice("side", self.side, (*SIDES, AUTO))
         _check_choice("rows", self.rows, ROWS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("granularity", self.granularity, GRANULARITIES)
@@ -101,6 +108,13 @@ class ITAEConfig:
         else:
             object.__setattr__(self, "threshold", _check_finite("threshold", threshold))
 
+        if self.threshold != AUTO and AUTO in (self.source, self.side):
+            auto = " and ".join(f"{name}='auto'" for name in ("source", "side") if getattr(self, name) == AUTO)
+            raise ValueError(
+                f"ITAEConfig: a numeric threshold needs a fixed source and side; got threshold={self.threshold!r} "
+                f"with {auto}. Give them (e.g. source='v', side='low', as published) or leave threshold='auto'"
+            )
+
         alpha = _check_finite("alpha", self.alpha)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"ITAEConfig.alpha must be in (0, 1]; got {alpha!r}")
@@ -109,6 +123,11 @@ class ITAEConfig:
     @property
     def is_calibrated(self) -> bool:
         return self.threshold != "auto"
+
+    @property
+    def is_auto(self) -> bool:
+        """True when calibration chooses the source and side (either is "auto")."""
+        return AUTO in (self.source, self.side)
 
     def threshold_for(self, position: int) -> float:
         """The threshold of the ``position``-th engineered layer (position in ``layers``)."""

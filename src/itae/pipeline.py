@@ -188,18 +188,19 @@ def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLi
 # ------------------------------------------------------------------------------------------- run
 
 
-def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, n_images: int = 4) -> list[Path]:
-    """Artifact diagnostics of the first few decodable images, for the report."""
+def _sample_pixels(backbone, source, n_images: int, *, spread: bool = False):
+    """Up to ``n_images`` decodable images of ``source`` (the first ones, or spread evenly), preprocessed."""
     import torch
 
     from .data.decode import DecodeError, build_transform, load_rgb
+    from .data.extract import spread_indices
     from .data.sources import display_name
-    from .engine.detect import detect_artifacts
-    from .report.figures import images_from_pixel_values, write_inspection
 
     transform = build_transform(backbone.preprocess)
+    first = spread_indices(len(source), n_images) if spread else []
+    order = first + [i for i in range(len(source)) if i not in set(first)]
     pixels, names = [], []
-    for i in range(len(source)):
+    for i in order:
         try:
             pixels.append(transform(load_rgb(source.read(i))))
         except (DecodeError, OSError):
@@ -207,14 +208,71 @@ def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, 
         names.append(display_name(source.ids[i]))
         if len(pixels) == n_images:
             break
-    if not pixels:
+    return (torch.stack(pixels) if pixels else None), names
+
+
+def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, n_images: int = 4) -> list[Path]:
+    """Artifact diagnostics of the first few decodable images, for the report.
+
+    With ITAE off (``config`` None) they show the unmodified model only: no threshold, no "after".
+    """
+    from .engine.detect import detect_artifacts
+    from .report.figures import images_from_pixel_values, write_inspection, write_unmodified_grid
+
+    x, names = _sample_pixels(backbone, source, n_images)
+    if x is None:
         return []
-    x = torch.stack(pixels)
-    cfg = config if config is not None else ITAEConfig()
-    diag = detect_artifacts(backbone, x, cfg)
     images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
-    paths = write_inspection(images, names, diag, folder, source=cfg.source)
+    if config is None:
+        diag = detect_artifacts(backbone, x, itae=False)
+        return [write_unmodified_grid(images, names, diag, folder)]
+    diag = detect_artifacts(backbone, x, config)
+    paths = write_inspection(images, names, diag, folder, source=config.source)
     return [p for p in paths if p.name == "grid.png"]
+
+
+SELF_CHECK_IMAGES = 64
+
+
+def self_check(store: EmbeddingStore, backbone, source, n_images: int = SELF_CHECK_IMAGES) -> dict[str, Any]:
+    """What ITAE flagged in this run and whether those are sinks (``Calibration.self_check``), plus ``status``.
+
+    status: "off" (no ITAE), "flagging" or "nothing flagged". The check of a calibrated store is the one
+    its calibration made; numeric thresholds given by the user are checked on ``n_images`` images
+    spread over the source.
+    """
+    from .engine.calibrate import check_thresholds
+
+    cfg = store.itae_config
+    if cfg is None:
+        return {"status": "off", "summary": "ITAE off: the unmodified model (baseline)"}
+    check = ((store.manifest.get("calibration") or {}).get("self_check"))
+    if check is None:
+        x, _ = _sample_pixels(backbone, source, n_images, spread=True)
+        if x is None:
+            return {"status": "unchecked", "summary": "ITAE on; no decodable image to check it on"}
+        check = check_thresholds(backbone, x, cfg).self_check()
+    check = dict(check)
+    check["status"] = "flagging" if check["flagged"] else "nothing flagged"
+    return check
+
+
+def self_check_line(check: dict[str, Any]) -> str:
+    """The one line a run prints about ITAE."""
+    if check["status"] in ("off", "unchecked"):
+        return check["summary"]
+    if check["status"] == "nothing flagged":
+        return ("ITAE on, but nothing flagged: the embeddings are the unmodified model's; "
+                + check["summary"])
+    return "ITAE self-check: " + check["summary"]
+
+
+def _warn_self_check(check: dict[str, Any]) -> None:
+    if check["status"] == "nothing flagged" and not check.get("calibrated", True):
+        log.warning("itae: the threshold(s) given flag no patch on %d sample images: ITAE changes nothing "
+                    "(use --no-itae for the baseline)", check.get("images", 0))
+    elif check["status"] == "nothing flagged":
+        log.info("itae: %s", check["summary"])
 
 
 def run(
@@ -353,6 +411,8 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
         timings["evaluate_s"] = time.perf_counter() - t0
 
     resolved_itae = store.itae_config
+    check = self_check(store, backbone, source)
+    _warn_self_check(check)
     record: dict[str, Any] = {
         "status": "finished",
         "started": started,
@@ -363,6 +423,7 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
         "itae": None if resolved_itae is None else resolved_itae.to_dict(),
         "ttr": store.manifest.get("ttr"),
         "ttr_check": (store.manifest.get("ttr_search") or {}).get("check"),
+        "self_check": check,
         "embedding": {"feature": feature, "normalize": normalize, "precision": precision, "device": str(dev),
                       "batch_size": batch_size, "preprocess": backbone.preprocess.to_dict()},
         "clustering": {"method": algorithm, "k": result.k, "k_requested": k, "seeds": list(seeds),
@@ -432,6 +493,11 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
             pngs = _diagnostic_pngs(backbone, source, store.itae_config, out / INSPECT_DIR)
         except Exception as e:  # diagnostics are a bonus: a report without them beats no report
             log.warning("itae: artifact diagnostics skipped: %s", e)
+    check = record.get("self_check") or {"status": "off" if store.itae_config is None else "unchecked",
+                                         "summary": ""}
+    banner = self_check_line(check) if check.get("summary") else None
+    caption = ("The unmodified model (ITAE off)" if store.itae_config is None
+               else "CLS attention before and after ITAE")
     config = {k: v for k, v in record.items() if k not in ("metrics", "versions", "timings")}
     config["versions"] = record["versions"]
     embeddings = store.embeddings(mmap=True)
@@ -444,6 +510,6 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
         out / REPORT, title=title or default_title(record["data"]), metrics=metrics,
         config=_jsonable(config), ids=store.ids, cluster_labels=result.labels, true_labels=store.labels,
         embeddings=embeddings, layout=layout, k_selection=k_selection, centroid_distances=result.distances,
-        thumbnails=thumbnail, diagnostics_pngs=[("CLS attention before and after ITAE", p) for p in pngs],
+        thumbnails=thumbnail, diagnostics_pngs=[(caption, p) for p in pngs], banner=banner, self_check=check,
     )
     return layout

@@ -15,7 +15,8 @@ from .published import verdict
 KEY_COLUMNS = ("dataset", "model", "method", "seed", "protocol")
 COLUMNS = KEY_COLUMNS + (
     "backbone", "k", "n_images", "n_classes", "acc", "nmi", "ari", "purity", "threshold", "flagged_fraction",
-    "embedding", "settings", "data", "seconds", "weights", "neurons", "outlier_fraction",
+    "source", "side", "lift", "residual_ratio", "embedding", "settings", "data", "seconds", "weights", "neurons",
+    "outlier_fraction",
 )
 SCORES = ("acc", "nmi", "ari")
 BASELINES = ("baseline", "none")  # method names of the unmodified model, the reference of the deltas

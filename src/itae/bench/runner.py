@@ -172,6 +172,9 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
         "thresholds": [float(t) for t in cal.config.threshold],
         "flagged_fraction": float(np.mean(list(cal.flagged_fraction.values()))),
         "bimodal": [bool(b) for b in cal.bimodal.values()],
+        "source": cal.source,
+        "side": cal.side,
+        "self_check": cal.self_check(),
         "images": cal.num_images,
         "detect": _detect_settings(config),
     }
@@ -498,6 +501,7 @@ def _run_backbone(spec: BenchSpec, lazy: _Lazy, runs: list, sources: dict, out: 
                     flagged_fraction=None if cal is None else cal["flagged_fraction"],
                     neurons=None if found is None else len(found.neurons or ()),
                     outlier_fraction=None if search is None else search.get("outlier_fraction"),
+                    **_check_columns(cal),
                     embedding=emb_name, settings=settings, data=_data_key(ds, spec),
                     seconds=round(time.perf_counter() - t0, 3), weights=lazy.location,
                 )
@@ -526,8 +530,7 @@ def _plan(spec: BenchSpec, by_backbone: dict[str, list], sources: dict, out: Pat
                     path = calibration_path(config, sources[ds.name, fit_split], spec,
                                             calibration_dir(out, ds.name, backbone_name))
                     if path.is_file():
-                        thresholds = json.loads(path.read_text(encoding="utf-8"))["thresholds"]
-                        config = config.replace(threshold=tuple(thresholds))
+                        config = _resolved(config, json.loads(path.read_text(encoding="utf-8")))
                     else:  # its embedding is named by the thresholds, unknown until calibrated: to do
                         w.calibration_images = min(spec.calibration_images, len(sources[ds.name, fit_split]))
                         uncalibrated = True
@@ -581,6 +584,19 @@ def _ordered(rows: list[dict[str, Any]], grid: list, keys: dict[int, tuple]) -> 
     return [by_key[keys[id(g)]] for g in grid if keys[id(g)] in by_key]
 
 
+def _check_columns(cal: dict[str, Any] | None) -> dict[str, Any]:
+    """The self-check of a calibrated method as result columns (per block values joined by ';')."""
+    if cal is None or "self_check" not in cal:
+        return {}
+    blocks = list(cal["self_check"]["blocks"].values())
+
+    def joined(key: str) -> str:
+        return ";".join("" if b[key] is None else f"{b[key]:.4g}" for b in blocks)
+
+    return {"source": cal["source"], "side": cal["side"], "lift": joined("lift"),
+            "residual_ratio": joined("residual_ratio")}
+
+
 def _method_config(method: MethodSpec, lazy: _Lazy, src: ImageSource, spec: BenchSpec,
                    folder: Path) -> tuple[ITAEConfig | None, dict[str, Any] | None]:
     """The embedding configuration of a method, with "auto" thresholds resolved (and cached)."""
@@ -589,7 +605,13 @@ def _method_config(method: MethodSpec, lazy: _Lazy, src: ImageSource, spec: Benc
     if method.itae.is_calibrated:
         return method.itae, None
     cal = calibrate_cached(lazy, src, method.itae, spec, folder)
-    return method.itae.replace(threshold=tuple(cal["thresholds"])), cal
+    return _resolved(method.itae, cal), cal
+
+
+def _resolved(config: ITAEConfig, cal: dict[str, Any]) -> ITAEConfig:
+    """``config`` with the source, side and thresholds a calibration record resolved."""
+    return config.replace(source=cal.get("source", config.source), side=cal.get("side", config.side),
+                          threshold=tuple(cal["thresholds"]))
 
 
 class _Log:

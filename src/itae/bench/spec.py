@@ -360,8 +360,9 @@ def _family_of(low_name: str) -> str | None:
 
 
 def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> BenchSpec:
-    """The offline preset: the demo models (clean, planted) x none, ITAE, test-time registers, both, and the
-    registers counterpart, on a labelled folder (test-time registers with ``QUICK_TTR``)."""
+    """The offline preset: the demo models (clean, planted) x none, ITAE (auto), ITAE fixed to the published
+    v/low, test-time registers, both, and the registers counterpart, on a labelled folder (test-time registers
+    with ``QUICK_TTR``)."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
@@ -373,7 +374,8 @@ def quick_spec(folder: str | os.PathLike, *, max_images: int = 2000, seeds: tupl
         datasets=(dataset,),
         models=("demo:clean", "demo:planted"),
         methods=(
-            MethodSpec("none"), MethodSpec("itae", ITAEConfig()), MethodSpec("ttr", ttr=QUICK_TTR),
+            MethodSpec("none"), MethodSpec("itae", ITAEConfig()),
+            MethodSpec("itae-v-low", ITAEConfig(source="v", side="low")), MethodSpec("ttr", ttr=QUICK_TTR),
             MethodSpec("itae+ttr", ITAEConfig(), ttr=QUICK_TTR), MethodSpec(REGISTERS, registers=True),
         ),
         seeds=seeds,

@@ -158,10 +158,12 @@ def _ttr_config(args: argparse.Namespace):
 
 def _add_itae(p: argparse.ArgumentParser, *, baseline: bool = True) -> None:
     g = p.add_argument_group("ITAE (--method itae or itae+ttr)" if baseline else "ITAE")
-    g.add_argument("--source", choices=["q", "k", "v"], default="v", help="projection whose patch norms flag artifacts")
+    g.add_argument("--source", choices=["auto", "q", "k", "v"], default="auto",
+                   help="projection whose patch norms flag artifacts; auto (default): chosen on the data, label-free")
     g.add_argument("--threshold", type=_threshold, default="auto",
                    help="'auto' (calibrated on the data, label-free), a number, or one per layer")
-    g.add_argument("--side", choices=["low", "high"], default="low", help="flag norms at or below / above the threshold")
+    g.add_argument("--side", choices=["auto", "low", "high"], default="auto",
+                   help="flag norms at or below / above the threshold; auto (default): chosen with the source")
     g.add_argument("--layers", type=_int_list, default=(-1,), help="blocks to engineer, e.g. -1 or -2,-1")
     g.add_argument("--rows", choices=["cls", "all"], default="cls", help="query rows engineered")
     g.add_argument("--mode", choices=["min", "mask", "scale"], default="min", help="how artifact logits change")
@@ -241,6 +243,9 @@ def _itae_config(args: argparse.Namespace):
 
     if getattr(args, "fix", "itae") in ("none", "ttr"):
         return None
+    if args.threshold != "auto" and "auto" in (args.source, args.side):
+        raise ValueError("a numeric --threshold needs a fixed --source and --side (e.g. --source v --side low, as "
+                         "published); or leave --threshold auto")
     return ITAEConfig(
         source=args.source, threshold=args.threshold, side=args.side, layers=tuple(args.layers), rows=args.rows,
         mode=args.mode, alpha=args.alpha, granularity=args.granularity, calibration=args.calibration,
@@ -275,6 +280,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with folder_lock(prepare_output(args.out), "itae embed"):  # one writer per store
         store = _embed(args, cfg)
     print(_store_summary(store))
+    print(_store_check_line(store))
     return 0
 
 
@@ -311,6 +317,20 @@ def _embed(args: argparse.Namespace, cfg):
             compile=args.compile, save_every=args.save_every,
         )
     return store
+
+
+def _store_check_line(store) -> str:
+    """The ITAE line of ``itae embed``: the calibration's self-check, or what the store was made with."""
+    from itae.pipeline import self_check_line
+
+    cfg = store.itae_config
+    if cfg is None:
+        return "ITAE off: the unmodified model (baseline)"
+    check = (store.manifest.get("calibration") or {}).get("self_check")
+    if check is None:
+        return (f"ITAE on with fixed threshold(s) {cfg.threshold} ({cfg.source}/{cfg.side}); not checked here "
+                "(itae run and itae inspect check what they flag)")
+    return self_check_line({**check, "status": "flagging" if check["flagged"] else "nothing flagged"})
 
 
 def _store_summary(store) -> str:
@@ -436,6 +456,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         cluster_options=_cluster_options(args), title=args.title,
     )
     print(_run_summary(record))
+    from itae.pipeline import self_check_line
+
+    print(self_check_line(record["self_check"]))
     print(f"outputs in {args.out}" + ("" if args.no_report else f" (open {Path(args.out) / 'report.html'})"))
     return 0
 
@@ -470,16 +493,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     x = torch.stack(pixels)
     diag = detect_artifacts(backbone, x, cfg)
     images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
-    paths = write_inspection(images, names, diag, args.out, source=cfg.source)
+    first = next(iter(diag.values()))
+    paths = write_inspection(images, names, diag, args.out, source=first.source)
     for layer, d in diag.items():
-        print(f"block {layer}: threshold {d.threshold:.4g}, {100 * d.flagged_fraction:.2f}% of patches flagged, "
-              f"CLS attention on them {100 * float(d.attention_on_artifacts.mean()):.1f}% before ITAE")
+        print(_inspect_line(layer, d, chosen="auto" if cfg.is_auto else "fixed"))
     print(f"{len(paths)} figures for {len(pixels)} image(s) in {args.out}")
     if failed:
         print(f"itae: error: {len(failed)} of {len(args.images)} image(s) could not be inspected (listed above); "
               "the others were drawn", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _inspect_line(layer: int, d, chosen: str) -> str:
+    """The self-check of one block on the inspected images: what was flagged and how sink-like it is."""
+    from itae.engine.selfcheck import attention_share, check_split
+
+    patches = d.cls_attention[:, :, d.num_prefix_tokens:].float().numpy()
+    mask = d.artifact_mask.numpy()
+    attention = attention_share(patches if mask.ndim == 3 else patches.mean(1))
+    check = check_split(layer, d.source, d.side, d.threshold, mask, attention, d.norms["residual"].numpy())
+    line = f"{check.describe()} ({chosen})"
+    if not check.flags_nothing:
+        line += f"; CLS attention on them {100 * float(d.attention_on_artifacts.mean()):.1f}% before ITAE"
+    return line
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -594,6 +594,7 @@ def _calibrate(
         "thresholds": {str(k): float(v) for k, v in cal.thresholds.items()},
         "flagged_fraction": {str(k): float(v) for k, v in cal.flagged_fraction.items()},
         "bimodal": {str(k): bool(v) for k, v in getattr(cal, "bimodal", {}).items()},
+        "self_check": cal.self_check(),
     }
     return cal.config, record
 

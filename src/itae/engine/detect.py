@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,10 +11,11 @@ from torch import nn
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
-from .calibrate import find_threshold
+from .calibrate import PatchStats, resolve_splits
 from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
 from .functional import artifact_mask, cls_row_weights, patch_norms, split_heads
 from .patch import resolve_layers
+from .selfcheck import attention_share
 
 
 @dataclass
@@ -25,6 +27,7 @@ class LayerDiagnostics:
         unmodified and after engineering under the config.
         On a model without a CLS token (SigLIP) the row of its attention-pooling probe, over the N patches.
     artifact_mask: (B, N) bool, or (B, H, N) for granularity "head".
+    threshold: NaN when ITAE is off (``detect_artifacts(..., itae=False)``).
     """
 
     block: int
@@ -35,6 +38,8 @@ class LayerDiagnostics:
     threshold: float
     num_prefix_tokens: int
     grid: tuple[int, int]
+    source: str | None = None  # the source and side that flagged (None: ITAE off)
+    side: str | None = None
 
     @property
     def flagged_fraction(self) -> float:
@@ -54,12 +59,15 @@ def _first(x):
 
 @torch.no_grad()
 def detect_artifacts(
-    model: nn.Module | Backbone, pixel_values: torch.Tensor, config: ITAEConfig | None = None
+    model: nn.Module | Backbone, pixel_values: torch.Tensor, config: ITAEConfig | None = None, *, itae: bool = True,
 ) -> dict[int, LayerDiagnostics]:
     """Norms, CLS attention and artifact masks of the blocks in ``config.layers`` for one batch.
 
     The forward is the unmodified model's. With threshold "auto" the threshold is calibrated on this
-    batch's pooled norms (use ``itae.calibrate`` on a sample of the data set for a stable one).
+    batch's pooled norms, and with source or side "auto" they are chosen on this batch as
+    ``itae.calibrate`` does (use ``itae.calibrate`` on a sample of the data set for a stable choice);
+    ``LayerDiagnostics.source`` / ``side`` say which were used. ``itae=False`` describes the unmodified
+    model only: nothing is flagged and ``cls_attention_itae`` is the unmodified row.
     """
     config = ITAEConfig() if config is None else config
     backbone = adapt(model)
@@ -95,31 +103,60 @@ def detect_artifacts(
     h = pixel_values.shape[-2] // backbone.patch_size
     w = pixel_values.shape[-1] // backbone.patch_size
     heads_for_norm = backbone.num_heads if config.granularity == "head" else None
+    def row_qk(layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The engineered row's query and keys: the CLS row, or an attention-pooling probe's row (its keys
+        are the normed output tokens, all patches) on a model without a CLS token."""
+        if backbone.cls_token:
+            return q, k, backbone.sites[layer].scale
+        if not probe_qk:
+            raise ValueError(f"{backbone.name} has neither a CLS token nor an attention-pooling probe")
+        return probe_qk["q"], probe_qk["k"], backbone.probe.head_dim**-0.5
+
+    norms = {}
+    before = {}
+    for layer in layers:
+        site = backbone.sites[layer]
+        qkv = captured[layer]
+        norms[layer] = {name: patch_norms(qkv.get(name), num_prefix) for name in ("q", "k", "v")}
+        norms[layer]["residual"] = patch_norms(residual[layer], num_prefix)
+        q, k, _ = qkv.heads(site)
+        q, k, scale = row_qk(layer, q, k)
+        before[layer] = cls_row_weights(q[:, :, :1], k, None, num_prefix=num_prefix, scale=scale)[:, :, 0]
+
+    if itae and not config.is_calibrated:
+        # the choice calibration makes, on this batch: the same statistics, the same rule
+        stats = {}
+        for layer in layers:
+            qkv = captured[layer]
+            per_head = heads_for_norm is not None
+            patches = before[layer][:, :, num_prefix:]
+            stats[layer] = PatchStats(
+                norms={n: patch_norms(qkv.get(n), num_prefix, heads_for_norm).cpu().numpy() for n in ("q", "k", "v")},
+                residual=norms[layer]["residual"].cpu().numpy(),
+                attention=attention_share((patches if per_head else patches.mean(1)).float().cpu().numpy()),
+            )
+        config = resolve_splits(stats, config, layers).config
+
     out: dict[int, LayerDiagnostics] = {}
     for position, layer in enumerate(layers):
         site = backbone.sites[layer]
         qkv = captured[layer]
-        norms = {name: patch_norms(qkv.get(name), num_prefix) for name in ("q", "k", "v")}
-        norms["residual"] = patch_norms(residual[layer], num_prefix)
-        source_norms = patch_norms(qkv.get(config.source), num_prefix, heads_for_norm)
-        if config.is_calibrated:
-            threshold = config.threshold_for(position)
-        else:
-            threshold = find_threshold(source_norms.flatten().cpu().numpy(), config).threshold
-        mask = artifact_mask(source_norms, threshold, config.side)
         q, k, _ = qkv.heads(site)
-        kw = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=site.scale)
-        if not backbone.cls_token:
-            if not probe_qk:
-                raise ValueError(f"{backbone.name} has neither a CLS token nor an attention-pooling probe")
-            # the probe's row plays the CLS row (its keys are the normed output tokens, all patches)
-            q, k = probe_qk["q"], probe_qk["k"]
-            kw["scale"] = backbone.probe.head_dim**-0.5
-        before = cls_row_weights(q[:, :, :1], k, None, **kw)[:, :, 0]
-        after = cls_row_weights(q[:, :, :1], k, mask, **kw)[:, :, 0]
+        q, k, scale = row_qk(layer, q, k)
+        if itae:
+            source_norms = patch_norms(qkv.get(config.source), num_prefix, heads_for_norm)
+            threshold = config.threshold_for(position)
+            mask = artifact_mask(source_norms, threshold, config.side)
+            kw = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=scale)
+            after = cls_row_weights(q[:, :, :1], k, mask, **kw)[:, :, 0]
+        else:
+            threshold = math.nan
+            mask = torch.zeros_like(norms[layer]["v"], dtype=torch.bool)
+            after = before[layer]
         out[layer] = LayerDiagnostics(
-            block=layer, norms={k_: v_.cpu() for k_, v_ in norms.items()},
-            cls_attention=before.cpu(), cls_attention_itae=after.cpu(), artifact_mask=mask.cpu(),
+            block=layer, norms={k_: v_.cpu() for k_, v_ in norms[layer].items()},
+            cls_attention=before[layer].cpu(), cls_attention_itae=after.cpu(), artifact_mask=mask.cpu(),
             threshold=float(threshold), num_prefix_tokens=num_prefix, grid=(h, w),
+            source=config.source if itae else None, side=config.side if itae else None,
         )
     return out

@@ -100,7 +100,7 @@ class ITAEState:
 class attenuate:  # noqa: N801 - used as a context manager, named like one
     """Engineer the attention of ``model`` (an instance) inside a ``with`` block.
 
-    >>> with itae.attenuate(model, ITAEConfig(threshold=0.5)) as state:
+    >>> with itae.attenuate(model, itae.calibrate(model, sample).config) as state:
     ...     features = model(pixel_values)
     ...     state.last[-1].artifact_mask  # (B, N) flagged patches of the last block, last forward
 
@@ -113,6 +113,11 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
         config = ITAEConfig() if config is None else config
         if not isinstance(config, ITAEConfig):
             raise TypeError(f"config must be an ITAEConfig; got {type(config).__name__}")
+        if config.is_auto:
+            raise ValueError(
+                f"ITAEConfig(source={config.source!r}, side={config.side!r}): 'auto' is chosen from a sample of the "
+                "data by itae.calibrate(model, images, config); pass its .config to attenuate, or fix source and side"
+            )
         self.backbone = adapt(model)
         self.config = config
         self.layers = resolve_layers(self.backbone, config)

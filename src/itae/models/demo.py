@@ -16,6 +16,8 @@ loads like any other model:
   MLP, which only fires on tokens carrying ``u``, writes the high-frequency (checkerboard) response
   of the sink's own patch into the residual stream: what the sinks hand to the CLS token is
   pixel-level texture of two background patches, a nuisance unrelated to the object.
+- ``demo:planted-keys``: the same sinks with another signature: long keys and ordinary values (the
+  value projection is left as it is), so value norms do not show them and key norms do.
 - ``demo:registers``: the clean weights plus two register tokens that carry ``u`` (the sink role)
   and no image content (they take about 90% of the CLS attention and hand it a constant): the
   trained alternative of Darcet et al., in the same construction.
@@ -39,7 +41,7 @@ from torch import nn
 from .base import Backbone, Preprocess
 
 DEMO_PREFIX = "demo:"
-DEMO_KINDS = ("clean", "planted", "registers")
+DEMO_KINDS = ("clean", "planted", "planted-keys", "registers")
 DEMO_MODELS = tuple(DEMO_PREFIX + kind for kind in DEMO_KINDS)
 
 IMAGE_SIZE = 32
@@ -55,7 +57,8 @@ _GATE = 20.0  # gate slope on u: sinks sit far inside GELU's linear range, other
 
 
 def is_demo_name(name: object) -> bool:
-    """True for the names this module builds (``demo:clean``, ``demo:planted``, ``demo:registers``)."""
+    """True for the names this module builds (``demo:clean``, ``demo:planted``, ``demo:planted-keys``,
+    ``demo:registers``)."""
     return isinstance(name, str) and name.strip().lower() in DEMO_MODELS
 
 
@@ -90,7 +93,8 @@ def demo_model(
     sink_logit: float = 12.0,
     nuisance_gain: float = 1500.0,
 ) -> nn.Module:
-    """Build the demo ViT (a timm ``VisionTransformer``) of ``kind`` "clean", "planted" or "registers".
+    """Build the demo ViT (a timm ``VisionTransformer``) of ``kind`` "clean", "planted", "planted-keys" or
+    "registers".
 
     seed: the random features (all variants of a seed share them). strength: the sinks' massive
     component, in units of the typical patch-token norm. sink_logit: how far above the other tokens
@@ -102,7 +106,7 @@ def demo_model(
     if kind not in DEMO_KINDS:
         raise ValueError(f"demo model kind must be one of {', '.join(map(repr, DEMO_KINDS))}; got {kind!r}")
     positions = sorted({int(p) for p in sink_positions})
-    if kind == "planted" and (not positions or not all(0 <= p < GRID * GRID for p in positions)):
+    if kind.startswith("planted") and (not positions or not all(0 <= p < GRID * GRID for p in positions)):
         raise ValueError(f"sink_positions must be patch indices in [0, {GRID * GRID}); got {list(sink_positions)!r}")
 
     dim = EMBED_DIM
@@ -158,11 +162,11 @@ def demo_model(
         return model
 
     typical = _typical_patch_norm(model)
-    if kind == "planted":
+    if kind.startswith("planted"):
         idx = torch.as_tensor(positions)
         model.pos_embed[0, idx] += (strength * typical * u).float()
         _plant_nuisance(model, u, nuisance_dirs, texture_dirs, nuisance_gain * strength * typical / math.sqrt(dim))
-        _plant_sink_attention(model, u, sink_logit)
+        _plant_sink_attention(model, u, sink_logit, blind_values=kind == "planted")
     else:
         # registers need not monopolise the CLS row (about 90% of it here): their values are constant
         model.reg_token[0] += (strength * typical * u).float()
@@ -196,8 +200,9 @@ def _plant_nuisance(model: nn.Module, u: torch.Tensor, nuisance_dirs: torch.Tens
             fc2.weight[:, unit] = (sign * gain / 2 * nuisance_dirs[:, c]).float()
 
 
-def _plant_sink_attention(model: nn.Module, u: torch.Tensor, sink_logit: float) -> None:
-    """Last block: keys read u and every query carries the matching direction; values ignore u."""
+def _plant_sink_attention(model: nn.Module, u: torch.Tensor, sink_logit: float, *, blind_values: bool = True) -> None:
+    """Last block: keys read u and every query carries the matching direction; values ignore u
+    (``blind_values``) or are left as they are."""
     attn = model.blocks[-1].attn
     dim = u.shape[0]
     head_dim = dim // attn.num_heads
@@ -210,6 +215,8 @@ def _plant_sink_attention(model: nn.Module, u: torch.Tensor, sink_logit: float) 
     # a sink's normed input is about sqrt(D) * u: its logit is scale * q_push * key_gain * sqrt(D)
     q_push = sink_logit / (head_dim**-0.5 * key_gain * math.sqrt(dim))
     b[:dim] += (q_push * a).float()
+    if not blind_values:
+        return
     wv = w[2 * dim :].double()
     w[2 * dim :] = (wv - torch.outer(wv @ u, u)).float()
 

@@ -539,3 +539,47 @@ def write_inspection(
     grid_path.write_bytes((out / f"grid_block{last}.png").read_bytes())
     written.append(grid_path)
     return written
+
+
+def unmodified_grid(
+    images: Sequence[Any], diagnostics: Mapping[int, LayerDiagnosticsLike], *, layer: int | None = None,
+    names: Sequence[str] | None = None, max_images: int = 8,
+) -> Figure:
+    """The grid of a run without ITAE: per image the photo, the unmodified CLS attention, and the
+    residual-stream norms of the patches (where artifacts show as a separate high mode). Nothing flagged,
+    no threshold, no "after"."""
+    if not diagnostics:
+        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+    layer = max(diagnostics) if layer is None else layer
+    diag = diagnostics[layer]
+    n = min(len(images), max_images)
+    if n == 0:
+        raise ValueError("no images to draw")
+    first = image_array(images[0])
+    fig = _new_figure(7.5, n * 2.4 * first.shape[0] / first.shape[1] + 0.6)
+    axes = np.atleast_2d(fig.subplots(n, 3))
+    for col, header in enumerate(("image", "CLS attention (unmodified)", "residual norms")):
+        axes[0, col].annotate(header, xy=(0.5, 1.12), xycoords="axes fraction", ha="center", va="bottom",
+                              fontsize=10, fontweight="bold")
+    for i in range(n):
+        img = image_array(images[i])
+        att = cls_patch_attention(_pick(diag, "cls_attention", i), diag.num_prefix_tokens, diag.grid)
+        _draw_image(axes[i, 0], img)
+        if names is not None and i < len(names):
+            axes[i, 0].set_ylabel(_short(str(names[i]), 22), fontsize=8)
+        _draw_attention(axes[i, 1], img, att, float(max(att.max(), 1e-12)))
+        _draw_norm_hist(axes[i, 2], to_numpy(diag.norms["residual"])[i], None, title="")
+    fig.suptitle(f"Block {layer}, ITAE off: the unmodified model", fontsize=11)
+    return fig
+
+
+def write_unmodified_grid(
+    images: Sequence[Any], names: Sequence[str], diagnostics: Mapping[int, LayerDiagnosticsLike],
+    out_dir: str | Path, *, dpi: int = 110,
+) -> Path:
+    """``unmodified_grid`` of the last block as ``out_dir/grid.png``; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "grid.png"
+    unmodified_grid(images, diagnostics, names=names).savefig(path, dpi=dpi, facecolor="white")
+    return path

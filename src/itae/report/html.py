@@ -421,6 +421,31 @@ def _seed_metrics_html(metrics: Mapping[str, Any]) -> str:
     return html_ + tables
 
 
+def _self_check_html(check: Mapping[str, Any]) -> str:
+    """The ITAE self-check: a line saying what was flagged, and per block (and per candidate) its scores."""
+    status = check.get("status")
+    if status == "off":
+        return ('<p class="note shown">ITAE was off for this run: the figures show the unmodified model, '
+                "and nothing is flagged.</p>")
+    cls = "note shown" + (" warn" if status == "nothing flagged" else "")
+    out = f'<p class="{cls}">{_e(check.get("summary", ""))}</p>'
+    columns = ("source", "side", "threshold", "flagged_fraction", "lift", "residual_ratio", "passes", "reason")
+
+    def rows(checks) -> list[dict[str, Any]]:
+        return [{"block": c["block"], **{k: c.get(k) for k in columns}} for c in checks]
+
+    blocks = list((check.get("blocks") or {}).values())
+    if blocks:
+        out += _rows_table(rows(blocks))
+    candidates = [c for cs in (check.get("candidates") or {}).values() for c in cs]
+    if check.get("chosen_by") == "auto" and candidates:
+        out += (f'<p class="note">Candidates tried by source="auto" (bar: {_e(check.get("bar", ""))}); '
+                "lift: CLS patch attention share on the flagged patches over their share of the patches "
+                "(unmodified model); residual_ratio: their mean residual-stream norm over the others'.</p>")
+        out += _rows_table(rows(candidates))
+    return out
+
+
 def _rows_table(rows: Sequence[Any]) -> str:
     rows = list(rows)
     if not rows:
@@ -482,6 +507,7 @@ section{margin-top:30px}
 h2{font-size:17px;font-weight:600;margin:0 0 10px;padding-bottom:6px;border-bottom:1px solid var(--line)}
 h3{font-size:14px;font-weight:600;margin:16px 0 6px}
 .note{color:var(--muted);font-size:13px;margin:4px 0 10px}.warn{color:#9a6700}
+.banner{margin:8px 0 0;font-weight:600}
 .note.shown{color:var(--fg);font-weight:600}
 .muted{color:var(--muted);font-weight:400}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
@@ -557,6 +583,8 @@ def write_report(
     seed: int = 0,
     shown_run: str | None = None,
     metrics_note: str | None = None,
+    banner: str | None = None,
+    self_check: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of one clustering run; return its path.
 
@@ -573,6 +601,8 @@ def write_report(
     shown as a table of every k tried.
     shown_run: which run the confusion table, map and gallery show, when the page covers several (e.g. a
     benchmark grid); each of those sections then starts by naming it.
+    banner: one line shown under the title (e.g. whether ITAE was on). self_check: the ITAE self-check
+    of the run (``itae.pipeline.self_check``), shown as a table at the top of the diagnostics.
     """
     n = len(ids)
     clusters = np.asarray(cluster_labels).reshape(-1)
@@ -655,6 +685,7 @@ def write_report(
         max_clusters=max_clusters_shown, per_cluster=max_thumbs_per_cluster, thumb_size=thumb_size,
     )))
 
+    check_html = _self_check_html(self_check) if self_check is not None else ""
     if diagnostics_pngs:
         figs = []
         for item in diagnostics_pngs:
@@ -666,7 +697,7 @@ def write_report(
         body = f'<div class="diag">{"".join(figs)}</div>'
     else:
         body = '<p class="note">No artifact diagnostics for this run.</p>'
-    sections.append(_section("diagnostics", "Artifact diagnostics", body))
+    sections.append(_section("diagnostics", "Artifact diagnostics", check_html + body))
 
     config_text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
     sections.append(_section("config", "Configuration", f"<pre>{_e(config_text)}</pre>"))
@@ -677,7 +708,9 @@ def write_report(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<header><h1>{_e(title)}</h1><p class="summary">{_e(_DOT.join(summary))}</p><nav>{nav}</nav></header>'
+        f'<header><h1>{_e(title)}</h1><p class="summary">{_e(_DOT.join(summary))}</p>'
+        + (f'<p class="banner" id="itae-banner">{_e(banner)}</p>' if banner else "")
+        + f'<nav>{nav}</nav></header>'
         f"<main>{''.join(sections)}<footer>Self-contained report: no network; the map's script and every image are embedded."
         "</footer></main></body></html>\n"
     )
