@@ -69,7 +69,7 @@ def test_two_populations_flag_nothing_and_say_why():
     rng = np.random.default_rng(1)
     dark = rng.lognormal(0.0, 0.1, 5000)
     bright = rng.lognormal(np.log(3.0), 0.1, 5000)
-    split = find_threshold(np.concatenate([dark, bright]), ITAEConfig())
+    split = find_threshold(np.concatenate([dark, bright]), ITAEConfig(side="low"))
     assert not split.bimodal and split.flagged_fraction == 0.0
     assert "25%" in split.reason
     assert split.threshold < dark.min()
@@ -92,14 +92,14 @@ def test_all_equal_and_too_few_norms_flag_nothing(side):
         assert not split.bimodal and split.flagged_fraction == 0.0, norms
         assert why in split.reason
         assert not grid.flagged_by(split.threshold, norms, side).any()
-        assert ITAEConfig(threshold=split.threshold).threshold == split.threshold  # a usable, finite threshold
+        assert ITAEConfig(source="v", side=side, threshold=split.threshold).threshold == split.threshold  # a usable, finite threshold
 
 
 def test_fewer_than_ten_norms_never_flag():
     rng = np.random.default_rng(3)
     for n in range(2, 10):
         norms = np.concatenate([rng.lognormal(0.0, 0.1, n - 1), [1e-3]])
-        split = find_threshold(norms, ITAEConfig())
+        split = find_threshold(norms, ITAEConfig(side="low"))
         assert not split.bimodal, (n, split.reason)
 
 
@@ -107,10 +107,10 @@ def test_nan_and_inf_are_ignored_reported_and_logged(caplog):
     rng = np.random.default_rng(4)
     bulk = rng.lognormal(3.0, 0.1, 5000)
     rare = rng.lognormal(0.0, 0.1, 100)
-    clean = find_threshold(np.concatenate([bulk, rare]), ITAEConfig())
+    clean = find_threshold(np.concatenate([bulk, rare]), ITAEConfig(side="low"))
     dirty = np.concatenate([bulk, [np.nan, np.inf, -np.inf], rare, [np.nan]])
     with caplog.at_level(logging.WARNING, logger="itae.engine.split"):
-        split = find_threshold(dirty, ITAEConfig())
+        split = find_threshold(dirty, ITAEConfig(side="low"))
     assert split.ignored == 4 and clean.ignored == 0
     assert "4 of 5104" in caplog.text
     assert split.bimodal and split.threshold == clean.threshold
@@ -125,6 +125,6 @@ def test_nan_and_inf_are_ignored_reported_and_logged(caplog):
 def test_zero_norms_are_a_low_mode_not_a_crash():
     rng = np.random.default_rng(5)
     norms = np.concatenate([rng.lognormal(1.0, 0.3, 2000), np.zeros(40)])
-    split = find_threshold(norms, ITAEConfig())
+    split = find_threshold(norms, ITAEConfig(side="low"))
     assert split.bimodal and split.flagged_fraction == pytest.approx(40 / 2040)
     assert 0.0 <= split.threshold < norms[norms > 0].min()

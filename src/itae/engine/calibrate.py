@@ -9,6 +9,7 @@ bright images).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -265,7 +265,11 @@ def find_threshold(norms: np.ndarray, config: ITAEConfig) -> Split:
     """Split 1-D patch norms into bulk and artifacts (see the module docstring).
 
     NaN and infinite norms are counted in ``Split.ignored``, logged and left out; they never raise.
+    ``config.side`` must be fixed ("low" or "high"): ``itae.calibrate`` chooses an "auto" side.
     """
+    if config.side not in ("low", "high"):
+        raise ValueError(f"find_threshold needs a fixed side, 'low' or 'high'; got {config.side!r} "
+                         "(an 'auto' side is chosen by itae.calibrate)")
     norms = np.asarray(norms, dtype=np.float64).ravel()
     finite = np.isfinite(norms)
     ignored = int(norms.size - np.count_nonzero(finite))
