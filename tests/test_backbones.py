@@ -40,7 +40,7 @@ def _cls(model, x):
 
 
 def _median_threshold(model, x, source="v"):
-    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, threshold=1.0))
+    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, side="low", threshold=1.0))
     return float(diag[adapt(model).num_blocks - 1].norms[source].median())
 
 
@@ -85,7 +85,7 @@ def test_nothing_flagged_is_the_unmodified_model(kind, model, pixels, rows):
         pytest.skip("SigLIP: ITAE engineers only the probe's row")
     with torch.no_grad():
         ref = _cls(model, pixels)
-        with itae.attenuate(model, ITAEConfig(threshold=0.0, rows=rows)) as state:
+        with itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=0.0, rows=rows)) as state:
             out = _cls(model, pixels)
     assert not state.last[1].artifact_mask.any()
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
@@ -197,7 +197,7 @@ def test_engineered_output_equals_hand_written_replay(kind, model, pixels):
     target = backbone.probe.head if backbone.probe is not None else backbone.blocks[-1]
     handle = target.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0]))
     try:
-        with torch.no_grad(), itae.attenuate(model, ITAEConfig(threshold=_median_threshold(model, pixels))) as state:
+        with torch.no_grad(), itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=_median_threshold(model, pixels))) as state:
             out = backbone.forward_features(pixels).cls
     finally:
         handle.remove()
@@ -212,7 +212,7 @@ def test_engineered_output_equals_hand_written_replay(kind, model, pixels):
 
 
 def test_batch_equals_single_images(model, pixels):
-    with torch.no_grad(), itae.attenuate(model, ITAEConfig(threshold=_median_threshold(model, pixels))):
+    with torch.no_grad(), itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=_median_threshold(model, pixels))):
         batch = _cls(model, pixels)
         singles = torch.cat([_cls(model, pixels[i : i + 1]) for i in range(pixels.shape[0])])
     torch.testing.assert_close(batch, singles, atol=1e-5, rtol=1e-5)
@@ -223,7 +223,7 @@ def test_model_restored_after_exit_and_after_exception(model, pixels):
         ref = _cls(model, pixels)
     hooks_before = _hooks(model)
     state_before = copy.deepcopy(model.state_dict())
-    cfg = ITAEConfig(threshold=_median_threshold(model, pixels))
+    cfg = ITAEConfig(source="v", side="low", threshold=_median_threshold(model, pixels))
     with torch.no_grad():
         with itae.attenuate(model, cfg):
             assert not torch.allclose(_cls(model, pixels), ref, atol=1e-6)
@@ -240,7 +240,7 @@ def test_model_restored_after_exit_and_after_exception(model, pixels):
 
 def test_fast_cls_path_where_the_structure_allows(kind, model, pixels):
     backbone = adapt(model)
-    cfg = ITAEConfig(threshold=_median_threshold(model, pixels, "k"), source="k")
+    cfg = ITAEConfig(side="low", threshold=_median_threshold(model, pixels, "k"), source="k")
     if not FAST[kind]:
         assert not supports_fast_cls(backbone, cfg)
         with pytest.raises(ValueError, match="attenuate"):
@@ -259,7 +259,7 @@ def test_fast_cls_path_where_the_structure_allows(kind, model, pixels):
 def test_diagnostics_show_the_row_that_is_engineered(kind, model, pixels):
     """detect_artifacts' attention rows (the probe's on SigLIP) give flagged keys no more than the least patch."""
     backbone = adapt(model)
-    diag = itae.detect_artifacts(model, pixels, ITAEConfig(threshold=_median_threshold(model, pixels)))[1]
+    diag = itae.detect_artifacts(model, pixels, ITAEConfig(source="v", side="low", threshold=_median_threshold(model, pixels)))[1]
     after = diag.cls_attention_itae[:, :, backbone.num_prefix_tokens:]
     assert after.shape[-1] == 16
     least = after.amin(dim=-1, keepdim=True)
@@ -271,14 +271,14 @@ def test_diagnostics_show_the_row_that_is_engineered(kind, model, pixels):
 def test_siglip_refuses_what_its_probe_cannot_do(pixels):
     model = tiny_vit("hf-siglip")
     before = _hooks(model)
-    for cfg in (ITAEConfig(threshold=1.0, rows="all"), ITAEConfig(threshold=1.0, layers=(0,))):
+    for cfg in (ITAEConfig(source="v", side="low", threshold=1.0, rows="all"), ITAEConfig(source="v", side="low", threshold=1.0, layers=(0,))):
         with pytest.raises(ValueError, match="no CLS token"):
             itae.attenuate(model, cfg)
     assert _hooks(model) == before
     model.head = None  # a SigLIP tower without its pooling head: nothing for ITAE to engineer
     model.use_head = False
     with pytest.raises(ValueError, match="neither"):
-        itae.attenuate(model, ITAEConfig(threshold=1.0))
+        itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=1.0))
 
 
 def test_embed_refuses_itae_on_a_model_without_cls_or_probe(tmp_path, monkeypatch):
@@ -308,7 +308,7 @@ def test_siglip2_refuses_padded_batches_under_itae(pixels):
     patches = patchify(pixels, 16)
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[0, -4:] = 0  # the first image's last row of patches is padding
-    with torch.no_grad(), itae.attenuate(model, ITAEConfig(threshold=1.0)):
+    with torch.no_grad(), itae.attenuate(model, ITAEConfig(source="v", side="low", threshold=1.0)):
         with pytest.raises(RuntimeError, match="padded"):
             model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[4, 4]] * 3))
 
@@ -321,7 +321,7 @@ def test_clip_wrappers_use_the_vision_tower(pixels):
     wrapper.vision_model.load_state_dict(tower.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(_cls(wrapper, pixels), _cls(tower, pixels), atol=0, rtol=0)
-        with itae.attenuate(wrapper, ITAEConfig(threshold=_median_threshold(tower, pixels))):
+        with itae.attenuate(wrapper, ITAEConfig(source="v", side="low", threshold=_median_threshold(tower, pixels))):
             engineered = wrapper(pixels).image_embeds
         assert (engineered - wrapper(pixels).image_embeds).abs().max() > 0
 

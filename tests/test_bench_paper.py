@@ -342,4 +342,6 @@ def test_paper_grid_killed_mid_run_resumes(standin, tmp_path):
         assert main(argv) == 0
     rows = _rows(out / "results.csv")
     assert rows[0] == first[0] and [r["method"] for r in rows] == ["baseline", "itae", "registers"]
-    assert calls["embed"] == 2  # the baseline embedding of the killed run is reused
+    # the baseline embedding of the killed run is reused (and the ITAE one, when the kill came after it was
+    # finished): at most the two other methods are embedded again
+    assert 1 <= calls["embed"] <= 2

@@ -200,7 +200,7 @@ def test_no_outliers_no_neurons(tiny, images):
 def test_itae_runs_around_the_registers(tiny, images):
     backbone = itae.adapt(tiny)
     with itae.test_time_registers(backbone, itae.TTRConfig(neurons=NEURONS)) as ttr:
-        with itae.attenuate(ttr.backbone, itae.ITAEConfig(threshold=1e9)) as state:
+        with itae.attenuate(ttr.backbone, itae.ITAEConfig(source="v", side="low", threshold=1e9)) as state:
             got = _features(backbone, images)
         n = backbone.forward_features(images).patches.shape[1]
     mask = state.last[backbone.num_blocks - 1].artifact_mask
@@ -314,7 +314,7 @@ def test_embed_with_neurons_in_the_last_block_runs_the_full_model(tmp_path, meth
     root = _folder(tmp_path / "imgs")
     backbone = itae.adapt(build_tiny_hf())
     ttr = itae.TTRConfig(neurons=((0, 3), (1, 5), (1, 9)))  # block 1 is the last: no CLS-only fast path
-    cfg = itae.ITAEConfig(threshold=0.5)
+    cfg = itae.ITAEConfig(source="v", side="low", threshold=0.5)
     store = itae.embed(root, backbone, out=tmp_path / "out", method=method, itae=cfg, ttr=ttr, **COMMON)
     assert store.ttr_config == ttr and store.manifest["ttr_search"] is None  # given neurons: no search
     from itae.data.decode import build_transform, load_rgb

@@ -358,7 +358,7 @@ def registers_check(
     backbone = adapt(model)
     outlier_block = backbone.resolve_layer(config.outlier_layer)
     last = backbone.num_blocks - 1
-    probe = ITAEConfig(threshold=0.0, layers=tuple(sorted({outlier_block, last})))
+    probe = ITAEConfig(source="v", side="low", threshold=0.0, layers=tuple(sorted({outlier_block, last})))
     before = detect_artifacts(backbone, pixel_values, probe)
     mask = before[outlier_block].norms["residual"] > threshold  # (B, N)
     p = backbone.num_prefix_tokens
