@@ -725,17 +725,7 @@ def _commit_part(writer: StoreWriter, k: int, buf: _ChunkBuffer, src: ImageSourc
     order = np.argsort(index[new], kind="stable")
     index, emb = index[new][order], emb[new][order]
     failed = sorted((i, r) for i, r in buf.failed if lo <= i < hi)
-    labels = src.labels
-    writer.write_part(
-        k, lo, hi,
-        index=index,
-        ids=[src.ids[i] for i in index.tolist()],
-        labels=[labels[i] if labels is not None else "" for i in index.tolist()],
-        embeddings=emb,
-        failed_index=[i for i, _ in failed],
-        failed_ids=[src.ids[i] for i, _ in failed],
-        failed_reason=[r for _, r in failed],
-    )
+    writer.write_part(k, lo, hi, **_records(src, index, emb, failed))
     buf.saved = buf.seen
 
 
@@ -948,10 +938,13 @@ def _commit(writer: StoreWriter, k: int, buf: _ChunkBuffer, src: ImageSource) ->
         emb = np.zeros((0, writer.dim), dtype=np.float32)
     order = np.argsort(index, kind="stable")
     index, emb = index[order], emb[order]
+    writer.write_chunk(k, **_records(src, index, emb, sorted(buf.failed)))
+
+
+def _records(src: ImageSource, index: np.ndarray, emb: np.ndarray, failed: list[tuple[int, str]]) -> dict[str, Any]:
+    """The store's record fields of embedded images ``index`` (their rows ``emb``) and of ``failed`` ones."""
     labels = src.labels
-    failed = sorted(buf.failed)
-    writer.write_chunk(
-        k,
+    return dict(
         index=index,
         ids=[src.ids[i] for i in index.tolist()],
         labels=[labels[i] if labels is not None else "" for i in index.tolist()],
