@@ -476,8 +476,8 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
     """``out/report.html`` for a finished run (diagnostics included when the backbone is given); returns
     the map's layout (an ``EmbeddingMap``: which method drew it, and how)."""
     from .data.decode import DecodeError, load_rgb
+    from .report.figures import embedding_map
     from .report.html import write_report
-    from .report.layout import embedding_map
 
     index = {ident: i for i, ident in enumerate(source.ids)}
 
