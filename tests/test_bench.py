@@ -148,6 +148,10 @@ def _check_report(path: Path, rows: list[dict]) -> None:
     assert not re.search(r"<td>-?0\.\d{4}</td>", tables), tables
     # the registers rows of both demo models come from the same reference model, and the page says so
     assert visible.count("registers (demo:registers)") == 2
+    # the shown run's artifact diagnostics are drawn (inspect/grid.png), embedded in the page
+    diagnostics = text[text.index('<section id="diagnostics">'):]
+    assert diagnostics[: diagnostics.index("</section>")].count('<img class="figure"') == 1
+    assert (path.parent / "inspect" / "grid.png").is_file()
     assert "the registers rows of demo:clean and demo:planted are one and the same reference model, " \
            "demo:registers" in html.unescape(visible)
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from itae.cli.main import main
-from itae.clustering import KMeansClusterer, centroids_from_labels, nearest_centroid
+from itae.clustering import KMeansClusterer, centroid_distances, centroids_from_labels, nearest_centroid
 from itae.collection.neighbours import cosine_knn, duplicate_groups, label_disagreement, outlier_scores
 from itae.collection.runs import match_runs, matched_correct, per_class_accuracy
 
@@ -139,6 +139,27 @@ def test_nearest_centroid_reproduces_kmeans():
     assert (nearest_centroid(x, centres, spherical=True, cluster_ids=ids)[0] == sph.labels_).all()
     with pytest.raises(ValueError, match="different models"):
         nearest_centroid(x[:, :8], centres)
+
+
+
+def test_centroid_distances_are_each_rows_distance_to_its_cluster_mean(tmp_path):
+    x, _ = _blobs()
+    km = KMeansClusterer(3, seed=0).fit(x)
+    # Lloyd's iterations stop at centres that are the means of their members: the same distances.
+    np.testing.assert_allclose(centroid_distances(x, km.labels_), km.distances_, rtol=1e-4, atol=1e-4)
+    labels = np.where(np.arange(len(x)) % 7 == 0, -1, km.labels_)  # some noise
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    dist = centroid_distances(np.load(path, mmap_mode="r"), labels)
+    assert dist.dtype == np.float64 and np.isnan(dist[labels == -1]).all()
+    for c in range(3):
+        members = x[labels == c].astype(np.float64)
+        expected = np.linalg.norm(members - members.mean(axis=0), axis=1)
+        np.testing.assert_allclose(dist[labels == c], expected, rtol=1e-5, atol=1e-5)
+    named = np.array(["a", "b", "c"])[km.labels_]  # any sortable labels; strings have no noise
+    np.testing.assert_array_equal(centroid_distances(x, named), centroid_distances(x, km.labels_))
+    with pytest.raises(ValueError, match="cluster labels for"):
+        centroid_distances(x, labels[:-1])
 
 
 # ------------------------------------------------------------------------------------ end to end

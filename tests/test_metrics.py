@@ -16,6 +16,8 @@ from itae.metrics import (
     cluster_acc,
     confusion,
     evaluate,
+    hungarian,
+    match_clusters,
     nmi,
     purity,
     scores_from_table,
@@ -286,3 +288,44 @@ def test_summarize_and_accumulator_refuse_nothing():
         summarize([])
     with pytest.raises(ValueError, match="no labels"):
         ContingencyAccumulator().result()
+
+
+def test_match_clusters_is_the_best_matching_and_never_matches_noise():
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n_classes, k = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        y_true = rng.integers(0, n_classes, 60)
+        y_pred = rng.integers(-1 if trial % 2 else 0, k, 60)  # every other trial has noise (-1)
+        m = match_clusters(y_true, y_pred)
+        table, classes, clusters = confusion(y_true, y_pred)
+        np.testing.assert_array_equal(m.table, table.T)  # rows are clusters
+        np.testing.assert_array_equal(m.cluster_ids, clusters)
+        np.testing.assert_array_equal(m.class_ids, classes)
+        assert m.accuracy == pytest.approx(_brute_force_acc(y_true, y_pred), abs=1e-12)
+        assert m.accuracy == pytest.approx(cluster_acc(y_true, y_pred), abs=1e-12)
+        noise = (y_pred == -1).any()
+        assert (m.noise_row is not None) == noise and m.n_clusters == len(clusters) - noise
+        assert m.noise_row not in m.rows.tolist()
+        assert len(m.rows) == min(m.n_clusters, len(classes)) and len(set(m.cols.tolist())) == len(m.cols)
+        assert m.class_of() == {r: c for c, r in m.cluster_of().items()}
+
+
+def test_match_clusters_pairs_each_cluster_with_its_class_by_value():
+    y_true = np.array(["cat"] * 5 + ["dog"] * 4 + ["ship"] * 3)
+    y_pred = np.array([7] * 5 + [-1, 3, 3, 3] + [5, 5, 5])
+    m = match_clusters(y_true, y_pred)
+    pairs = {int(m.cluster_ids[r]): str(m.class_ids[c]) for r, c in m.class_of().items()}
+    assert pairs == {7: "cat", 3: "dog", 5: "ship"}
+    assert m.accuracy == pytest.approx(11 / 12) and int(m.cluster_ids[m.noise_row]) == -1
+    with pytest.raises(ValueError, match="y_true has 2 labels"):
+        match_clusters([0, 1], [0, 1, 1])
+
+
+def test_hungarian_only_matches_the_allowed_rows_and_columns():
+    table = np.array([[9, 0, 0], [0, 8, 1], [0, 7, 6]])
+    rows, cols = hungarian(table)
+    assert (rows.tolist(), cols.tolist()) == ([0, 1, 2], [0, 1, 2])
+    rows, cols = hungarian(table, row_ok=np.array([False, True, True]), col_ok=np.array([True, True, False]))
+    assert dict(zip(rows.tolist(), cols.tolist())) == {1: 1, 2: 0}  # 8 + 0 beats 0 + 7; row 0 and column 2 left out
+    rows, cols = hungarian(table, row_ok=np.zeros(3, bool))
+    assert rows.size == 0 and cols.size == 0 and rows.dtype == np.int64

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itae.report.figures import artifact_map, figure_to_png
+from itae.report.figures import artifact_map, embedding_map, figure_to_png, resolve_method
 from itae.report.html import SECTION_IDS, write_report
-from itae.report.layout import embedding_map, resolve_method
 
 
 def _has(module: str) -> bool:
@@ -577,7 +576,7 @@ def _unpack(spec: dict) -> np.ndarray:
 
 
 def test_map_payload_round_trips_every_point():
-    from itae.report.layout import EmbeddingMap
+    from itae.report.figures import EmbeddingMap
     from itae.report.mapview import map_payload
 
     ids, clusters, labels, embeddings = make_run(n=300)

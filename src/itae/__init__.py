@@ -35,6 +35,7 @@ _EXPORTS = {
     "assign": "itae.collection.assign",
     "check": "itae.collection.check",
     "compare": "itae.collection.compare",
+    "write_diagnostics": "itae.diagnostics",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

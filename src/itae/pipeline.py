@@ -190,45 +190,13 @@ def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLi
 
 def _sample_pixels(backbone, source, n_images: int, *, spread: bool = False):
     """Up to ``n_images`` decodable images of ``source`` (the first ones, or spread evenly), preprocessed."""
-    import torch
-
-    from .data.decode import DecodeError, build_transform, load_rgb
     from .data.extract import spread_indices
-    from .data.sources import display_name
+    from .diagnostics import read_images
 
-    transform = build_transform(backbone.preprocess)
     first = spread_indices(len(source), n_images) if spread else []
     order = first + [i for i in range(len(source)) if i not in set(first)]
-    pixels, names = [], []
-    for i in order:
-        try:
-            pixels.append(transform(load_rgb(source.read(i))))
-        except (DecodeError, OSError):
-            continue
-        names.append(display_name(source.ids[i]))
-        if len(pixels) == n_images:
-            break
-    return (torch.stack(pixels) if pixels else None), names
-
-
-def _diagnostic_pngs(backbone, source, config: ITAEConfig | None, folder: Path, n_images: int = 4) -> list[Path]:
-    """Artifact diagnostics of the first few decodable images, for the report.
-
-    With ITAE off (``config`` None) they show the unmodified model only: no threshold, no "after".
-    """
-    from .engine.detect import detect_artifacts
-    from .report.figures import images_from_pixel_values, write_inspection, write_unmodified_grid
-
-    x, names = _sample_pixels(backbone, source, n_images)
-    if x is None:
-        return []
-    images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
-    if config is None:
-        diag = detect_artifacts(backbone, x, itae=False)
-        return [write_unmodified_grid(images, names, diag, folder)]
-    diag = detect_artifacts(backbone, x, config)
-    paths = write_inspection(images, names, diag, folder, source=config.source)
-    return [p for p in paths if p.name == "grid.png"]
+    batch = read_images(backbone, source, limit=n_images, order=order)
+    return batch.pixels, batch.names
 
 
 SELF_CHECK_IMAGES = 64
@@ -476,8 +444,9 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
     """``out/report.html`` for a finished run (diagnostics included when the backbone is given); returns
     the map's layout (an ``EmbeddingMap``: which method drew it, and how)."""
     from .data.decode import DecodeError, load_rgb
+    from .diagnostics import REPORT_IMAGES, write_diagnostics
+    from .report.figures import embedding_map
     from .report.html import write_report
-    from .report.layout import embedding_map
 
     index = {ident: i for i, ident in enumerate(source.ids)}
 
@@ -490,7 +459,8 @@ def write_run_report(out: Path, store: EmbeddingStore, source, result, metrics, 
     pngs: list[Path] = []
     if backbone is not None:
         try:
-            pngs = _diagnostic_pngs(backbone, source, store.itae_config, out / INSPECT_DIR)
+            pngs = [write_diagnostics(backbone, source, out / INSPECT_DIR, itae=store.itae_config,
+                                      max_images=REPORT_IMAGES).grid]
         except Exception as e:  # diagnostics are a bonus: a report without them beats no report
             log.warning("itae: artifact diagnostics skipped: %s", e)
     check = record.get("self_check") or {"status": "off" if store.itae_config is None else "unchecked",

@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from itae.config import ITAEConfig
+from itae.diagnostics import REPORT_IMAGES, write_diagnostics
+from itae.report.figures import embedding_map
+
 from .cache import embedding_dir
 from .datasets import open_dataset
 from .protocol import cluster_run, load_model
@@ -90,6 +94,7 @@ def write_bench_report(results, *, diagnostics: bool = True, title: str | None =
     """Write ``<out_dir>/report.html`` for a finished (or partly finished) grid; return its path.
 
     title: the page's title (default: "itae bench: " and the data sets' names)."""
+    from itae.clustering import centroid_distances  # scikit-learn comes with it: loaded only when needed
     from itae.data.store import EmbeddingStore
     from itae.report.html import write_report
 
@@ -121,13 +126,10 @@ def write_bench_report(results, *, diagnostics: bool = True, title: str | None =
     pngs: list = []
     if diagnostics:
         try:
-            from itae.config import ITAEConfig
-            from itae.pipeline import _diagnostic_pngs
-
             cfg = store.itae_config or ITAEConfig()
             backbone = load_model(shown["backbone"], spec.device, spec.model_root)
-            pngs = [(f"{shown['model']} · {shown['method']}: CLS attention before and after ITAE", p)
-                    for p in _diagnostic_pngs(backbone, source, cfg, out / "inspect")]
+            drawn = write_diagnostics(backbone, source, out / "inspect", itae=cfg, max_images=REPORT_IMAGES)
+            pngs = [(f"{shown['model']} · {shown['method']}: CLS attention before and after ITAE", drawn.grid)]
         except Exception as e:  # diagnostics are a bonus: the table matters more
             log.warning("itae bench: artifact diagnostics skipped: %s", e)
     config = {"spec": spec.to_dict(), "shown_run": {k: shown[k] for k in ("dataset", "model", "method", "seed")}}
@@ -145,7 +147,8 @@ def write_bench_report(results, *, diagnostics: bool = True, title: str | None =
         metrics_note=f"The run that the confusion table, map and gallery below show ({why}); scores in %. "
                      "Every run of the grid is in the next table.",
         config=config, ids=store.ids, cluster_labels=pred, true_labels=list(classes[y]),
-        embeddings=x, thumbnails=thumbnail, diagnostics_pngs=pngs,
+        embeddings=x, layout=embedding_map(x), centroid_distances=centroid_distances(x, pred), thumbnails=thumbnail,
+        diagnostics_pngs=pngs,
         extra_tables=[("All runs", _summary_rows(results.summary), table_notes), *_comparison_tables(results)],
         shown_run=_shown_run_name(shown),
     )

@@ -464,59 +464,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from itae.data.decode import DecodeError, build_transform, load_rgb
     from itae.data.extract import resolve_device
-    from itae.engine.detect import detect_artifacts
+    from itae.diagnostics import write_diagnostics
     from itae.models.loading import load_backbone
-    from itae.report.figures import images_from_pixel_values, write_inspection
 
     cfg = _itae_config(args)
     backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)
-    transform = build_transform(backbone.preprocess)
-    pixels, names, failed = [], [], []
-    for p in args.images:  # one bad image does not cost the others their figures
-        try:
-            pixels.append(transform(load_rgb(p)))
-            names.append(Path(p).name)
-        except FileNotFoundError:
-            failed.append((p, "file not found"))
-        except (DecodeError, OSError) as e:
-            failed.append((p, getattr(e, "reason", None) or str(e)))
-    if not pixels:  # nothing to draw: one error line
-        p, reason = failed[0]
-        more = f" (and {len(failed) - 1} more image(s) could not be inspected)" if len(failed) > 1 else ""
-        raise ValueError(f"cannot inspect {p!r}: {reason}{more}")
-    for p, reason in failed:
+    drawn = write_diagnostics(backbone, args.images, args.out, itae=cfg)  # draws the images it can read
+    for p, reason in drawn.failed:
         print(f"itae: cannot inspect {p!r}: {reason}", file=sys.stderr)
-    x = torch.stack(pixels)
-    diag = detect_artifacts(backbone, x, cfg)
-    images = images_from_pixel_values(x, backbone.preprocess.mean, backbone.preprocess.std)
-    first = next(iter(diag.values()))
-    paths = write_inspection(images, names, diag, args.out, source=first.source)
-    for layer, d in diag.items():
-        print(_inspect_line(layer, d, chosen="auto" if cfg.is_auto else "fixed"))
-    print(f"{len(paths)} figures for {len(pixels)} image(s) in {args.out}")
-    if failed:
-        print(f"itae: error: {len(failed)} of {len(args.images)} image(s) could not be inspected (listed above); "
+    for line in drawn.check_lines(chosen="auto" if cfg.is_auto else "fixed"):
+        print(line)
+    print(f"{len(drawn.figures)} figures for {len(drawn.names)} image(s) in {args.out}")
+    if drawn.failed:
+        print(f"itae: error: {len(drawn.failed)} of {len(args.images)} image(s) could not be inspected (listed above); "
               "the others were drawn", file=sys.stderr)
         return EXIT_ERROR
     return 0
-
-
-def _inspect_line(layer: int, d, chosen: str) -> str:
-    """The self-check of one block on the inspected images: what was flagged and how sink-like it is."""
-    from itae.engine.selfcheck import attention_share, check_split
-
-    patches = d.cls_attention[:, :, d.num_prefix_tokens:].float().numpy()
-    mask = d.artifact_mask.numpy()
-    attention = attention_share(patches if mask.ndim == 3 else patches.mean(1))
-    check = check_split(layer, d.source, d.side, d.threshold, mask, attention, d.norms["residual"].numpy())
-    line = f"{check.describe()} ({chosen})"
-    if not check.flags_nothing:
-        line += f"; CLS attention on them {100 * float(d.attention_on_artifacts.mean()):.1f}% before ITAE"
-    return line
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

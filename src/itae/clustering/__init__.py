@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from itae.clustering.api import METHODS, ClusterResult, check_cluster_arguments, cluster
 from itae.clustering.autok import AutoK
-from itae.clustering.centroids import centroids_from_labels, nearest_centroid
+from itae.clustering.centroids import centroid_distances, centroids_from_labels, nearest_centroid
 from itae.clustering.hierarchical import HDBSCAN_MAX_SAMPLES, AgglomerativeClusterer, HDBSCANClusterer
 from itae.clustering.kmeans import SKLEARN_MAX_SAMPLES, KMeansClusterer, faiss_available, resolve_backend
 
@@ -19,6 +19,7 @@ __all__ = [
     "ClusterResult",
     "HDBSCANClusterer",
     "KMeansClusterer",
+    "centroid_distances",
     "centroids_from_labels",
     "check_cluster_arguments",
     "cluster",

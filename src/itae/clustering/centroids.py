@@ -1,4 +1,5 @@
-"""Centroids of a finished clustering, and the nearest centroid of new rows (``itae assign``)."""
+"""Centroids of a finished clustering, each row's distance to its own, and the nearest centroid of new rows
+(``itae assign``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,25 @@ def centroids_from_labels(
     dense = np.searchsorted(ids, labels).astype(np.int64)
     dense[labels < 0] = -1
     return ids, _arrays.member_means(x, dense, len(ids), spherical=spherical)
+
+
+def centroid_distances(embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(n,) float64 Euclidean distance of each row of ``embeddings`` (n, d) to the mean of its cluster's rows.
+
+    For a labelling whose centres were not kept (a clusterer's own ``distances`` measure the same to its
+    own centres). ``labels`` (n,) may be any sortable values; the noise label -1 has no centre, and its
+    rows get NaN. The rows are read in chunks, so a memory-mapped store is never loaded whole.
+    """
+    x = _arrays.as_embeddings(embeddings)
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"{labels.shape[0]} cluster labels for {x.shape[0]} embeddings")
+    ids, codes = np.unique(labels, return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    if labels.dtype.kind in "iuf":
+        codes[labels == -1] = -1  # noise: no centre, a NaN distance
+    centers = _arrays.member_means(x, codes, len(ids), spherical=False)
+    return _arrays.distances_to(x, codes, centers, spherical=False).astype(np.float64)
 
 
 def nearest_centroid(

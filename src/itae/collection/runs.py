@@ -1,7 +1,7 @@
 """Comparing two clusterings of the same images: clusters matched between runs, accuracy per class.
 
-Both matchings are one to one and maximise agreement (Hungarian, ``scipy.optimize.linear_sum_assignment``
-on a contingency table). Noise (cluster -1) is never matched: between runs it corresponds only to noise.
+Both matchings are one to one and maximise agreement (Hungarian, `itae.metrics.hungarian` on a
+contingency table). Noise (cluster -1) is never matched: between runs it corresponds only to noise.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from itae.metrics import hungarian
 
 
 def _table(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -23,11 +24,8 @@ def _table(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def _hungarian(table: np.ndarray, row_ok: np.ndarray, col_ok: np.ndarray) -> dict[int, int]:
     """{row: col} of the matching of the allowed rows and columns that maximises the matched counts."""
-    rows, cols = np.flatnonzero(row_ok), np.flatnonzero(col_ok)
-    if rows.size == 0 or cols.size == 0:
-        return {}
-    r, c = linear_sum_assignment(table[np.ix_(rows, cols)], maximize=True)
-    return {int(rows[i]): int(cols[j]) for i, j in zip(r, c)}
+    rows, cols = hungarian(table, row_ok=row_ok, col_ok=col_ok)
+    return dict(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
 @dataclass(frozen=True)

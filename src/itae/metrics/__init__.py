@@ -8,18 +8,29 @@ group for NMI and ARI. Details in `itae.metrics.contingency`.
 
 from __future__ import annotations
 
-from itae.metrics.contingency import NOISE, ContingencyAccumulator, is_noise, noise_index, scores_from_table
+from itae.metrics.contingency import (
+    NOISE,
+    ContingencyAccumulator,
+    hungarian,
+    is_noise,
+    noise_index,
+    scores_from_table,
+)
+from itae.metrics.matching import ClusterMatching, match_clusters
 from itae.metrics.scores import SCORE_KEYS, ari, cluster_acc, confusion, evaluate, nmi, purity, summarize
 
 __all__ = [
     "NOISE",
     "SCORE_KEYS",
+    "ClusterMatching",
     "ContingencyAccumulator",
     "ari",
     "cluster_acc",
     "confusion",
     "evaluate",
+    "hungarian",
     "is_noise",
+    "match_clusters",
     "nmi",
     "noise_index",
     "purity",

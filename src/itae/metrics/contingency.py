@@ -83,16 +83,35 @@ def _entropy(counts: np.ndarray, n: int) -> float:
     return float(-np.sum((p / n) * (np.log(p) - math.log(n))))
 
 
+def hungarian(
+    table: np.ndarray, *, row_ok: np.ndarray | None = None, col_ok: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching of the rows of a dense count table to its columns that maximises the matched
+    counts (Hungarian algorithm; rectangular when the numbers differ, so min(rows, columns) pairs).
+
+    Only the rows and columns marked True in the bool masks ``row_ok`` / ``col_ok`` (default: all) take
+    part, e.g. to leave the noise cluster out. Returns (rows, cols): int64 indices into the whole table,
+    one matched pair per position, rows ascending.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    table = np.asarray(table)
+    rows = np.arange(table.shape[0]) if row_ok is None else np.flatnonzero(row_ok)
+    cols = np.arange(table.shape[1]) if col_ok is None else np.flatnonzero(col_ok)
+    if rows.size == 0 or cols.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r, c = linear_sum_assignment(table[np.ix_(rows, cols)], maximize=True)
+    return rows[r].astype(np.int64), cols[c].astype(np.int64)
+
+
 def matched_and_majority(dense: np.ndarray, noise_column: int | None = None) -> tuple[int, int]:
     """(points correct under the Hungarian matching, points in their cluster's majority class) of a dense
     (classes, clusters) table, leaving the noise column (if any) out of both."""
-    from scipy.optimize import linear_sum_assignment
-
     if noise_column is not None:
         dense = np.delete(dense, noise_column, axis=1)
     if dense.size == 0:  # no real clusters (all noise) or no classes
         return 0, 0
-    r, c = linear_sum_assignment(dense, maximize=True)  # rectangular when the numbers differ
+    r, c = hungarian(dense)
     return int(dense[r, c].sum()), int(dense.max(axis=0).sum())
 
 

@@ -1,14 +1,18 @@
-"""Reports: diagnostic figures for `itae inspect` and the self-contained `report.html` of a run.
+"""Reports: they only render what the other packages computed.
 
-matplotlib and scikit-learn are imported inside the functions that draw or project, so importing this
-package stays light.
+`figures` draws (diagnostic figures, the 2-D map of the embeddings, thumbnails); `html` writes the
+self-contained `report.html` of a run, `pages` the pages of `itae check` and `itae compare`, all through
+the Jinja2 templates in `templates/` (one page shared by all). matplotlib and scikit-learn are imported
+inside the functions that draw or project, so importing this package stays light.
 """
 
 from __future__ import annotations
 
 from itae.report.figures import (
+    EmbeddingMap,
     artifact_map,
     attention_maps,
+    embedding_map,
     figure_to_png,
     images_from_pixel_values,
     inspect_grid,
@@ -16,7 +20,6 @@ from itae.report.figures import (
     write_inspection,
 )
 from itae.report.html import SECTION_IDS, write_report
-from itae.report.layout import EmbeddingMap, embedding_map
 
 __all__ = [
     "SECTION_IDS",

@@ -19,23 +19,23 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from itae._io import atomic_write_text
 from itae.data.sources import display_name
-from itae.report.figures import image_array
-from itae.report.layout import MAP_METHODS, EmbeddingMap, embedding_map
+from itae.metrics import ClusterMatching, is_noise, match_clusters, noise_index
+from itae.report.figures import EmbeddingMap, embedding_map, thumbnail_jpeg
 from itae.report.mapview import map_payload, map_section_html
+from itae.report.templates import environment
 
 SECTION_IDS = ("metrics", "confusion", "map", "gallery", "diagnostics", "config")
-__all__ = ["MAP_METHODS", "SECTION_IDS", "EmbeddingMap", "embedding_map", "write_report"]
+__all__ = ["SECTION_IDS", "write_report"]
 
 Thumbnails = Callable[[str], Any] | Mapping[str, Any]
 PngLike = bytes | str | Path
@@ -88,13 +88,6 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else "\u2026" + text[-(limit - 1):]
 
 
-def _noise_row(cluster_ids: np.ndarray) -> int | None:
-    """Index of the noise label (-1) among sorted distinct cluster ids, or None."""
-    from itae.metrics.contingency import noise_index
-
-    return noise_index(cluster_ids)
-
-
 def _noise_mask(clusters: np.ndarray) -> np.ndarray:
     """(n,) bool: which points are noise (label -1; only numeric cluster labels can be)."""
     if clusters.dtype.kind not in "iuf":
@@ -114,50 +107,9 @@ def _as_label_array(labels: Sequence[Any]) -> np.ndarray:
 # Confusion matrix
 
 
-@dataclass(frozen=True)
-class _Matching:
-    """Contingency table (k clusters, L labels) and the one-to-one matching that maximises agreement.
-
-    The noise row (cluster -1), when there is one, is in the table but never matched.
-    """
-
-    cluster_ids: np.ndarray
-    label_ids: np.ndarray
-    table: np.ndarray
-    rows: np.ndarray  # matched cluster rows
-    cols: np.ndarray  # their label columns
-    noise_row: int | None = None
-
-    @property
-    def n_clusters(self) -> int:
-        """Real clusters: noise not counted."""
-        return len(self.cluster_ids) - (self.noise_row is not None)
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.table[self.rows, self.cols].sum() / max(self.table.sum(), 1))
-
-
-def _match(clusters: np.ndarray, labels: np.ndarray) -> _Matching:
-    from scipy.optimize import linear_sum_assignment
-
-    cluster_ids, c_inv = np.unique(clusters, return_inverse=True)
-    label_ids, l_inv = np.unique(labels, return_inverse=True)
-    table = np.zeros((len(cluster_ids), len(label_ids)), dtype=np.int64)
-    np.add.at(table, (c_inv, l_inv), 1)
-    noise_row = _noise_row(cluster_ids)
-    real = np.array([r for r in range(len(cluster_ids)) if r != noise_row], dtype=np.int64)
-    if real.size:
-        rows, cols = linear_sum_assignment(table[real], maximize=True)  # noise is matched to no label
-        rows = real[rows]
-    else:
-        rows, cols = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return _Matching(cluster_ids, label_ids, table, rows, cols, noise_row)
-
-
-def _confusion_html(matching: _Matching, max_size: int) -> str:
-    cluster_ids, label_ids, table = matching.cluster_ids, matching.label_ids, matching.table
-    match = dict(zip(matching.cols.tolist(), matching.rows.tolist(), strict=True))  # label column -> cluster row
+def _confusion_html(matching: ClusterMatching, max_size: int) -> str:
+    cluster_ids, label_ids, table = matching.cluster_ids, matching.class_ids, matching.table
+    match = matching.cluster_of()  # label column -> cluster row
     acc = matching.accuracy
 
     label_counts = table.sum(axis=0)
@@ -225,8 +177,6 @@ def _confusion_html(matching: _Matching, max_size: int) -> str:
 
 
 def _is_noise_id(c: Any) -> bool:
-    from itae.metrics.contingency import is_noise
-
     return is_noise(c.item() if isinstance(c, np.generic) else c)
 
 
@@ -239,37 +189,14 @@ def _cluster_name(c: Any) -> str:
 
 
 def _thumbnail_uri(image: Any, size: int) -> str:
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            im = im.convert("RGB")
-    elif isinstance(image, Image.Image):
-        im = image.convert("RGB")
-    else:
-        im = Image.fromarray(image_array(image))
-    im.thumbnail((size, size), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=72, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    data = thumbnail_jpeg(image, size, quality=72, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _get_thumbnail(thumbnails: Thumbnails, key: str) -> Any:
     if isinstance(thumbnails, Mapping):
         return thumbnails[key]
     return thumbnails(key)
-
-
-def _centroid_distances(embeddings: np.ndarray, clusters: np.ndarray) -> np.ndarray:
-    """Distance of each point to its cluster's mean; NaN for noise, which has no centre."""
-    x = np.asarray(embeddings, dtype=np.float32)
-    cluster_ids, inv = np.unique(clusters, return_inverse=True)
-    sums = np.zeros((len(cluster_ids), x.shape[1]), dtype=np.float64)
-    np.add.at(sums, inv, x)
-    centroids = sums / np.bincount(inv, minlength=len(cluster_ids))[:, None]
-    distances = np.linalg.norm(x - centroids[inv].astype(np.float32), axis=1).astype(np.float64)
-    distances[_noise_mask(clusters)] = np.nan
-    return distances
 
 
 def _gallery_html(
@@ -285,7 +212,7 @@ def _gallery_html(
 ) -> str:
     n = len(clusters)
     cluster_ids, inv, counts = np.unique(clusters, return_inverse=True, return_counts=True)
-    noise_row = _noise_row(cluster_ids)
+    noise_row = noise_index(cluster_ids)
     n_clusters = len(cluster_ids) - (noise_row is not None)
     order = [int(r) for r in np.argsort(-counts, kind="stable") if r != noise_row][:max_clusters]
     # Members of every cluster, nearest to the centroid first, from one stable sort (noise: no centroid,
@@ -493,56 +420,6 @@ def _k_selection_html(k_selection: Mapping[str, Any]) -> str:
 # Page
 
 
-_CSS = """
-:root{--fg:#1f2328;--muted:#656d76;--line:#d8dee4;--bg:#fff;--soft:#f6f8fa;--accent:#2563eb}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
-color:var(--fg);background:var(--bg)}
-header{padding:22px 32px 14px;border-bottom:1px solid var(--line);background:var(--soft)}
-header h1{margin:0 0 4px;font-size:22px;font-weight:600;overflow-wrap:anywhere}
-header .summary{color:var(--muted);margin:0}
-nav{margin-top:10px}nav a{color:var(--accent);text-decoration:none;margin-right:16px;font-size:13px}
-main{max-width:1280px;margin:0 auto;padding:8px 32px 48px}
-section{margin-top:30px}
-h2{font-size:17px;font-weight:600;margin:0 0 10px;padding-bottom:6px;border-bottom:1px solid var(--line)}
-h3{font-size:14px;font-weight:600;margin:16px 0 6px}
-.note{color:var(--muted);font-size:13px;margin:4px 0 10px}.warn{color:#9a6700}
-.banner{margin:8px 0 0;font-weight:600}
-.note.shown{color:var(--fg);font-weight:600}
-.muted{color:var(--muted);font-weight:400}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums}
-table.metrics th,table.metrics td{padding:5px 14px;border-bottom:1px solid var(--line);text-align:right}
-table.metrics th:first-child,table.metrics td:first-child{text-align:left}
-table.metrics thead th{border-bottom:2px solid var(--fg);font-weight:600}
-.scroll{overflow-x:auto}
-table.confusion{font-size:12px}
-table.confusion td,table.confusion th{border:1px solid #eef0f3;padding:2px 5px;text-align:right;min-width:30px}
-table.confusion th.rowh{text-align:left;white-space:nowrap;font-weight:500}
-table.confusion td.muted{text-align:left;white-space:nowrap}
-table.confusion td.hit{outline:2px solid #1e3a8a;outline-offset:-2px;font-weight:600}
-table.confusion td.tot{font-weight:600;background:var(--soft)}
-th.rot{height:90px;vertical-align:bottom;white-space:nowrap;font-weight:500}
-th.rot span{display:inline-block;writing-mode:vertical-rl;transform:rotate(180deg);max-height:88px;overflow:hidden}
-img.figure{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
-.cluster{margin-bottom:10px}
-.thumbs{display:flex;flex-wrap:wrap;gap:6px}
-figure{margin:0}
-.thumbs figure{width:var(--thumb)}
-figure img{display:block;object-fit:cover;border-radius:3px;background:var(--soft)}
-figcaption{font-size:10px;color:var(--muted);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.noimg{display:flex;align-items:center;justify-content:center;background:var(--soft);color:var(--muted);
-font-size:11px;border-radius:3px}
-.diag{display:flex;flex-direction:column;gap:14px}
-.diag figcaption{font-size:12px;white-space:normal;width:auto}
-pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:12px 14px;overflow:auto;
-font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-footer{color:var(--muted);font-size:12px;margin-top:40px}
-table.ktable td.kcell{text-align:left;width:170px}
-.kbar{display:inline-block;height:9px;border-radius:2px;background:var(--accent);opacity:.75}
-table.ktable tr.chosen td{font-weight:600}table.ktable tr.chosen .kbar{opacity:1}
-"""
-
-
 def _section(sid: str, title: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{_e(title)}</h2>{body}</section>'
 
@@ -588,12 +465,17 @@ def write_report(
 ) -> Path:
     """Write a self-contained HTML report of one clustering run; return its path.
 
+    The page only draws: what it shows is computed by the packages that own it, by the caller or, for what
+    the caller leaves out, here through the same functions: the map's layout by
+    `itae.report.figures.embedding_map`, the distances by `itae.clustering.centroid_distances`, the
+    matching of clusters to labels by `itae.metrics.match_clusters`.
+
     ids, cluster_labels, true_labels and the rows of embeddings / centroid_distances are aligned (n each).
-    embeddings: (n, D) features, or an (n, 2) precomputed map; also used for centroid distances when
-    ``centroid_distances`` is None. layout: the map's 2-D coordinates, already computed (see
-    `itae.report.layout.embedding_map`); without it the map is computed here from ``embeddings`` with
-    ``map_method``, ``max_points`` and ``fit_points``. thumbnails: id -> PIL image, array or image path (callable or mapping),
-    called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
+    embeddings: (n, D) features, or an (n, 2) precomputed map; used for the layout and the centroid
+    distances when ``layout`` / ``centroid_distances`` are not given. layout: the map's 2-D coordinates
+    (an ``EmbeddingMap``); without it the map is laid out from ``embeddings`` with ``map_method``,
+    ``max_points`` and ``fit_points``. thumbnails: id -> PIL image, array or image path (callable or
+    mapping), called only for the images shown. diagnostics_pngs: PNG bytes or paths, optionally as (caption, png).
     extra_tables: (title, rows) with rows a list of dicts or a list of sequences whose first is the header,
     or (title, rows, notes) with notes printed under the table.
     metrics: see ``_metrics_html`` for the shapes accepted; ``metrics_note`` is printed above its table.
@@ -624,7 +506,9 @@ def write_report(
         if centroid_distances.shape[0] != n:
             raise ValueError(f"centroid_distances has {centroid_distances.shape[0]} entries but there are {n} ids")
     elif embeddings is not None:
-        centroid_distances = _centroid_distances(embeddings, clusters)
+        from itae import clustering  # scikit-learn comes with it: loaded only when needed
+
+        centroid_distances = clustering.centroid_distances(embeddings, clusters)
 
     noise = _noise_mask(clusters)
     k = len(np.unique(clusters[~noise]))
@@ -651,7 +535,7 @@ def write_report(
         below = "".join(f'<p class="note">{_e(n)}</p>' for n in (notes[0] if notes else ()))
         sections.append(_section(f"table-{i}", str(table_title), _rows_table(rows) + below))
 
-    matching = _match(clusters, labels) if labels is not None else None
+    matching = match_clusters(labels, clusters) if labels is not None else None
     if matching is not None:
         confusion = _confusion_html(matching, max_confusion)
     else:
@@ -665,7 +549,7 @@ def write_report(
             raise ValueError(f"layout indexes row {int(layout.index.max())} but there are {n} ids")
         matched = None
         if matching is not None:
-            matched = dict(zip(matching.rows.tolist(), matching.cols.tolist(), strict=True))
+            matched = matching.class_of()
         payload = map_payload(layout, ids, clusters, labels, centroid_distances, thumbnails, matched=matched,
                               max_thumbs=max_map_thumbs, seed=seed)
         n_thumbs = len(payload["thumbs"]["data"])
@@ -702,24 +586,14 @@ def write_report(
     config_text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
     sections.append(_section("config", "Configuration", f"<pre>{_e(config_text)}</pre>"))
 
-    nav = "".join(f'<a href="#{sid}">{sid}</a>' for sid in SECTION_IDS[:1] + (("k",) if k_selection else ())
-                  + SECTION_IDS[1:])
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<header><h1>{_e(title)}</h1><p class="summary">{_e(_DOT.join(summary))}</p>'
-        + (f'<p class="banner" id="itae-banner">{_e(banner)}</p>' if banner else "")
-        + f'<nav>{nav}</nav></header>'
-        f"<main>{''.join(sections)}<footer>Self-contained report: no network; the map's script and every image are embedded."
-        "</footer></main></body></html>\n"
+    nav = [(sid, sid) for sid in SECTION_IDS[:1] + (("k",) if k_selection else ()) + SECTION_IDS[1:]]
+    page = environment().get_template("report.html.j2").render(
+        title=title, summary=summary, banner=banner, nav=nav, sections="".join(sections),
     )
-    return _write_atomic(Path(path), page)
+    return _write_atomic(Path(path), page + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    from itae._io import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text, errors="backslashreplace")  # a file name that is not UTF-8 shows its bytes
     return path
