@@ -340,7 +340,7 @@ def test_hf_families_load_from_a_save_pretrained_folder(tmp_path, kind, pixels):
 @pytest.mark.parametrize("kind, arch", [("timm-deit3", "deit3_small_patch16_224"),
                                         ("timm-dinov3", "vit_small_patch16_dinov3")])
 def test_timm_families_load_from_a_described_checkpoint(tmp_path, pixels, kind, arch):
-    from itae.models.loading import write_checkpoint
+    from itae.models.checkpoints import write_checkpoint
 
     model = tiny_vit(kind)
     path = write_checkpoint(model.state_dict(), tmp_path / f"{kind}.safetensors", family="timm", arch=arch,
