@@ -19,7 +19,8 @@ from itae.models.loading import (
     canonical_name,
     load_backbone,
 )
-from itae.models.tiny import FAMILIES, save_tiny, tiny_model
+
+from .helpers.tiny import FAMILIES, save_tiny, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tiny random-weight DINOv2 models in the three families, for tests and the offline demo.
+"""Tiny random-weight DINOv2 models in the three families, for the tests and the benchmark scripts.
 
 ``tiny_model(family, seed=s)`` builds one network and wraps it as an HF ``Dinov2Model`` /
 ``Dinov2WithRegistersModel``, a timm ``VisionTransformer`` or the official ``DinoVisionTransformer``.
@@ -14,7 +14,7 @@ Choices that differ from each family's pretrained constructor, on purpose:
   ``load_backbone`` builds timm models, so every family accepts any multiple of the patch size.
 
 ``save_tiny`` writes a model where ``load_backbone`` reads it: HF as a ``save_pretrained`` folder, hub and
-timm as a ``.safetensors`` (or ``.pth``) file that names its architecture (see ``checkpoints.write_checkpoint``).
+timm as a ``.safetensors`` (or ``.pth``) file that names its architecture (see ``itae.models.checkpoints.write_checkpoint``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import write_checkpoint
-from .dinov2_arch import build_dinov2
+from itae.models.checkpoints import write_checkpoint
+from itae.models.dinov2_arch import build_dinov2
 
 FAMILIES = ("hf", "timm", "hub")
 
