@@ -62,7 +62,8 @@ def summary(rows: list[dict]) -> str:
 
 
 def bench_runs(args: argparse.Namespace) -> None:
-    from itae.models.tiny import save_tiny
+    sys.path.insert(0, str(HERE.parent))  # the repository root: the test helpers build the tiny model
+    from tests.helpers.tiny import save_tiny
 
     work = Path(tempfile.mkdtemp(prefix="itae-bench-report-"))
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .helpers.tiny import tiny_model
+
 torch.set_num_threads(1)
 
 # (family, registers, HF attention implementation or None)
@@ -22,8 +24,6 @@ FAMILY_IDS = [f"{f}-reg{r}" + (f"-{a}" if a else "") for f, r, a in FAMILIES]
 
 def build_tiny(family: str, registers: int = 0, attn: str | None = None, seed: int = 0):
     """A tiny model in eval mode with layer scales at 1 (random init leaves them ~1e-5, hiding attention)."""
-    from itae.models.tiny import tiny_model
-
     model = tiny_model(family, registers=registers, seed=seed)
     if attn is not None:
         model.set_attn_implementation(attn)
@@ -44,3 +44,15 @@ def tiny(request):
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(3, 3, 56, 56, generator=g)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """No hub: what is not in the local copies fails at once, as it would without network."""
+    datasets_config = pytest.importorskip("datasets.config")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True, raising=False)

@@ -13,7 +13,11 @@ from itae import ITAEConfig
 from itae.engine.fast import forward_cls, supports_fast_cls
 from itae.models import adapt
 from itae.models.loading import load_backbone
-from itae.models.tiny import TINY_KINDS, tiny_vit
+
+from .helpers import cls_of as _cls
+from .helpers import hooks_on as _hooks
+from .helpers import median_threshold as _median_threshold
+from .helpers.tiny import TINY_KINDS, tiny_vit
 
 # which kinds the fast CLS path serves (the others go through the hooks of ``attenuate``)
 FAST = {"hf-clip": True, "timm-deit3": True, "open_clip": True, "hf-dinov3": True, "timm-dinov3": False,
@@ -33,19 +37,6 @@ def model(kind):
 @pytest.fixture
 def pixels():
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def _cls(model, x):
-    return adapt(model).forward_features(x).cls
-
-
-def _median_threshold(model, x, source="v"):
-    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, side="low", threshold=1.0))
-    return float(diag[adapt(model).num_blocks - 1].norms[source].median())
-
-
-def _hooks(model):
-    return [(n, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()]
 
 
 def test_adapter_describes_the_family(kind, model):
@@ -340,7 +331,7 @@ def test_hf_families_load_from_a_save_pretrained_folder(tmp_path, kind, pixels):
 @pytest.mark.parametrize("kind, arch", [("timm-deit3", "deit3_small_patch16_224"),
                                         ("timm-dinov3", "vit_small_patch16_dinov3")])
 def test_timm_families_load_from_a_described_checkpoint(tmp_path, pixels, kind, arch):
-    from itae.models.loading import write_checkpoint
+    from itae.models.checkpoints import write_checkpoint
 
     model = tiny_vit(kind)
     path = write_checkpoint(model.state_dict(), tmp_path / f"{kind}.safetensors", family="timm", arch=arch,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import re
@@ -24,6 +23,9 @@ from itae.bench import (
     registers_counterpart,
     run_bench,
 )
+
+from .helpers import csv_rows as _csv_rows
+from .helpers import spy
 
 CLASSES = {"red-square": ((220, 40, 40), "square"), "green-disc": ((40, 200, 60), "disc"),
            "blue-bar": ((50, 70, 230), "bar")}
@@ -63,11 +65,6 @@ def _spec(folder: Path, **kw) -> dict:
     }
     spec.update(kw)
     return spec
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _md_cells(path: Path) -> dict[tuple[str, str], list[str]]:
@@ -159,34 +156,19 @@ def _check_report(path: Path, rows: list[dict]) -> None:
 def test_restart_after_interruption_skips_finished_runs_and_reuses_embeddings(tmp_path, monkeypatch):
     folder = _make_folder(tmp_path / "shapes")
     out = tmp_path / "out"
-    real_evaluate = itae.metrics.evaluate
-    calls = {"evaluate": 0, "embed": 0}
-
-    def failing_evaluate(*args, **kw):
-        calls["evaluate"] += 1
-        if calls["evaluate"] == 3:
-            raise KeyboardInterrupt  # the grid is interrupted in its third run
-        return real_evaluate(*args, **kw)
-
-    monkeypatch.setattr(itae.metrics, "evaluate", failing_evaluate)
+    evaluate = spy(monkeypatch, itae.metrics, "evaluate", interrupt_at=3)  # the grid is interrupted in its third run
     with pytest.raises(KeyboardInterrupt):
         run_bench(_spec(folder), out, progress=False)
     first = _csv_rows(out / "results.csv")
     assert [(r["method"], r["seed"]) for r in first] == [("baseline", "0"), ("baseline", "1")]
 
-    monkeypatch.setattr(itae.metrics, "evaluate", real_evaluate)
-    real_embed = itae.data.extract.embed
-
-    def counting_embed(*args, **kw):
-        calls["embed"] += 1
-        return real_embed(*args, **kw)
-
-    monkeypatch.setattr(itae.data.extract, "embed", counting_embed)
+    monkeypatch.setattr(itae.metrics, "evaluate", evaluate.real)
+    embed = spy(monkeypatch, itae.data.extract, "embed")
     result = run_bench(_spec(folder), out, progress=False)
     assert result.skipped == 2 and result.ran == 2
-    assert calls["embed"] == 0  # both embeddings were finished before the interruption: reused
+    assert embed.calls == 0  # both embeddings were finished before the interruption: reused
     run_bench(_spec(folder, seeds=[0]), tmp_path / "fresh", progress=False)
-    assert calls["embed"] == 2  # the counter sees embeddings that are computed
+    assert embed.calls == 2  # the counter sees embeddings that are computed
     rows = _csv_rows(out / "results.csv")
     assert rows[:2] == first
     assert [(r["method"], r["seed"]) for r in rows] == [("baseline", "0"), ("baseline", "1"), ("itae", "0"), ("itae", "1")]
@@ -270,15 +252,7 @@ def test_families_without_a_registers_counterpart_say_so(name, family):
         registers_counterpart(name)
 
 
-def test_hub_data_set_offline_fails_with_one_line(monkeypatch):
-    pytest.importorskip("datasets")
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+def test_hub_data_set_offline_fails_with_one_line(hub_offline):
     with pytest.raises(DatasetLoadError) as err:
         open_dataset(KNOWN_DATASETS["cifar10"], "test")
     message = str(err.value)

@@ -4,7 +4,6 @@ the published figures beside ours."""
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
@@ -24,6 +23,10 @@ from itae.bench import (
     reference_sets,
 )
 from itae.cli.main import main
+
+from .helpers import csv_rows as _rows
+from .helpers import spy
+from .helpers.tiny import save_tiny
 
 datasets = pytest.importorskip("datasets")
 
@@ -60,8 +63,6 @@ def _save(root: Path, name: str, seed: int, splits: bool = False) -> None:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory) -> dict[str, Path]:
-    from itae.models.tiny import save_tiny
-
     root = tmp_path_factory.mktemp("standin")
     _save(root / "data", "cifar10", seed=0)
     _save(root / "data", "stl10", seed=1, splits=True)  # a whole DatasetDict: the test split is taken
@@ -70,42 +71,16 @@ def standin(tmp_path_factory) -> dict[str, Path]:
     return {"data": root / "data", "models": root / "models"}
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No hub: what is not in the local copies fails at once, as it would without network."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-
-
 def _argv(standin, out: Path, *extra: str) -> list[str]:
     return ["bench", "--paper", "--models", "b", "--data-root", str(standin["data"]), "--model-root",
             str(standin["models"]), "--workers", "0", "--batch-size", "8", "--calibration-images", "8",
             "-o", str(out), *extra]
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, offline, monkeypatch, capsys, tmp_path):
+def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, hub_offline, monkeypatch, capsys, tmp_path):
     out = tmp_path / "out"
     argv = _argv(standin, out, "--datasets", "cifar10,stl10", "--seeds", "0,1")
-    real_evaluate = itae.metrics.evaluate
-    calls = {"evaluate": 0, "embed": 0}
-
-    def interrupted(*args, **kw):
-        calls["evaluate"] += 1
-        if calls["evaluate"] == 2:
-            raise KeyboardInterrupt  # the grid is stopped after its first row
-        return real_evaluate(*args, **kw)
-
-    monkeypatch.setattr(itae.metrics, "evaluate", interrupted)
+    evaluate = spy(monkeypatch, itae.metrics, "evaluate", interrupt_at=2)  # the grid is stopped after its first row
     assert main(argv) == 130
     err = capsys.readouterr().err
     # cost first: 2 data sets x 18 images x 3 methods, and 8 calibration images per data set for ITAE
@@ -120,19 +95,13 @@ def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, offli
     assert first[0]["weights"] == str((standin["models"] / "dinov2-base").resolve())
 
     # resume: the finished row and the finished embedding are reused, the rest of the grid runs
-    monkeypatch.setattr(itae.metrics, "evaluate", real_evaluate)
-    real_embed = itae.data.extract.embed
-
-    def counting_embed(*args, **kw):
-        calls["embed"] += 1
-        return real_embed(*args, **kw)
-
-    monkeypatch.setattr(itae.data.extract, "embed", counting_embed)
+    monkeypatch.setattr(itae.metrics, "evaluate", evaluate.real)
+    embed = spy(monkeypatch, itae.data.extract, "embed")
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "bench: 1 of 12 runs already in results.csv, skipped" in captured.err
     assert "bench: to do: 90 images to embed in 5 embedding pass(es)" in captured.err
-    assert calls["embed"] == 5
+    assert embed.calls == 5
     rows = _rows(out / "results.csv")
     assert len(rows) == 12 and rows[0] == first[0]
     assert {r["method"] for r in rows} == {"baseline", "itae", "registers"}
@@ -162,10 +131,10 @@ def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, offli
     # a finished grid runs nothing and embeds nothing
     assert main(argv) == 0
     assert "every embedding is cached" not in capsys.readouterr().err
-    assert calls["embed"] == 5 and _rows(out / "results.csv") == rows
+    assert embed.calls == 5 and _rows(out / "results.csv") == rows
 
 
-def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, offline, capsys, tmp_path):
+def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, hub_offline, capsys, tmp_path):
     out = tmp_path / "out"
     # cifar100 has no local copy and the hub is out of reach: one line naming it and the way to a local copy
     assert main(_argv(standin, out, "--datasets", "cifar10,cifar100", "--seeds", "0", "--no-report")) == 2
@@ -196,7 +165,7 @@ def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, offl
     assert "3 runs done, 0 already there, 9 cell(s) missing" in captured.out
 
 
-def test_mteb_preset_runs_minibatch_kmeans_beside_mteb_figures(standin, offline, capsys, tmp_path):
+def test_mteb_preset_runs_minibatch_kmeans_beside_mteb_figures(standin, hub_offline, capsys, tmp_path):
     out = tmp_path / "out"
     argv = ["bench", "--preset", "mteb", "--models", "b", "--datasets", "cifar10", "--seeds", "0",
             "--data-root", str(standin["data"]), "--model-root", str(standin["models"]), "--workers", "0",
@@ -328,20 +297,13 @@ def test_paper_grid_killed_mid_run_resumes(standin, tmp_path):
             proc.kill()
     first = _rows(out / "results.csv")
     assert len(first) == 1 and first[0]["method"] == "baseline"
-    calls = {"embed": 0}
-    real_embed = itae.data.extract.embed
-
-    def counting_embed(*args, **kw):
-        calls["embed"] += 1
-        return real_embed(*args, **kw)
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setattr(itae.data.extract, "embed", counting_embed)
+        embed = spy(mp, itae.data.extract, "embed")
         assert main(argv) == 0
     rows = _rows(out / "results.csv")
     assert rows[0] == first[0] and [r["method"] for r in rows] == ["baseline", "itae", "registers"]
     # the baseline embedding of the killed run is reused (and the ITAE one, when the kill came after it was
     # finished): at most the two other methods are embedded again
-    assert 1 <= calls["embed"] <= 2
+    assert 1 <= embed.calls <= 2

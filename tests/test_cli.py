@@ -11,7 +11,10 @@ import pytest
 from PIL import Image
 
 from itae.cli.main import main
-from itae.models.tiny import save_tiny
+
+from .helpers import colour_classes
+from .helpers import run_cli as _run
+from .helpers.tiny import save_tiny
 
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
@@ -20,19 +23,9 @@ COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = save_tiny("hf", root / "tiny-hf")
-    rng = np.random.default_rng(0)
-    data = root / "images"
-    for c, color in enumerate(COLORS):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(8):
-            a = np.clip(np.array(color) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(data / f"class{c}" / f"{i:02d}.png")
+    data = colour_classes(root / "images", 8, colours=COLORS)
     (data / "class0" / "broken.jpg").write_bytes(b"definitely not a jpeg")
     return {"root": root, "model": str(model), "data": str(data)}
-
-
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
 
 
 COMMON = ("--resolution", "56", "--no-progress", "--workers", "0", "--device", "cpu")

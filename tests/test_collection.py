@@ -5,27 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from itae.cli.main import main
 from itae.clustering import KMeansClusterer, centroid_distances, centroids_from_labels, nearest_centroid
 from itae.collection.neighbours import cosine_knn, duplicate_groups, label_disagreement, outlier_scores
 from itae.collection.runs import match_runs, matched_correct, per_class_accuracy
 
+from .helpers import csv_rows as _rows
+from .helpers import run_cli as _run
+
 COMMON = ("--no-progress", "--workers", "0", "--device", "cpu")
-
-
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------------------------- array functions

@@ -15,21 +15,9 @@ from itae.models import UnsupportedModelError, adapt
 from itae.models.planted import plant_artifacts
 
 from .conftest import build_tiny
-
-
-def _out(model, x):
-    return adapt(model).forward_features(x).cls
-
-
-def _median_threshold(model, x, source="v"):
-    """A threshold that flags about half the patches of ``x``: many artifacts, a strong test."""
-    diag = itae.detect_artifacts(model, x, ITAEConfig(source=source, side="low", threshold=1.0))
-    return float(diag[adapt(model).num_blocks - 1].norms[source].median())
-
-
-def _hooks(model) -> list[tuple[str, tuple, tuple]]:
-    """Every forward / forward-pre hook on the model (HF installs some of its own)."""
-    return [(n, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()]
+from .helpers import cls_of as _out
+from .helpers import hooks_on as _hooks
+from .helpers import median_threshold as _median_threshold
 
 
 def test_nothing_flagged_is_the_unmodified_model(tiny, images):

@@ -27,6 +27,8 @@ from itae.data.decode import build_transform, load_rgb
 from itae.data.store import StoreError
 from itae.models import adapt
 
+from .helpers.tiny import tiny_model
+
 RES = 56  # crop fed to the tiny model (4 x 4 patches of 14)
 COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, device="cpu")
 
@@ -34,7 +36,7 @@ COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, devic
 MODEL_CODE = textwrap.dedent(
     """
     import torch
-    from itae.models.tiny import tiny_model
+    from tests.helpers.tiny import tiny_model
     from itae.models.planted import plant_artifacts
 
     def build_model(planted=True):
@@ -369,7 +371,7 @@ def test_resume_after_kill_9_is_identical_to_a_clean_run(tmp_path):
     script = tmp_path / "extract_job.py"
     script.write_text(KILL_SCRIPT)
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}  # tests.helpers too
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(killed), "0.04"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -562,7 +564,6 @@ def _images_through(block: torch.nn.Module):
 
 def _planted(family: str, registers: int = 0, depth: int = 3):
     from itae.models.planted import plant_artifacts
-    from itae.models.tiny import tiny_model
 
     model = tiny_model(family, registers=registers, depth=depth, seed=0)
     with torch.no_grad():

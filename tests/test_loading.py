@@ -10,6 +10,7 @@ import torch
 
 import itae
 from itae.models import adapt
+from itae.models.checkpoints import read_checkpoint_spec, read_state_dict
 from itae.models.dinov2_arch import checkpoint_filename, dinov2_vits14
 from itae.models.loading import (
     KNOWN_MODELS,
@@ -17,10 +18,9 @@ from itae.models.loading import (
     ModelLoadError,
     canonical_name,
     load_backbone,
-    read_checkpoint_spec,
-    read_state_dict,
 )
-from itae.models.tiny import FAMILIES, save_tiny, tiny_model
+
+from .helpers.tiny import FAMILIES, save_tiny, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import itae
 from itae.bench.spec import BenchSpec, method_from_value
-from itae.cli.main import main
 from itae.methods import resolve_method
-from itae.models.tiny import save_tiny
+
+from .helpers import colour_classes
+from .helpers import run_cli as _run
+from .helpers.tiny import save_tiny
 
 COMMON = ("--resolution", "56", "--no-progress", "--workers", "0", "--device", "cpu")
 TTR_AUTO = ("--ttr-norm-threshold", "auto", "--ttr-outlier-layer", "0", "--ttr-max-layer", "0", "--ttr-top-k", "4")
@@ -23,18 +23,8 @@ TTR_AUTO = ("--ttr-norm-threshold", "auto", "--ttr-outlier-layer", "0", "--ttr-m
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     model = save_tiny("hf", root / "tiny-hf")
-    rng = np.random.default_rng(0)
-    data = root / "images"
-    for c, color in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            a = np.clip(np.array(color) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(data / f"class{c}" / f"{i:02d}.png")
+    data = colour_classes(root / "images", 4)
     return {"model": str(model), "data": str(data)}
-
-
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
 
 
 def test_resolve_method():

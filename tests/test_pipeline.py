@@ -6,28 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import itae
 from itae.pipeline import CLUSTERING, METRICS, REPORT, RUN, cluster_store, run
+
+from .helpers import colour_classes
+from .helpers.tiny import save_tiny
 
 COMMON = dict(resolution=56, progress=False, num_workers=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from itae.models.tiny import save_tiny
-
     root = tmp_path_factory.mktemp("pipeline")
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            a = np.clip(np.array(colour) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(root / "images" / f"class{c}" / f"{i}.png")
-    return root / "images", str(save_tiny("hf", root / "tiny"))
+    return colour_classes(root / "images", 6, name="{i}.png"), str(save_tiny("hf", root / "tiny"))
 
 
 def test_a_second_run_in_the_same_folder_leaves_nothing_of_the_first(assets, tmp_path):

@@ -12,6 +12,8 @@ import itae
 from itae.models.demo import demo_backbone
 from itae.models.planted import SIGNATURES, paint_trigger, plant_artifacts
 
+from .helpers.tiny import tiny_model
+
 PATCH, SIZE = 4, 80  # a 20 x 20 grid: 400 patches, so 2 sinks per image are 0.5% and 20 are 5%
 N_IMAGES = 16
 RARE, COMMON = 2, 20
@@ -23,8 +25,6 @@ SPLIT_MISSES = {("long-key", "content", RARE)}
 
 
 def _tiny(seed: int = 0):
-    from itae.models.tiny import tiny_model
-
     model = tiny_model("timm", img_size=SIZE, patch_size=PATCH, seed=seed).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -19,6 +19,8 @@ pytest.importorskip("ray.data")
 
 from itae.distributed import embed_ray  # noqa: E402
 
+from .helpers.tiny import tiny_model  # noqa: E402
+
 pytestmark = pytest.mark.ray
 
 RES = 56  # crop fed to the tiny model (4 x 4 patches of 14)
@@ -37,7 +39,6 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     """(image folder, model folder): 40 images in two class folders plus one corrupt file; a tiny HF model
     with two planted attention sinks, so that calibration finds a valley and ITAE changes the embeddings."""
     from itae.models.planted import plant_artifacts
-    from itae.models.tiny import tiny_model
 
     root = tmp_path_factory.mktemp("ray-data")
     images = root / "images"
@@ -106,8 +107,6 @@ def test_bad_arguments_are_refused_before_any_work(data, tmp_path, kw, error, ma
 
 
 def test_a_model_instance_is_refused_with_a_pointer_to_the_local_engine(data, tmp_path):
-    from itae.models.tiny import tiny_model
-
     images, _ = data
     with pytest.raises(TypeError, match="itae.embed"):
         embed_ray(images, tiny_model("hf"), out=tmp_path / "out")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from itae.models.tiny import save_tiny
+from .helpers import colour_classes
+from .helpers.tiny import save_tiny
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,13 +23,8 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     code = _api_example()
     assert code.count('"facebook/dinov2-base"') == 4  # the only things this test changes
     model = save_tiny("hf", tmp_path / "tiny", depth=3)  # not 12 blocks: state.last must not assume a depth
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
-        folder = tmp_path / "photos" / ("cats", "dogs")[c]
-        folder.mkdir(parents=True)
-        for i in range(1, 13):  # 24 images: enough for k=20
-            a = np.clip(np.array(colour) + rng.normal(0, 30, (60, 70, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(folder / f"{i}.jpg")
+    colour_classes(tmp_path / "photos", 12, colours=[(220, 40, 40), (40, 40, 220)], names=("cats", "dogs"),
+                   size=(60, 70), noise=30, first=1, name="{i}.jpg")  # 24 images: enough for k=20
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code.replace('"facebook/dinov2-base"', repr(str(model))), str(README), "exec"), namespace)

@@ -8,28 +8,18 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from itae.cli.main import main
 from itae.engine.selfcheck import MIN_LIFT, attention_share, check_split, choose
+
+from .helpers import colour_classes
+from .helpers import run_cli as _run
 
 COMMON = ("--no-progress", "--workers", "0", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("selfcheck") / "images"
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            a = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(a).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
+    return colour_classes(tmp_path_factory.mktemp("selfcheck") / "images", 6, size=(32, 32), noise=30, name="{i}.png")
 
 
 def _section(html: str, sid: str) -> str:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from itae.models import adapt
-from itae.models.tiny import FAMILIES, save_tiny, tiny_model
+
+from .helpers.tiny import FAMILIES, save_tiny, tiny_model
 
 
 def _images(b: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Public name -> module that defines it. Imported on first use, so `import itae` stays light.
 _EXPORTS = {

@@ -299,13 +299,12 @@ def calibrate(
     and the source and side in use, for ``attenuate``.
     Deterministic: the same images in the same order give the same thresholds.
     """
-    from .patch import resolve_layers
 
     config = ITAEConfig() if config is None else config
     if config.is_calibrated:
         config = config.replace(threshold="auto")
     backbone = adapt(model)
-    layers = resolve_layers(backbone, config)
+    layers = backbone.resolve_layers(config.layers)
     stats, count = collect_norms(backbone, images, config, layers, max_batches)
     result = resolve_splits(stats, config, layers)
     result.num_images = count
@@ -325,12 +324,11 @@ def check_thresholds(
     Nothing is chosen or changed: the returned ``Calibration`` holds the config as given, and per block
     what its thresholds flag on the images and how sink-like that is (``Calibration.checks``).
     """
-    from .patch import resolve_layers
 
     if not config.is_calibrated:
         raise ValueError("check_thresholds needs numeric thresholds; use itae.calibrate for 'auto'")
     backbone = adapt(model)
-    layers = resolve_layers(backbone, config)
+    layers = backbone.resolve_layers(config.layers)
     stats, count = collect_norms(backbone, images, config, layers, max_batches)
     checks = {}
     for position, b in enumerate(layers):

@@ -14,7 +14,6 @@ from ..models.base import Backbone
 from .calibrate import PatchStats, resolve_splits
 from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
 from .functional import artifact_mask, cls_row_weights, patch_norms, split_heads
-from .patch import resolve_layers
 from .selfcheck import attention_share
 
 
@@ -71,7 +70,7 @@ def detect_artifacts(
     """
     config = ITAEConfig() if config is None else config
     backbone = adapt(model)
-    layers = resolve_layers(backbone, config)
+    layers = backbone.resolve_layers(config.layers)
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")
     num_prefix = backbone.num_prefix_tokens

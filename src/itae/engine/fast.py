@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import ITAEConfig
 from ..models.base import AttentionSite, Backbone, Features
-from .functional import artifact_mask, cls_row_weights, patch_norms, split_heads
+from .functional import _engineer_logits, _key_mask, artifact_mask, cls_row_weights, patch_norms, split_heads
 
 
 def supports_fast_cls(backbone: Backbone, config: ITAEConfig | None) -> bool:
@@ -78,8 +78,6 @@ def cls_attention_absorbed(
         logits = logits + (qh * bk.view(heads, d)).sum(-1, keepdim=True)
     logits = logits.float() * site.scale
     if mask is not None:
-        from .functional import _engineer_logits, _key_mask
-
         logits = _engineer_logits(logits[:, :, None], _key_mask(mask, heads), num_prefix, mode, alpha)[:, :, 0]
     probs = logits.softmax(dim=-1).to(z.dtype)  # (B, H, T)
     pooled = torch.matmul(probs, z)  # (B, H, D_in): the attention-weighted mean token, per head

@@ -22,6 +22,7 @@ from ..models.adapters import adapt
 from ..models.base import AttentionSite, Backbone
 from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
 from .functional import artifact_mask, cls_row_attention, engineered_attention, patch_norms, split_heads
+from .split import find_threshold
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,7 @@ class LayerResult:
 
 def resolve_layers(backbone: Backbone, config: ITAEConfig) -> list[int]:
     """Config layer indices as non-negative block indices; a clear error when out of range."""
-    layers = [backbone.resolve_layer(i) for i in config.layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"ITAEConfig.layers {config.layers} name the same block twice for a {backbone.num_blocks}-block model")
-    return layers
+    return backbone.resolve_layers(config.layers)
 
 
 class LayerResults(dict):
@@ -84,8 +82,6 @@ class ITAEState:
     def threshold(self, layer: int, norms: torch.Tensor) -> float:
         if layer not in self.thresholds:
             # threshold="auto" without a calibration: calibrate once, on the first batch seen.
-            from .calibrate import find_threshold
-
             result = find_threshold(norms.detach().flatten().cpu().numpy(), self.config)
             self.thresholds[layer] = result.threshold
             self.calibrated_on_first_batch = True

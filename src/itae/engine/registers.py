@@ -28,6 +28,8 @@ from ..methods import TTRConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
 from .capture import HookSet
+from .detect import detect_artifacts
+from .split import find_threshold
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,6 @@ def find_register_neurons(
                 pass
     pooled = torch.cat([n.flatten() for n in norms])
     if config.norm_threshold == "auto":
-        from .calibrate import find_threshold
-
         split = find_threshold(pooled.numpy(), ITAEConfig(side="high"))
         threshold = split.threshold if split.bimodal else float("inf")
     else:
@@ -353,8 +353,6 @@ def registers_check(
     model: nn.Module | Backbone, pixel_values: torch.Tensor, config: TTRConfig, threshold: float
 ) -> RegistersCheck:
     """Outliers and the last block's CLS attention on them, before and after test-time registers."""
-    from .detect import detect_artifacts
-
     backbone = adapt(model)
     outlier_block = backbone.resolve_layer(config.outlier_layer)
     last = backbone.num_blocks - 1

@@ -7,7 +7,7 @@ one file that builds a ``Backbone``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -201,6 +201,13 @@ class Backbone:
         if not -n <= index < n:
             raise IndexError(f"block index {index} is out of range for a model with {n} blocks")
         return index % n
+
+    def resolve_layers(self, indices: Sequence[int], what: str = "ITAEConfig.layers") -> list[int]:
+        """Block indices as non-negative ones, each block at most once; ``what`` names them in errors."""
+        layers = [self.resolve_layer(i) for i in indices]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{what} {indices} name the same block twice for a {self.num_blocks}-block model")
+        return layers
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch embedding, prefix tokens and position embedding: (B, 3, H, W) -> (B, T, D)."""

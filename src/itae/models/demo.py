@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adapters import adapt
 from .base import Backbone, Preprocess
 
 DEMO_PREFIX = "demo:"
@@ -226,8 +227,6 @@ def demo_backbone(
     **kw,
 ) -> Backbone:
     """The demo model of ``kind`` as a ``Backbone`` named ``demo:<kind>``, with its 32-px preprocessing."""
-    from .adapters import adapt
-
     model = demo_model(kind, seed=seed, **kw).to(device=device, dtype=dtype).eval()
     backbone = adapt(model, name=DEMO_PREFIX + kind if seed == 0 else f"{DEMO_PREFIX}{kind}@{seed}")
     backbone.preprocess = demo_preprocess()

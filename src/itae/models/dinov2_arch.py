@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import read_state_dict
+
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 # Official architecture names -> (embed_dim, depth, num_heads); MLP ratio 4 for all.
@@ -593,8 +595,6 @@ def build_dinov2(
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a local state dict (``.safetensors``, or ``.pth`` via ``torch.load(weights_only=True)``), strictly."""
-    from .loading import read_state_dict  # lazy: loading imports this module
-
     state_dict = read_state_dict(path)
     missing, unexpected = _key_mismatch(model, state_dict)
     if missing or unexpected:

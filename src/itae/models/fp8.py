@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from .adapters import adapt
 from .base import Backbone
 
 logger = logging.getLogger("itae.models")
@@ -124,8 +125,6 @@ def quantize_fp8(backbone: Backbone) -> Backbone:
     if backbone.device.type == "cpu":
         logger.warning("precision 'fp8' on the CPU runs a slow reference of the FP8 arithmetic (for checks); "
                        "it is not faster than fp32 or bf16 there")
-    from .adapters import adapt
-
     described = adapt(backbone.model, name=backbone.name)
     described.preprocess = backbone.preprocess
     return described

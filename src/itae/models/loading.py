@@ -13,23 +13,18 @@ Accepted names (see ``KNOWN_MODELS``):
   ``google/siglip2-base-patch16-naflex``) and DeiT-III
   (``timm/deit3_base_patch16_224.fb_in22k_ft_in1k``); any other HF id or timm name of these families loads too;
 - local files: a ``.safetensors`` or ``.pth`` state dict plus an architecture name, given as ``arch=`` or
-  stored with the file (see ``write_checkpoint``).
+  stored with the file (see ``itae.models.checkpoints.write_checkpoint``).
 
 Weights are read only through safetensors or ``torch.load(weights_only=True)``. Nothing is downloaded when
 ``HF_HUB_OFFLINE=1``; a model that is neither cached nor downloadable raises a one-line ``ModelLoadError``
 that says how to pass a local path instead.
 
-Checkpoint files written by ``write_checkpoint`` describe their model: safetensors files in their metadata
-(key ``"itae"``, a JSON object), ``.pth`` files in a sidecar ``<file>.json``; the object holds ``family``
-(``"hub"`` or ``"timm"``), ``arch`` (a hub or timm name) and optional ``model_kwargs`` (constructor overrides,
-e.g. the size of a tiny test model).
+Checkpoint files and their stored model description: ``itae.models.checkpoints``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +33,12 @@ from torch import nn
 
 from .adapters import adapt
 from .base import Backbone
+from .checkpoints import CHECKPOINT_SUFFIXES, ModelLoadError, read_checkpoint_spec, read_state_dict
+from .demo import DEMO_MODELS, is_demo_name, load_demo
+from .dinov2_arch import HUB_MODELS, build_dinov2, checkpoint_filename, checkpoint_url, hub_model
 
 DEFAULT_MODEL = "facebook/dinov2-base"
 OPEN_CLIP_PREFIX = "open_clip:"
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_METADATA_KEY = "itae"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line saying what to do."""
 
 
 @dataclass(frozen=True)
@@ -143,8 +135,6 @@ def load_backbone(
     name = str(name_or_path).strip()
     if not name:
         raise ModelLoadError("empty model name; pass a model name such as facebook/dinov2-base or a local path")
-    from .demo import DEMO_MODELS, is_demo_name, load_demo
-
     if is_demo_name(name):  # the offline planted-artifact demonstration models
         return load_demo(name, device=device, dtype=dtype, resolution=resolution)
     path = Path(name).expanduser()
@@ -180,99 +170,7 @@ def load_backbone(
     return backbone
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file read with
-    ``torch.load(weights_only=True)`` (a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"no such checkpoint file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    if suffix not in CHECKPOINT_SUFFIXES:
-        raise ModelLoadError(f"{path}: unsupported checkpoint format {suffix!r}; expected .safetensors or .pth")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(
-            f"{path}: holds objects other than tensors, which are not unpickled (weights_only=True); "
-            "save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors"
-        ) from None
-    if isinstance(obj, dict) and not _all_tensors(obj):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict) and _all_tensors(obj[key]):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not _all_tensors(obj):
-        raise ModelLoadError(f"{path}: not a state dict (a mapping from parameter names to tensors)")
-    return obj
-
-
-def write_checkpoint(
-    state_dict: dict[str, torch.Tensor],
-    path: str | Path,
-    *,
-    family: str,
-    arch: str,
-    model_kwargs: dict | None = None,
-) -> Path:
-    """Save a state dict that ``load_backbone(path)`` can load without ``arch=``.
-
-    ``family`` is ``"hub"`` (official key names; ``arch`` a hub name or ``model_kwargs`` for ``build_dinov2``)
-    or ``"timm"`` (timm key names; ``arch`` a timm model name, ``model_kwargs`` passed to ``create_model``).
-    A ``.safetensors`` path keeps the description in its metadata; a ``.pth`` path gets a ``<file>.json``.
-    """
-    if family not in ("hub", "timm"):
-        raise ValueError(f"family must be 'hub' or 'timm' for a checkpoint file; got {family!r}")
-    path = Path(path)
-    spec = {"family": family, "arch": arch, "model_kwargs": dict(model_kwargs or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(spec)})
-    elif path.suffix.lower() in (".pth", ".pt"):
-        torch.save(tensors, path)
-        _sidecar(path).write_text(json.dumps(spec, indent=2) + "\n")
-    else:
-        raise ValueError(f"checkpoint path must end in .safetensors or .pth; got {path.name}")
-    return path
-
-
-def read_checkpoint_spec(path: str | Path) -> dict | None:
-    """The ``{"family", "arch", "model_kwargs"}`` description stored with a checkpoint, or None."""
-    path = Path(path)
-    sidecar = _sidecar(path)
-    if sidecar.is_file():
-        return _validate_spec(json.loads(sidecar.read_text()), sidecar)
-    if path.suffix.lower() == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if _METADATA_KEY in meta:
-            return _validate_spec(json.loads(meta[_METADATA_KEY]), path)
-    return None
-
-
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def _validate_spec(spec: object, where: Path) -> dict:
-    if not isinstance(spec, dict) or spec.get("family") not in ("hub", "timm") or not spec.get("arch"):
-        raise ModelLoadError(f"{where}: the stored model description needs family 'hub' or 'timm' and an arch")
-    return {"family": spec["family"], "arch": spec["arch"], "model_kwargs": dict(spec.get("model_kwargs") or {})}
-
-
-def _all_tensors(d: dict) -> bool:
-    return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
 def _looks_like_path(name: str) -> bool:
@@ -445,8 +343,6 @@ def _load_open_clip(name: str) -> nn.Module:
 
 
 def _load_hub_by_name(name: str) -> nn.Module:
-    from .dinov2_arch import checkpoint_filename, checkpoint_url, hub_model
-
     hub_dir = Path(torch.hub.get_dir())
     checkpoint = hub_dir / "checkpoints" / checkpoint_filename(name)
     if not checkpoint.is_file():
@@ -486,8 +382,6 @@ def _load_local(path: Path, arch: str | None, attn_implementation: str | None) -
     spec = _spec_for(path, arch)
     if spec["family"] == "timm":
         return _create_timm(spec["arch"], path, spec["model_kwargs"])
-    from .dinov2_arch import build_dinov2, hub_model
-
     try:
         if spec["model_kwargs"]:
             return build_dinov2(**spec["model_kwargs"], weights=path)
@@ -516,8 +410,6 @@ def _spec_for(path: Path, arch: str | None) -> dict:
                 "itae --model weights.pth --arch dinov2_vitb14 (or load_backbone(path, arch='dinov2_vitb14'))"
             )
         return spec
-    from .dinov2_arch import HUB_MODELS
-
     arch = arch.strip()
     canonical = canonical_name(arch)
     if arch in HUB_MODELS:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from itae._io import atomic_write_text
+from itae._version import __version__
 from itae.report.figures import thumbnail_jpeg
 from itae.report.templates import environment
 
@@ -39,8 +40,6 @@ def thumb_item(path: str, lines: Sequence[str], thumbnails: Thumbnails, size: in
 
 
 def _render(template: str, path: str | Path, **context: Any) -> Path:
-    from itae import __version__
-
     context.setdefault("thumb", 96)
     page = environment().get_template(template).render(
         version=__version__, generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),

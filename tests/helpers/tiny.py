@@ -1,4 +1,4 @@
-"""Tiny random-weight DINOv2 models in the three families, for tests and the offline demo.
+"""Tiny random-weight DINOv2 models in the three families, for the tests and the benchmark scripts.
 
 ``tiny_model(family, seed=s)`` builds one network and wraps it as an HF ``Dinov2Model`` /
 ``Dinov2WithRegistersModel``, a timm ``VisionTransformer`` or the official ``DinoVisionTransformer``.
@@ -14,7 +14,7 @@ Choices that differ from each family's pretrained constructor, on purpose:
   ``load_backbone`` builds timm models, so every family accepts any multiple of the patch size.
 
 ``save_tiny`` writes a model where ``load_backbone`` reads it: HF as a ``save_pretrained`` folder, hub and
-timm as a ``.safetensors`` (or ``.pth``) file that names its architecture (see ``loading.write_checkpoint``).
+timm as a ``.safetensors`` (or ``.pth``) file that names its architecture (see ``itae.models.checkpoints.write_checkpoint``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from itae.models.checkpoints import write_checkpoint
+from itae.models.dinov2_arch import build_dinov2
 
 FAMILIES = ("hf", "timm", "hub")
 
@@ -81,8 +84,6 @@ def save_tiny(
     HF: ``path`` is a folder (``save_pretrained``). hub/timm: ``path`` ends in ``.safetensors`` (architecture in
     the metadata) or ``.pth`` (architecture in ``<path>.json``).
     """
-    from .loading import write_checkpoint
-
     model = tiny_model(family, registers=registers, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                        patch_size=patch_size, img_size=img_size, seed=seed)
     path = Path(path)
@@ -120,8 +121,6 @@ def _hub_kwargs(registers: int, depth: int, embed_dim: int, num_heads: int, patc
 
 
 def _build_hub(kwargs: dict) -> nn.Module:
-    from .dinov2_arch import build_dinov2
-
     return build_dinov2(**kwargs)
 
 
