@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 import itae
 from itae.models.tiny import TINY_KINDS, tiny_vit
 
-NEURONS = ((0, 3), (0, 17), (1, 5))
+from .test_ttr import (
+    NEURONS,
+    _features,
+    _folder,
+    check_batch_equals_single_images,
+    check_mlp_sites,
+    check_no_neurons_changes_nothing,
+    cls_under,
+)
+
 RES = 64
 
 
@@ -37,12 +45,6 @@ def _gated_hf_dinov3():
         return DINOv3ViTModel(cfg).eval()
 
 
-def _features(backbone, x):
-    with torch.no_grad():
-        f = backbone.forward_features(x)
-    return f.cls, f.patches, f.registers
-
-
 def _hooks(model):
     return [(n, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()]
 
@@ -50,30 +52,11 @@ def _hooks(model):
 def test_every_family_describes_its_mlps(kind):
     models = [tiny_vit(kind)] + ([_gated_hf_dinov3()] if kind == "hf-dinov3" else [])
     for model in models:
-        backbone = itae.adapt(model)
-        assert len(backbone.mlp_sites) == backbone.num_blocks
-        x = torch.randn(2, 5, backbone.embed_dim)
-        for site in backbone.mlp_sites:
-            seen = []
-            handle = site.out_proj.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0]))
-            try:
-                out = site.mlp(x)
-            finally:
-                handle.remove()
-            (hidden,) = seen
-            assert hidden.shape == (2, 5, site.hidden_dim)
-            # the hidden activation is all the MLP's output depends on
-            torch.testing.assert_close(site.out_proj(hidden), out)
+        check_mlp_sites(itae.adapt(model))
 
 
 def test_no_neurons_leaves_every_family_unchanged(kind, pixels):
-    backbone = itae.adapt(tiny_vit(kind))
-    plain = _features(backbone, pixels)
-    with itae.test_time_registers(backbone, itae.TTRConfig(neurons=())) as state:
-        got = _features(backbone, pixels)
-        assert state.backbone is backbone
-    for g, p in zip(got, plain, strict=True):
-        torch.testing.assert_close(g, p, rtol=0, atol=1e-6)
+    check_no_neurons_changes_nothing(itae.adapt(tiny_vit(kind)), pixels)
 
 
 def test_every_family_batch_equals_single_images_and_is_restored(kind, pixels):
@@ -82,12 +65,9 @@ def test_every_family_batch_equals_single_images_and_is_restored(kind, pixels):
     before = _hooks(model)
     attrs = {n: m.__dict__.get("num_prefix_tokens") for n, m in model.named_modules()}
     plain = _features(backbone, pixels)
-    with itae.test_time_registers(backbone, itae.TTRConfig(neurons=NEURONS)):
-        batch = _features(backbone, pixels)
-        singles = [_features(backbone, pixels[i : i + 1]) for i in range(len(pixels))]
-    for j, (whole, unmodified) in enumerate(zip(batch, plain, strict=True)):
+    batch = check_batch_equals_single_images(backbone, pixels, NEURONS)
+    for whole, unmodified in zip(batch, plain, strict=True):
         assert whole.shape == unmodified.shape  # same tokens, same positions as the unmodified model
-        torch.testing.assert_close(whole, torch.cat([s[j] for s in singles]), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(batch[0], plain[0], atol=1e-4)  # it did something
     assert _hooks(model) == before
     assert {n: m.__dict__.get("num_prefix_tokens") for n, m in model.named_modules()} == attrs
@@ -188,16 +168,6 @@ def test_siglip2_eager_attention_mask_covers_the_extra_token(pixels):
 # ------------------------------------------------------------------------------ through itae.embed
 
 
-def _folder(root):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (70, 80, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
-    return root
-
-
 COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, device="cpu", chunk_size=4,
               calibration_images=6)
 # every patch token of block 0 is an outlier (a tiny threshold): the search always finds neurons on random weights
@@ -208,7 +178,7 @@ SEARCH = itae.TTRConfig(outlier_layer=0, norm_threshold=1e-6, max_layer=0, top_k
 def test_ttr_runs_end_to_end_on_every_family(kind, method, tmp_path):
     from itae.data.decode import build_transform, load_rgb
 
-    root = _folder(tmp_path / "imgs")
+    root = _folder(tmp_path / "imgs", count=6, shape=(70, 80))
     backbone = itae.adapt(tiny_vit(kind))
     cfg = itae.ITAEConfig(source="v", side="low", threshold=0.5)
     store = itae.embed(root, backbone, out=tmp_path / "out", method=method, itae=cfg, ttr=SEARCH, **COMMON)
@@ -218,12 +188,7 @@ def test_ttr_runs_end_to_end_on_every_family(kind, method, tmp_path):
     assert store.manifest["ttr_search"]["check"]["num_neurons"] == 3
     t = build_transform(backbone.preprocess.with_resolution(RES))
     x = torch.stack([t(load_rgb(root / i)) for i in store.ids])
-    with torch.no_grad(), itae.test_time_registers(backbone, store.ttr_config) as state:
-        if method == "itae+ttr":
-            with itae.attenuate(state.backbone, cfg):
-                ref = backbone.forward_features(x).cls
-        else:
-            ref = backbone.forward_features(x).cls
+    ref = cls_under(backbone, x, store.ttr_config, cfg if method == "itae+ttr" else None)
     torch.testing.assert_close(torch.from_numpy(store.embeddings(mmap=False)), ref, rtol=1e-4, atol=1e-5)
     plain = backbone.forward_features(x).cls.detach()
     assert not torch.allclose(ref, plain, atol=1e-4)
