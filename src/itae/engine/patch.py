@@ -24,6 +24,7 @@ from .functional import artifact_mask, cls_row_attention, engineered_attention, 
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class LayerResult:
     """What detection found in one engineered block during the last forward."""

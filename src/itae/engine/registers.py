@@ -11,6 +11,13 @@ so it is a prefix token for everything downstream (ITAE never flags it and takes
 patches only). It is removed before the final norm, so every output (CLS, registers, patches) keeps
 its original position and count. Everything is per image: a batch gives what its images give one by
 one. With no neurons chosen nothing is patched at all (no extra token).
+
+Per family: under rotary embeddings (DINOv3) the prefix tokens are not rotated, so neither is the extra
+token, and every patch keeps its rotation (HF rotates the last rows, as many as there are patches; timm's
+Eva counts its prefix tokens, and that count is raised by one inside the context). SigLIP has no CLS
+token: the extra token goes first and is removed before the final norm, so the attention-pooling probe
+pools over the patches only, as in the unmodified model. An attention mask handed to every block (SigLIP2
+with eager attention) is widened to cover the extra token; a padded batch is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ..models.base import Backbone
 from .capture import HookedContext, HookSet
 
 log = logging.getLogger(__name__)
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward early, once what is needed has been seen."""
