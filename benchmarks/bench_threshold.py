@@ -29,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from itae import ITAEConfig  # noqa: E402
-from itae.engine.split import _BINS, MAX_FLAGGED_FRACTION, _robust_scale, _valley_cut, find_threshold  # noqa: E402
+from itae.engine.split import (  # noqa: E402
+    _BINS,
+    MAX_FLAGGED_FRACTION,
+    _robust_scale,
+    _valley_cut,
+    find_threshold,
+    otsu_between,
+)
 from tests import split_grid as grid  # noqa: E402
 
 # --- candidates: each returns a norm threshold that flags (side-wise) the artifacts, or None -----------
@@ -57,17 +64,14 @@ def _capped(threshold: float | None, norms: np.ndarray, side: str) -> float | No
 
 
 def valley_emphasis_otsu(norms: np.ndarray, side: str) -> float | None:
-    """Ng (2006): maximise (1 - p(t)) * (w0 mu0^2 + w1 mu1^2), then the valley test."""
+    """Ng (2006): maximise (1 - p(t)) * (w0 mu0^2 + w1 mu1^2), then the valley test. The bracket is Otsu's
+    between-class variance plus the constant mu_T^2, so split's Otsu statistic serves."""
     logs = np.log(norms)
     hist, centers = _histogram(logs)
     p = hist / hist.sum()
-    x = np.arange(len(hist))
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * x)
-    w1 = 1.0 - w0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        score = (1.0 - p) * (m0**2 / w0 + (m0[-1] - m0) ** 2 / w1)
-    score[~np.isfinite(score)] = -1.0
+    between = otsu_between(hist)
+    total = float((p * np.arange(len(hist))).sum())
+    score = np.where(between < 0, -1.0, (1.0 - p) * (between + total**2))
     cut = _valley_cut(logs, hist, centers, int(np.argmax(score[:-1])))
     return _capped(None if cut is None else float(np.exp(cut)), norms, side)
 

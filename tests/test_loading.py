@@ -170,6 +170,14 @@ def test_other_hf_families_offline_say_how_to_pass_a_folder(name):
         load_backbone(name)
 
 
+def test_dinov3_on_an_older_transformers_names_the_release_it_needs(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    with pytest.raises(ModelLoadError, match=r"needs transformers>=4\.56 \(DINOv3ViTModel\); transformers 4\.55\.4"):
+        load_backbone("facebook/dinov3-vitb16-pretrain-lvd1689m")
+
+
 def test_open_clip_names_are_checked():
     with pytest.raises(ModelLoadError, match="open_clip:ARCH/PRETRAINED"):
         load_backbone("open_clip:ViT-B-16")

@@ -11,22 +11,27 @@ import itae
 from .conftest import build_tiny
 
 
-def test_mlp_sites_describe_every_block(tiny):
-    backbone = itae.adapt(tiny)
+def check_mlp_sites(backbone) -> None:
+    """Every block's MLP is described, and its out_proj's input is the whole hidden activation."""
     assert len(backbone.mlp_sites) == backbone.num_blocks
     x = torch.randn(2, 5, backbone.embed_dim)
-    for site, parts in zip(backbone.mlp_sites, backbone.parts):
-        assert site.mlp is parts.mlp
+    for site in backbone.mlp_sites:
         seen = []
         handle = site.out_proj.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0]))
         try:
-            out = parts.mlp(x)
+            out = site.mlp(x)
         finally:
             handle.remove()
         (hidden,) = seen
         assert hidden.shape == (2, 5, site.hidden_dim)
         # the hidden activation is all the MLP's output depends on: out_proj of it is the output
         torch.testing.assert_close(site.out_proj(hidden), out)
+
+
+def test_mlp_sites_describe_every_block(tiny):
+    backbone = itae.adapt(tiny)
+    check_mlp_sites(backbone)
+    assert all(site.mlp is parts.mlp for site, parts in zip(backbone.mlp_sites, backbone.parts, strict=True))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -138,24 +143,31 @@ def test_matches_a_replay_and_never_shifts_outputs(tiny, images):
         assert not torch.allclose(got[0], plain[0], atol=1e-4)  # it did something
 
 
-def test_batch_equals_single_images(tiny, images):
-    backbone = itae.adapt(tiny)
-    cfg = itae.TTRConfig(neurons=NEURONS)
-    with itae.test_time_registers(backbone, cfg):
+def check_batch_equals_single_images(backbone, images, neurons=NEURONS):
+    """Under test-time registers a batch gives what its images give one by one; returns the batch's features."""
+    with itae.test_time_registers(backbone, itae.TTRConfig(neurons=neurons)):
         batch = _features(backbone, images)
         singles = [_features(backbone, images[i : i + 1]) for i in range(len(images))]
     for j, whole in enumerate(batch):
         torch.testing.assert_close(whole, torch.cat([s[j] for s in singles]), rtol=1e-5, atol=1e-6)
+    return batch
 
 
-def test_no_neurons_leaves_the_model_unchanged(tiny, images):
-    backbone = itae.adapt(tiny)
+def check_no_neurons_changes_nothing(backbone, images):
     plain = _features(backbone, images)
     with itae.test_time_registers(backbone, itae.TTRConfig(neurons=())) as state:
         got = _features(backbone, images)
         assert state.backbone is backbone
     for g, p in zip(got, plain, strict=True):
         torch.testing.assert_close(g, p, rtol=0, atol=1e-6)
+
+
+def test_batch_equals_single_images(tiny, images):
+    check_batch_equals_single_images(itae.adapt(tiny), images)
+
+
+def test_no_neurons_leaves_the_model_unchanged(tiny, images):
+    check_no_neurons_changes_nothing(itae.adapt(tiny), images)
 
 
 def test_model_restored_after_the_context_and_after_an_error(tiny, images):
@@ -216,14 +228,24 @@ COMMON = dict(batch_size=4, num_workers=0, resolution=RES, progress=False, devic
 SEARCH = itae.TTRConfig(outlier_layer=0, norm_threshold="auto", max_layer=0, top_k=3)
 
 
-def _folder(root):
+def _folder(root, count=10, shape=(40, 48)):
+    """``count`` random RGB images of ``shape`` (height, width) in a new folder."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
     return root
+
+
+def cls_under(backbone, x, ttr, itae_config=None):
+    """The CLS embedding with test-time registers, and ITAE around them when ``itae_config`` is given."""
+    with torch.no_grad(), itae.test_time_registers(backbone, ttr) as state:
+        if itae_config is None:
+            return backbone.forward_features(x).cls
+        with itae.attenuate(state.backbone, itae_config):
+            return backbone.forward_features(x).cls
 
 
 def _direct(backbone, root, ids, ttr):
@@ -321,12 +343,7 @@ def test_embed_with_neurons_in_the_last_block_runs_the_full_model(tmp_path, meth
 
     t = build_transform(backbone.preprocess.with_resolution(RES))
     x = torch.stack([t(load_rgb(root / i)) for i in store.ids])
-    with torch.no_grad(), itae.test_time_registers(backbone, ttr) as state:
-        if method == "itae+ttr":
-            with itae.attenuate(state.backbone, cfg):
-                ref = backbone.forward_features(x).cls
-        else:
-            ref = backbone.forward_features(x).cls
+    ref = cls_under(backbone, x, ttr, cfg if method == "itae+ttr" else None)
     torch.testing.assert_close(torch.from_numpy(store.embeddings(mmap=False)), ref, rtol=1e-4, atol=1e-5)
 
 

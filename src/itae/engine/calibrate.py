@@ -175,13 +175,13 @@ def collect_norms(
                 for name in ("q", "k", "v"):
                     keep(layer, name, patch_norms(qkv.get(name), num_prefix, heads))
                 keep(layer, "residual", patch_norms(residual.pop(layer), num_prefix))
-                if probe_qk:
-                    q, k, scale = probe_qk["q"], probe_qk["k"], backbone.probe.head_dim**-0.5
+                if probe_qk:  # its keys are the output tokens, all patches (an extra register is gone by then)
+                    q, k, scale, key_prefix = probe_qk["q"], probe_qk["k"], backbone.probe.head_dim**-0.5, 0
                 else:
                     q, k, _ = qkv.heads(site)
-                    scale = site.scale
-                weights = cls_row_weights(q[:, :, :1], k, None, num_prefix=num_prefix, scale=scale)
-                patches = weights[:, :, 0, num_prefix:]  # (B, H, N)
+                    scale, key_prefix = site.scale, num_prefix
+                weights = cls_row_weights(q[:, :, :1], k, None, num_prefix=key_prefix, scale=scale)
+                patches = weights[:, :, 0, key_prefix:]  # (B, H, N)
                 keep(layer, "attention", patches if per_head else patches.mean(1))
             count += batch.shape[0]
     if count == 0:

@@ -6,6 +6,7 @@ Hooks are global state on the module instances, so they are only ever installed 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,10 +19,12 @@ from .functional import split_heads
 
 
 class HookSet:
-    """Registers forward / forward-pre hooks and removes all of them on exit, also after an error."""
+    """Registers forward / forward-pre hooks (and instance attributes set for a while) and undoes all of
+    them on exit, also after an error."""
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attrs: list[tuple[object, str, object]] = []
 
     def forward(self, module: nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_hook(fn))
@@ -33,15 +36,72 @@ class HookSet:
         """``fn(module, args, kwargs, output)``; may return a replacement output."""
         self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
 
+    def set_attr(self, obj: object, name: str, value: object) -> None:
+        """Set ``obj.name`` (an instance attribute) until ``remove``, which puts the old value back."""
+        self._attrs.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
     def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        try:
+            while self._handles:
+                self._handles.pop().remove()
+        finally:
+            while self._attrs:
+                obj, name, old = self._attrs.pop()
+                setattr(obj, name, old)
 
     def __enter__(self) -> HookSet:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class HookedContext:
+    """A context manager that hooks a live model instance (``itae.attenuate``, ``itae.test_time_registers``).
+
+    A subclass sets ``backbone`` and ``state`` in ``__init__`` (validating everything there) and installs
+    its hooks in ``_install``. ``__enter__`` refuses a model already inside a context of the same kind,
+    installs, and on a failure removes what was installed; ``__exit__`` removes everything, also after
+    an exception, then calls ``_on_exit``. Each kind keeps its own registry of active models.
+    """
+
+    _active: weakref.WeakSet
+    _hooks: HookSet | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._active = weakref.WeakSet()
+
+    def _install(self, hooks: HookSet) -> None:
+        raise NotImplementedError
+
+    def _on_exit(self) -> None:
+        pass
+
+    def __enter__(self):
+        model = self.backbone.model
+        if model in self._active:
+            raise RuntimeError(f"this model is already inside an itae.{type(self).__name__} context; "
+                               "nesting is not supported")
+        hooks = HookSet()
+        try:
+            self._install(hooks)
+        except BaseException:
+            hooks.remove()
+            raise
+        self._hooks = hooks
+        self._active.add(model)
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._hooks is not None:
+                self._hooks.remove()
+        finally:
+            self._hooks = None
+            self._active.discard(self.backbone.model)
+            self._on_exit()
 
 
 @dataclass

@@ -74,6 +74,9 @@ def detect_artifacts(
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")
     num_prefix = backbone.num_prefix_tokens
+    # the prefix keys of the engineered row: none for a pooling probe, whose keys are the output tokens
+    # (all patches: an extra token of test-time registers is taken out before them)
+    key_prefix = num_prefix if backbone.cls_token else 0
     residual: dict[int, torch.Tensor] = {}
     captured = {}
     with HookSet() as hooks:
@@ -120,7 +123,7 @@ def detect_artifacts(
         norms[layer]["residual"] = patch_norms(residual[layer], num_prefix)
         q, k, _ = qkv.heads(site)
         q, k, scale = row_qk(layer, q, k)
-        before[layer] = cls_row_weights(q[:, :, :1], k, None, num_prefix=num_prefix, scale=scale)[:, :, 0]
+        before[layer] = cls_row_weights(q[:, :, :1], k, None, num_prefix=key_prefix, scale=scale)[:, :, 0]
 
     if itae and not config.is_calibrated:
         # the choice calibration makes, on this batch: the same statistics, the same rule
@@ -128,7 +131,7 @@ def detect_artifacts(
         for layer in layers:
             qkv = captured[layer]
             per_head = heads_for_norm is not None
-            patches = before[layer][:, :, num_prefix:]
+            patches = before[layer][:, :, key_prefix:]
             stats[layer] = PatchStats(
                 norms={n: patch_norms(qkv.get(n), num_prefix, heads_for_norm).cpu().numpy() for n in ("q", "k", "v")},
                 residual=norms[layer]["residual"].cpu().numpy(),
@@ -146,7 +149,7 @@ def detect_artifacts(
             source_norms = patch_norms(qkv.get(config.source), num_prefix, heads_for_norm)
             threshold = config.threshold_for(position)
             mask = artifact_mask(source_norms, threshold, config.side)
-            kw = dict(num_prefix=num_prefix, mode=config.mode, alpha=config.alpha, scale=scale)
+            kw = dict(num_prefix=key_prefix, mode=config.mode, alpha=config.alpha, scale=scale)
             after = cls_row_weights(q[:, :, :1], k, mask, **kw)[:, :, 0]
         else:
             threshold = math.nan
@@ -155,7 +158,7 @@ def detect_artifacts(
         out[layer] = LayerDiagnostics(
             block=layer, norms={k_: v_.cpu() for k_, v_ in norms[layer].items()},
             cls_attention=before[layer].cpu(), cls_attention_itae=after.cpu(), artifact_mask=mask.cpu(),
-            threshold=float(threshold), num_prefix_tokens=num_prefix, grid=(h, w),
+            threshold=float(threshold), num_prefix_tokens=key_prefix, grid=(h, w),
             source=config.source if itae else None, side=config.side if itae else None,
         )
     return out

@@ -11,7 +11,6 @@ Images with no flagged patch keep the block's own output untouched, bit for bit.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +19,11 @@ from torch import nn
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import AttentionSite, Backbone
-from .capture import HookSet, QKVCapture, mha_inputs, mha_projections
+from .capture import HookedContext, HookSet, QKVCapture, mha_inputs, mha_projections
 from .functional import artifact_mask, cls_row_attention, engineered_attention, patch_norms, split_heads
 from .split import find_threshold
 
 log = logging.getLogger(__name__)
-
-_ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -93,7 +90,7 @@ class ITAEState:
         return self.thresholds[layer]
 
 
-class attenuate:  # noqa: N801 - used as a context manager, named like one
+class attenuate(HookedContext):  # noqa: N801 - used as a context manager, named like one
     """Engineer the attention of ``model`` (an instance) inside a ``with`` block.
 
     >>> with itae.attenuate(model, itae.calibrate(model, sample).config) as state:
@@ -119,39 +116,19 @@ class attenuate:  # noqa: N801 - used as a context manager, named like one
         self.layers = resolve_layers(self.backbone, config)
         check_applies(self.backbone, config, self.layers)
         self.state = ITAEState(self.backbone, config, self.layers)
-        self._hooks: HookSet | None = None
 
-    def __enter__(self) -> ITAEState:
-        model = self.backbone.model
-        if model in _ACTIVE:
-            raise RuntimeError("this model is already inside an itae.attenuate context; nesting is not supported")
-        hooks = HookSet()
-        try:
-            probe = self.backbone.probe if not self.backbone.cls_token else None
-            for layer in self.layers:
-                site = self.backbone.sites[layer]
-                capture = QKVCapture(site, hooks)
-                engineer = self._engineer_hook(layer, site, capture, detect_only=probe is not None)
-                if site.mha is not None:
-                    hooks.forward_with_kwargs(site.mha, engineer)
-                else:
-                    hooks.pre(site.out_proj, engineer)
-            if probe is not None:
-                hooks.forward_with_kwargs(probe.attention, self._probe_hook(self.layers[-1]))
-        except BaseException:
-            hooks.remove()
-            raise
-        self._hooks = hooks
-        _ACTIVE.add(model)
-        return self.state
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._hooks is not None:
-                self._hooks.remove()
-        finally:
-            self._hooks = None
-            _ACTIVE.discard(self.backbone.model)
+    def _install(self, hooks: HookSet) -> None:
+        probe = self.backbone.probe if not self.backbone.cls_token else None
+        for layer in self.layers:
+            site = self.backbone.sites[layer]
+            capture = QKVCapture(site, hooks)
+            engineer = self._engineer_hook(layer, site, capture, detect_only=probe is not None)
+            if site.mha is not None:
+                hooks.forward_with_kwargs(site.mha, engineer)
+            else:
+                hooks.pre(site.out_proj, engineer)
+        if probe is not None:
+            hooks.forward_with_kwargs(probe.attention, self._probe_hook(self.layers[-1]))
 
     def _engineer_hook(self, layer: int, site: AttentionSite, capture: QKVCapture, *, detect_only: bool = False):
         """For a ``mha`` site a forward hook that replaces rows of the module's output; otherwise a

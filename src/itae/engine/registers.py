@@ -11,12 +11,18 @@ so it is a prefix token for everything downstream (ITAE never flags it and takes
 patches only). It is removed before the final norm, so every output (CLS, registers, patches) keeps
 its original position and count. Everything is per image: a batch gives what its images give one by
 one. With no neurons chosen nothing is patched at all (no extra token).
+
+Per family: under rotary embeddings (DINOv3) the prefix tokens are not rotated, so neither is the extra
+token, and every patch keeps its rotation (HF rotates the last rows, as many as there are patches; timm's
+Eva counts its prefix tokens, and that count is raised by one inside the context). SigLIP has no CLS
+token: the extra token goes first and is removed before the final norm, so the attention-pooling probe
+pools over the patches only, as in the unmodified model. An attention mask handed to every block (SigLIP2
+with eager attention) is widened to cover the extra token; a padded batch is refused.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -27,13 +33,11 @@ from ..config import ITAEConfig
 from ..methods import TTRConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
-from .capture import HookSet
+from .capture import HookedContext, HookSet
 from .detect import detect_artifacts
 from .split import find_threshold
 
 log = logging.getLogger(__name__)
-
-_ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 class _Stop(Exception):
@@ -204,7 +208,7 @@ class TTRState:
         self.length: int | None = None  # token count inside the blocks during the current forward
 
 
-class test_time_registers:  # noqa: N801 - used as a context manager, named like one
+class test_time_registers(HookedContext):  # noqa: N801 - used as a context manager, named like one
     """Apply test-time registers to ``model`` (an instance) inside a ``with`` block.
 
     >>> found = itae.find_register_neurons(backbone, sample_batches)
@@ -232,33 +236,13 @@ class test_time_registers:  # noqa: N801 - used as a context manager, named like
                                  f"{self.backbone.mlp_sites[b].hidden_dim} neurons")
         self.config = config
         self.state = TTRState(self.backbone, config)
-        self._hooks: HookSet | None = None
 
-    def __enter__(self) -> TTRState:
-        model = self.backbone.model
-        if model in _ACTIVE:
-            raise RuntimeError("this model is already inside an itae.test_time_registers context")
-        hooks = HookSet()
-        try:
-            if self.config.neurons:
-                self._install(hooks)
-        except BaseException:
-            hooks.remove()
-            raise
-        self._hooks = hooks
-        _ACTIVE.add(model)
-        return self.state
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._hooks is not None:
-                self._hooks.remove()
-        finally:
-            self._hooks = None
-            _ACTIVE.discard(self.backbone.model)
-            self.state.length = None
+    def _on_exit(self) -> None:
+        self.state.length = None
 
     def _install(self, hooks: HookSet) -> None:
+        if not self.config.neurons:
+            return  # nothing to move: the model runs as it is (no extra token)
         backbone, state = self.backbone, self.state
         p = state.num_prefix
 
@@ -281,7 +265,23 @@ class test_time_registers:  # noqa: N801 - used as a context manager, named like
             state.length = None
             return (torch.cat([h[:, :p], h[:, p + 1 :]], dim=1), *args[1:])
 
+        def widen_mask(_module, args, kwargs):
+            # an attention mask handed to every block (SigLIP2's, eager attention) must cover the extra token
+            if len(args) > 1 and _is_mask(args[1], state.length):
+                return (args[0], _widen(args[1], p), *args[2:]), kwargs
+            if _is_mask(kwargs.get("attention_mask"), state.length):
+                return args, {**kwargs, "attention_mask": _widen(kwargs["attention_mask"], p)}
+            return None
+
         hooks.pre(backbone.blocks[0], insert, with_kwargs=True)
+        for block in backbone.blocks:
+            hooks.pre(block, widen_mask, with_kwargs=True)
+        for site in backbone.sites:
+            # an attention that leaves a fixed count of prefix tokens unrotated (timm's Eva) counts the
+            # extra token among them, so every patch keeps its rotary position
+            count = site.rotary.prefix_count if site.rotary is not None else None
+            if count is not None:
+                hooks.set_attr(site.rotary.module, count, getattr(site.rotary.module, count) + 1)
         hooks.pre(backbone.final_norm, remove)
         for block, neurons in self.config.by_block().items():
             hooks.pre(backbone.mlp_sites[block].out_proj, self._move_hook(block, neurons))
@@ -315,6 +315,22 @@ class test_time_registers:  # noqa: N801 - used as a context manager, named like
             return (hidden, *args[1:])
 
         return hook
+
+
+def _is_mask(mask, length: int | None) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4 and length is not None and mask.shape[-1] == length - 1
+
+
+def _widen(mask: torch.Tensor, p: int) -> torch.Tensor:
+    """A (B, 1, T, T) attention mask (boolean or additive) for T + 1 tokens, the extra one at ``p``: it
+    sees and is seen as token ``p`` (a prefix token or the first patch, never padding). Padded batches
+    are refused: the extra token's activation is a maximum over all the image's tokens."""
+    masked = ~mask if mask.dtype == torch.bool else mask != 0
+    if bool(masked.any()):
+        raise RuntimeError("test-time registers do not support padded (masked) batches; feed whole images "
+                           "(Backbone.forward_features does)")
+    mask = torch.cat([mask[:, :, :p + 1], mask[:, :, p:]], dim=2)
+    return torch.cat([mask[..., :p + 1], mask[..., p:]], dim=3)
 
 
 @dataclass
@@ -368,16 +384,19 @@ def registers_check(
     with test_time_registers(backbone, config) as state:
         after = detect_artifacts(state.backbone, pixel_values, probe)
     moved = bool(config.neurons)
-    start_after = p + 1 if moved else p
+    # where the patches start in the engineered row, and the extra token's column (a pooling probe's row
+    # has neither: it is over the patches, and the extra token is gone before it)
+    start_before, start_after = before[last].num_prefix_tokens, after[last].num_prefix_tokens
+    seen = moved and start_after > start_before
     after_mask = after[outlier_block].norms["residual"] > threshold
     return RegistersCheck(
         neurons=config.by_block(),
         num_images=int(pixel_values.shape[0]),
         outlier_fraction=float(mask.float().mean()),
         outlier_fraction_after=float(after_mask.float().mean()),
-        cls_attention_before=on_outliers(before[last].cls_attention, p),
+        cls_attention_before=on_outliers(before[last].cls_attention, start_before),
         cls_attention_after=on_outliers(after[last].cls_attention, start_after),
-        cls_attention_register=float(after[last].cls_attention.mean(1)[:, p].mean()) if moved else 0.0,
+        cls_attention_register=float(after[last].cls_attention.mean(1)[:, p].mean()) if seen else 0.0,
     )
 
 

@@ -76,8 +76,8 @@ def _smooth(hist: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     return np.convolve(hist, kernel / kernel.sum(), mode="same")
 
 
-def _otsu_bin(hist: np.ndarray) -> int:
-    """Index of the last bin of the lower class under Otsu's criterion."""
+def otsu_between(hist: np.ndarray) -> np.ndarray:
+    """Otsu's between-class variance (in bins squared) of each cut after bin i; -1 where a class is empty."""
     p = hist / hist.sum()
     centers = np.arange(len(hist))
     w0 = np.cumsum(p)
@@ -86,7 +86,12 @@ def _otsu_bin(hist: np.ndarray) -> int:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = -1.0
-    return int(np.argmax(between[:-1]))
+    return between
+
+
+def _otsu_bin(hist: np.ndarray) -> int:
+    """Index of the last bin of the lower class under Otsu's criterion."""
+    return int(np.argmax(otsu_between(hist)[:-1]))
 
 
 def _gmm_cut(logs: np.ndarray, seed: int = 0) -> float | None:

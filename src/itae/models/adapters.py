@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import families
-from .base import AttentionSite, Backbone, BlockParts, Features, MLPSite, Preprocess, mlp_site
+from .base import AttentionSite, Backbone, BlockParts, Features, MLPSite, Preprocess, mlp_sites
 
 SUPPORTED = (
     "HF transformers Dinov2Model / Dinov2WithRegistersModel (and wrappers such as "
@@ -136,10 +136,7 @@ def _timm_style_parts(blocks: list[nn.Module]) -> list[BlockParts]:
 
 
 def _mlp_sites(blocks: list[nn.Module]) -> list[MLPSite]:
-    """Each block's MLP (``block.mlp``), described for the hidden-activation hooks; none at all when one
-    of them is not recognised (what needs them, test-time registers, then refuses the model)."""
-    sites = [mlp_site(i, getattr(b, "mlp", None)) for i, b in enumerate(blocks)]
-    return [] if any(s is None for s in sites) else sites
+    return mlp_sites([getattr(b, "mlp", None) for b in blocks])
 
 
 # ------------------------------------------------------------------------------------------- timm

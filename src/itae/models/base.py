@@ -58,11 +58,15 @@ class Rotary:
     ``module`` receives the embedding with each call (the attention module itself, in the layouts we
     know); ``read(args, kwargs)`` takes it from that call's arguments; ``apply(q, k, embedding)`` rotates
     q and k, each (B, H, T, d), exactly as the model does (prefix tokens unrotated in DINOv3).
+    ``prefix_count``: the attribute of ``module`` that counts the unrotated prefix tokens, where the
+    module keeps one (timm's Eva); None where the count follows from the shapes (HF DINOv3 rotates the
+    last rows, as many as the embedding has positions).
     """
 
     module: nn.Module
     read: Callable
     apply: Callable
+    prefix_count: str | None = None
 
 
 @dataclass
@@ -117,9 +121,9 @@ class ProbeSite:
 class MLPSite:
     """Where one block's MLP hidden activation can be observed and edited, without replacing a forward.
 
-    ``out_proj`` is the MLP's last linear (``fc2``; ``w3`` / ``weights_out`` in SwiGLU MLPs): its *input*
-    is the hidden activation after the nonlinearity (or the gate), (B, T, hidden_dim), one column per
-    neuron. A forward pre-hook on ``out_proj`` reads or rewrites it.
+    ``out_proj`` is the MLP's last linear (``fc2``; ``w3`` / ``weights_out`` in SwiGLU MLPs; ``down_proj``
+    in HF DINOv3, plain or gated; ``c_proj`` in OpenCLIP): its *input* is the hidden activation after the
+    nonlinearity (or the gate), (B, T, hidden_dim), one column per neuron. A forward pre-hook on ``out_proj`` reads or rewrites it.
     """
 
     index: int
@@ -129,13 +133,21 @@ class MLPSite:
 
 
 def mlp_site(index: int, mlp: nn.Module) -> MLPSite | None:
-    """Describe the MLP of block ``index`` (a ``Mlp``/``Dinov2MLP``-style or SwiGLU module); None when it
-    has no recognised last linear (any module with ``in_features``: ``nn.Linear``, FP8 linears, ...)."""
-    for name in ("fc2", "w3", "weights_out"):
+    """Describe the MLP of block ``index`` (a ``Mlp``/``Dinov2MLP``-style, SwiGLU, HF DINOv3 or OpenCLIP
+    module); None when it has no recognised last linear (any module with ``in_features``: ``nn.Linear``,
+    FP8 linears, ...)."""
+    for name in ("fc2", "w3", "weights_out", "down_proj", "c_proj"):
         out = getattr(mlp, name, None)
         if isinstance(out, nn.Module) and isinstance(getattr(out, "in_features", None), int):
             return MLPSite(index=index, mlp=mlp, out_proj=out, hidden_dim=int(out.in_features))
     return None
+
+
+def mlp_sites(mlps: list[nn.Module | None]) -> list[MLPSite]:
+    """Each block's MLP described for the hidden-activation hooks; none at all when one of them is not
+    recognised (what needs them, test-time registers, then refuses the model)."""
+    sites = [mlp_site(i, mlp) for i, mlp in enumerate(mlps)]
+    return [] if any(s is None for s in sites) else sites
 
 
 @dataclass

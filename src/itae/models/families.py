@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess, ProbeSite, Rotary
+from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess, ProbeSite, Rotary, mlp_sites
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,6 +124,7 @@ def _adapt_hf_dinov3(model: nn.Module, name: str | None) -> Backbone:
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation="bicubic", patch_size=patch),
         forward_features_fn=forward_features, embed_fn=embed, final_norm=final_norm, block_kwargs_fn=block_kwargs,
         parts=[BlockParts(layer.norm1, layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2) for layer in layers],
+        mlp_sites=mlp_sites([layer.mlp for layer in layers]),
     )
 
 
@@ -167,7 +168,7 @@ def _adapt_hf_clip(model: nn.Module, name: str | None) -> Backbone:
         sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
         preprocess=_square_preprocess(int(cfg.image_size), patch, CLIP_MEAN, CLIP_STD),
         forward_features_fn=forward_features, embed_fn=embed, final_norm=vision.post_layernorm,
-        parts=_clip_like_parts(layers), block_args=(None,),
+        parts=_clip_like_parts(layers), block_args=(None,), mlp_sites=mlp_sites([layer.mlp for layer in layers]),
     )
 
 
@@ -206,8 +207,9 @@ def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
         num_heads=int(cfg.num_attention_heads), blocks=layers,
         sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
         preprocess=_square_preprocess(int(cfg.image_size), patch, SIGLIP_MEAN, SIGLIP_STD),
-        forward_features_fn=forward_features, embed_fn=vision.embeddings, final_norm=None,
+        forward_features_fn=forward_features, embed_fn=vision.embeddings, final_norm=vision.post_layernorm,
         parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=probe,
+        mlp_sites=mlp_sites([layer.mlp for layer in layers]),
     )
 
 
@@ -248,8 +250,9 @@ def _adapt_hf_siglip2(model: nn.Module, name: str | None) -> Backbone:
         num_heads=int(cfg.num_attention_heads), blocks=layers,
         sites=[_split_site(i, layer, layer.self_attn, layer.self_attn.out_proj) for i, layer in enumerate(layers)],
         preprocess=_square_preprocess(side, patch, SIGLIP_MEAN, SIGLIP_STD),
-        forward_features_fn=forward_features, final_norm=None,
+        forward_features_fn=forward_features, final_norm=vision.post_layernorm,
         parts=_clip_like_parts(layers), block_args=(None,), cls_token=False, probe=_siglip_probe(head),
+        mlp_sites=mlp_sites([layer.mlp for layer in layers]),
     )
 
 
@@ -298,6 +301,7 @@ def adapt_open_clip(model: nn.Module, name: str | None) -> Backbone:
         preprocess=_square_preprocess(size, patch, cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)),
         forward_features_fn=forward_features, embed_fn=visual._embeds, final_norm=visual.ln_post,
         parts=[BlockParts(b.ln_1, b.ls_1, b.ln_2, b.mlp, b.ls_2) for b in blocks],
+        mlp_sites=mlp_sites([b.mlp for b in blocks]),
     )
 
 
@@ -327,7 +331,7 @@ def _eva_rotary(attn: nn.Module) -> Rotary:
         k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
         return q, k
 
-    return Rotary(attn, _read_rope, apply)
+    return Rotary(attn, _read_rope, apply, prefix_count="num_prefix_tokens")
 
 
 def adapt_timm_eva(model: nn.Module, name: str | None) -> Backbone:
@@ -371,5 +375,5 @@ def adapt_timm_eva(model: nn.Module, name: str | None) -> Backbone:
         preprocess=Preprocess(image_size=224, resize_size=256, interpolation=cfg.get("interpolation", "bicubic"),
                               mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                               std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), patch_size=patch),
-        forward_features_fn=forward_features, final_norm=model.norm,
+        forward_features_fn=forward_features, final_norm=model.norm, mlp_sites=mlp_sites([b.mlp for b in blocks]),
     )

@@ -25,6 +25,7 @@ Checkpoint files and their stored model description: ``itae.models.checkpoints``
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,7 +234,32 @@ def _first_line(err: BaseException) -> str:
 # -------------------------------------------------------------------------------------- by family
 
 
+#: the first transformers release with each HF model class a family needs beyond ``transformers>=4.40``
+HF_CLASS_SINCE = {"dinov3": ("DINOv3ViTModel", "4.56")}
+
+
+def _require_hf_class(name: str, kind: str) -> None:
+    """A clear error, before any download, when the installed transformers predates the family's model class."""
+    if kind not in HF_CLASS_SINCE:
+        return
+    import transformers
+
+    cls, since = HF_CLASS_SINCE[kind]
+    if _release(transformers.__version__) < _release(since):  # a dev build of the release counts
+        raise ModelLoadError(
+            f"{name} needs transformers>={since} ({cls}); transformers {transformers.__version__} is installed: "
+            f"pip install -U 'transformers>={since}'"
+        )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: "4.56.0.dev0" -> (4, 56)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def _load_known(name: str, known: KnownModel, attn_implementation: str | None) -> nn.Module:
+    if known.family == "hf":
+        _require_hf_class(name, known.kind)
     if known.kind != "dinov2":
         if known.family == "timm":
             return _load_timm_by_name(name, hint_arch=known.arch)
