@@ -167,7 +167,7 @@ def embed_batches(
 def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.device, precision: str,
           resolution: int | None) -> tuple[Backbone, Preprocess]:
     """The backbone on ``device`` in ``precision`` and the preprocessing at the asked resolution."""
-    from itae.models.fp8 import apply_precision
+    from itae.models.fp8 import apply_precision, cast_weights
 
     dtype = resolve_precision(precision)
     if isinstance(backbone, (str, os.PathLike)):
@@ -179,7 +179,7 @@ def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.devi
 
     bb = adapt(backbone)
     # Real low-precision weights, not autocast: half the memory traffic on GPU.
-    bb.model.to(device=device, dtype=dtype)
+    cast_weights(bb.model, device, dtype)
     bb.model.eval()
     preprocess = bb.preprocess.with_resolution(resolution) if resolution else bb.preprocess
     return apply_precision(bb, precision), preprocess

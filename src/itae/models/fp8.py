@@ -134,9 +134,23 @@ def is_fp8(backbone: Backbone) -> bool:
     return any(isinstance(m, Float8Linear) for m in backbone.model.modules())
 
 
+def cast_weights(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """``model.to(device=device, dtype=dtype)``, in place, except that FP8 linears keep their dtypes.
+
+    ``Module.to(dtype)`` would round a ``Float8Linear``'s float32 scales (and its bias) to ``dtype``, so a
+    model quantized by an earlier fp8 extraction would give other numbers the next time.
+    """
+    kept = {m: dict(m.named_buffers(recurse=False)) for m in model.modules() if isinstance(m, Float8Linear)}
+    model.to(device=device, dtype=dtype)
+    for module, buffers in kept.items():  # .to() put new tensors in place of these; the originals are intact
+        for name, buf in buffers.items():
+            setattr(module, name, buf.to(device))
+    return model
+
+
 def apply_precision(backbone: Backbone, precision: str) -> Backbone:
     """The backbone for an extraction precision: FP8 linears for "fp8", unchanged otherwise."""
     return quantize_fp8(backbone) if precision == "fp8" else backbone
 
 
-__all__ = ["Float8Linear", "apply_precision", "check_fp8_device", "is_fp8", "quantize_fp8"]
+__all__ = ["Float8Linear", "apply_precision", "cast_weights", "check_fp8_device", "is_fp8", "quantize_fp8"]
