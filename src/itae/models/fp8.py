@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from .adapters import adapt
 from .base import Backbone
 
@@ -64,7 +66,7 @@ class Float8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16) -> Float8Linear:
         if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(
+            raise InputError(
                 f"FP8 matrix products need feature counts divisible by 16; got {linear.in_features} -> "
                 f"{linear.out_features}"
             )
@@ -97,12 +99,12 @@ def check_fp8_device(device: torch.device) -> None:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ValueError(
+            raise InputError(
                 f"precision 'fp8' needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, "
                 f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use 'bf16'"
             )
     elif device.type != "cpu":  # CPU: a slow reference, for tests and checks
-        raise ValueError(f"precision 'fp8' runs on NVIDIA GPUs (and slowly on CPU), not on {device.type!r}")
+        raise InputError(f"precision 'fp8' runs on NVIDIA GPUs (and slowly on CPU), not on {device.type!r}")
 
 
 def quantize_fp8(backbone: Backbone) -> Backbone:
@@ -112,7 +114,7 @@ def quantize_fp8(backbone: Backbone) -> Backbone:
     """
     check_fp8_device(backbone.device)
     if backbone.dtype != torch.bfloat16:
-        raise ValueError(f"quantize_fp8 expects a bf16 model; this one is {backbone.dtype}")
+        raise InputError(f"quantize_fp8 expects a bf16 model; this one is {backbone.dtype}")
     replaced = 0
     for block in backbone.blocks[:-1]:
         for parent in list(block.modules()):
