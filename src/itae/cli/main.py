@@ -239,6 +239,15 @@ def _add_data(p: argparse.ArgumentParser, *, labels_default: str = "none") -> No
     g.add_argument("--label-column", default="label", help="label column of a HF data set or CSV list")
 
 
+def _add_embedding(p: argparse.ArgumentParser, *, clustering_too: bool) -> None:
+    """Everything a command that embeds takes (run, embed): model, method, ITAE, data source, embedding."""
+    _add_model(p)
+    _add_method(p, clustering_too=clustering_too)
+    _add_itae(p)
+    _add_data(p)
+    _add_embed(p)
+
+
 def _add_embed(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding")
     g.add_argument("--feature", choices=["cls", "mean", "cls+mean"], default="cls", help="what to keep per image")
@@ -607,11 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--title", help="title of report.html (default: 'itae run: ' and the data's name)")
     _add_cluster(p)
-    _add_model(p)
-    _add_method(p, clustering_too=True)
-    _add_itae(p)
-    _add_data(p)
-    _add_embed(p)
+    _add_embedding(p, clustering_too=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="embed images into a resumable store", parents=[common])
@@ -625,11 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-decoders", type=int,
                    help="CPU decoding actors (0: decode inside the model actors; default: autoscale with GPU "
                         "replicas, 0 with CPU ones)")
-    _add_model(p)
-    _add_method(p, clustering_too=False)
-    _add_itae(p)
-    _add_data(p)
-    _add_embed(p)
+    _add_embedding(p, clustering_too=False)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cluster", help="cluster a finished embedding store", parents=[common])
