@@ -422,7 +422,7 @@ def test_hdbscan_with_k_names_the_flag(assets, tmp_path, capsys):
     assert _run("embed", assets["data"], "-o", store, "--model", assets["model"], "--no-itae", *COMMON) == 0
     capsys.readouterr()
     assert _run("cluster", store, "-k", 3, "--method", "hdbscan") != 0
-    assert "pass no -k" in capsys.readouterr().err
+    assert "omit -k" in capsys.readouterr().err
 
 
 def test_capped_k_range_is_logged(assets, tmp_path, capsys):

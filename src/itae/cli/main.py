@@ -46,7 +46,6 @@ PARAMETER_FLAGS = {
     "device": "--device",
     "dup_threshold": "--dup-threshold",
     "hf_config": "--hf-config",
-    "k": "-k",
     "k_range": "--k-range",
     "labels": "--labels",
     "max_samples": "--max-samples",
@@ -282,6 +281,8 @@ def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> Non
 
 
 def _cluster_options(args: argparse.Namespace) -> dict:
+    if args.k is not None and args.algorithm == "hdbscan":
+        raise ConfigError("--algorithm hdbscan chooses the number of clusters itself; omit -k")
     options: dict = {"k_range": args.k_range} if args.k is None else {}
     if args.max_samples is not None:
         if args.algorithm == "kmeans":
