@@ -800,8 +800,8 @@ class _FlagNames(logging.Filter):
 def _report_bug() -> None:
     """An exception that is no user error: its traceback, and where to take it."""
     traceback.print_exc()
-    print(f"itae: error: this is a bug in itae {__import__('itae').__version__}; please report it with the "
-          "traceback above and the command that gave it", file=sys.stderr)
+    print(f"itae: internal error: this is a bug in itae {__import__('itae').__version__}; please report it with "
+          "the traceback above and the command that gave it", file=sys.stderr)
 
 
 def _missing_top(path: str | os.PathLike) -> Path | None:
