@@ -134,7 +134,7 @@ def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, hub_o
     assert embed.calls == 5 and _rows(out / "results.csv") == rows
 
 
-def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, hub_offline, capsys, tmp_path):
+def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, hub_offline, capsys, caplog, tmp_path):
     out = tmp_path / "out"
     # cifar100 has no local copy and the hub is out of reach: one line naming it and the way to a local copy
     assert main(_argv(standin, out, "--datasets", "cifar10,cifar100", "--seeds", "0", "--no-report")) == 2
@@ -146,7 +146,7 @@ def test_unavailable_data_set_and_model_stop_or_are_marked_missing(standin, hub_
                  "--keep-going")
     assert main(argv) == 0
     captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.startswith("itae bench: ")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("itae bench: ")]  # warnings
     assert len(lines) == 3  # cifar100, then dinov2-small and its registers counterpart, one line each
     assert "'cifar100'" in lines[0] and "--data-root" in lines[0]
     assert "'facebook/dinov2-small'" in lines[1] and "--model-root DIR with DIR/dinov2-small " in lines[1]

@@ -155,7 +155,7 @@ def test_embed_hub_data_set_configuration(assets, tmp_path, monkeypatch, capsys)
     assert err.startswith("itae: error:") and len(err.splitlines()) == 1, err
     assert "source.fingerprint" in err, err
     assert _run("embed", "hf:owner/set:320px", "--hf-config", "160px", "-o", tmp_path / "s2", *args) != 0
-    assert "names configuration '320px' but hf_config='160px'" in capsys.readouterr().err
+    assert "names configuration '320px' but --hf-config 160px" in capsys.readouterr().err
 
 
 def test_inspect_writes_figures(assets, tmp_path):

@@ -100,21 +100,41 @@ def test_the_engine_is_exact_on_a_quantized_model(family, images):
     assert rel.max() < 0.15, rel
 
 
-def test_fp8_extraction_is_recorded_and_needs_a_bf16_capable_setting(tmp_path):
+def _image_folder(folder, n: int, seed: int):
     from PIL import Image
 
-    folder = tmp_path / "imgs"
     folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    common = dict(itae=None, batch_size=4, num_workers=0, resolution=56, progress=False, device="cpu")
+    return folder
+
+
+EMBED = dict(itae=None, batch_size=4, num_workers=0, resolution=56, progress=False, device="cpu")
+
+
+def test_fp8_extraction_is_recorded_and_needs_a_bf16_capable_setting(tmp_path):
+    folder = _image_folder(tmp_path / "imgs", 6, seed=0)
     model = build_tiny("hf")
-    fp8 = itae.embed(folder, model, out=tmp_path / "fp8", precision="fp8", **common)
+    fp8 = itae.embed(folder, model, out=tmp_path / "fp8", precision="fp8", **EMBED)
     assert fp8.manifest["precision"] == "fp8" and is_fp8(adapt(model))  # the instance was quantized in place
-    bf16 = itae.embed(folder, build_tiny("hf"), out=tmp_path / "bf16", precision="bf16", **common)
+    bf16 = itae.embed(folder, build_tiny("hf"), out=tmp_path / "bf16", precision="bf16", **EMBED)
     a, b = np.asarray(fp8.embeddings()), np.asarray(bf16.embeddings())
     assert not np.array_equal(a, b)
     assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.15
     with pytest.raises(ValueError, match="bf16 model"):
         quantize_fp8(adapt(build_tiny("hf")))  # still fp32
+
+
+def test_the_same_instance_embedded_twice_in_fp8_gives_the_same_embeddings(tmp_path):
+    # The second run casts the already quantized instance to bf16 again: that cast must leave the FP8
+    # linears (their float32 scales) as they are.
+    folder = _image_folder(tmp_path / "imgs", 5, seed=1)
+    common = dict(EMBED, precision="fp8")
+    model = build_tiny("hf")
+    first = np.asarray(itae.embed(folder, model, out=tmp_path / "a", **common).embeddings())
+    scales = [m.weight_scale.dtype for m in model.modules() if isinstance(m, Float8Linear)]
+    second = np.asarray(itae.embed(folder, model, out=tmp_path / "b", **common).embeddings())
+    assert scales and set(scales) == {torch.float32}
+    assert [m.weight_scale.dtype for m in model.modules() if isinstance(m, Float8Linear)] == scales
+    np.testing.assert_array_equal(first, second)

@@ -93,7 +93,7 @@ def test_a_checkpoint_without_arch_is_a_one_line_error(tmp_path):
     from safetensors.torch import save_file
 
     save_file(tiny_model("hub").state_dict(), str(path))
-    with pytest.raises(ModelLoadError, match="without an architecture name.*--arch dinov2_vitb14") as err:
+    with pytest.raises(ModelLoadError, match="without an architecture name.*arch=dinov2_vitb14") as err:
         load_backbone(str(path))
     assert "\n" not in str(err.value)
 
@@ -166,7 +166,7 @@ def test_known_models_of_the_other_families():
 @pytest.mark.parametrize("name", ["facebook/dinov3-vits16-pretrain-lvd1689m", "openai/clip-vit-base-patch32",
                                   "google/siglip-base-patch16-224"])
 def test_other_hf_families_offline_say_how_to_pass_a_folder(name):
-    with pytest.raises(ModelLoadError, match=f"^{name} is not available offline.*--model /path/to/folder$"):
+    with pytest.raises(ModelLoadError, match=f"^{name} is not available offline.*model=FOLDER$"):
         load_backbone(name)
 
 
@@ -210,7 +210,7 @@ def test_offline_with_nothing_cached_says_how_to_pass_a_local_path(name, arch):
         load_backbone(name)
     message = str(err.value)
     assert "not available offline" in message and "\n" not in message
-    assert f"--model weights.safetensors --arch {arch}" in message and "--model /path/to/folder" in message
+    assert f"model=WEIGHTS.safetensors with arch={arch}" in message and "model=FOLDER" in message
 
 
 def test_the_default_model_is_dinov2_base():

@@ -105,7 +105,7 @@ def test_an_error_after_embedding_leaves_run_json_failed_with_the_error(assets, 
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        (dict(k=3, method="hdbscan"), "hdbscan.*omit -k"),
+        (dict(k=3, method="hdbscan"), "hdbscan.*pass k=None"),
         (dict(k=3, cluster_options={"max_samples": 100}), "method='kmeans' takes no option 'max_samples'"),
         (dict(k=None, cluster_options={"k_range": (5, 2)}), "k_range"),
         (dict(k=3, seeds=(1, 1)), "distinct"),

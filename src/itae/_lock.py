@@ -20,16 +20,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from itae.errors import FolderInUseError
+
 from ._io import atomic_write_text
 
 log = logging.getLogger("itae")
 
 LOCK_FILE = ".itae.lock"
 OWNER_FILE = ".itae.lock.owner"
-
-
-class FolderInUseError(RuntimeError):
-    """Another process holds the folder's lock."""
 
 
 def read_owner(folder: str | os.PathLike) -> dict | None:

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from itae.errors import ConfigError, ConfigTypeError
+
 Source = Literal["q", "k", "v", "auto"]
 Side = Literal["low", "high", "auto"]
 Rows = Literal["cls", "all"]
@@ -24,17 +26,17 @@ CALIBRATION_METHODS = ("mode", "otsu", "gmm")
 
 def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"ITAEConfig.{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+        raise ConfigError(f"ITAEConfig.{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
 
 
 def _check_finite(name: str, value: Any) -> float:
     if isinstance(value, str) and value == AUTO:
-        raise TypeError(f"ITAEConfig.{name} must be a number; 'auto' is not accepted here")
+        raise ConfigTypeError(f"ITAEConfig.{name} must be a number; 'auto' is not accepted here")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"ITAEConfig.{name} must be a number; got {type(value).__name__} {value!r}")
+        raise ConfigTypeError(f"ITAEConfig.{name} must be a number; got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"ITAEConfig.{name} must be finite; got {value!r}")
+        raise ConfigError(f"ITAEConfig.{name} must be finite; got {value!r}")
     return value
 
 
@@ -83,24 +85,24 @@ class ITAEConfig:
         try:
             layers = tuple(layers)
         except TypeError:
-            raise TypeError(f"ITAEConfig.layers must be a tuple of ints; got {self.layers!r}") from None
+            raise ConfigTypeError(f"ITAEConfig.layers must be a tuple of ints; got {self.layers!r}") from None
         if not layers:
-            raise ValueError("ITAEConfig.layers must name at least one block")
+            raise ConfigError("ITAEConfig.layers must name at least one block")
         for i in layers:
             if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"ITAEConfig.layers must hold ints; got {i!r}")
+                raise ConfigTypeError(f"ITAEConfig.layers must hold ints; got {i!r}")
         if len(set(layers)) != len(layers):
-            raise ValueError(f"ITAEConfig.layers has duplicates: {layers!r}")
+            raise ConfigError(f"ITAEConfig.layers has duplicates: {layers!r}")
         object.__setattr__(self, "layers", layers)
 
         threshold = self.threshold
         if isinstance(threshold, str):
             if threshold != "auto":
-                raise ValueError(f"ITAEConfig.threshold must be a number, a tuple of numbers or 'auto'; got {threshold!r}")
+                raise ConfigError(f"ITAEConfig.threshold must be a number, a tuple of numbers or 'auto'; got {threshold!r}")
         elif isinstance(threshold, (list, tuple)):
             values = tuple(_check_finite("threshold", t) for t in threshold)
             if len(values) != len(layers):
-                raise ValueError(
+                raise ConfigError(
                     f"ITAEConfig.threshold has {len(values)} values but layers has {len(layers)}; "
                     "give one threshold per engineered layer, or one number for all"
                 )
@@ -110,14 +112,14 @@ class ITAEConfig:
 
         if self.threshold != AUTO and AUTO in (self.source, self.side):
             auto = " and ".join(f"{name}='auto'" for name in ("source", "side") if getattr(self, name) == AUTO)
-            raise ValueError(
+            raise ConfigError(
                 f"ITAEConfig: a numeric threshold needs a fixed source and side; got threshold={self.threshold!r} "
                 f"with {auto}. Give them (e.g. source='v', side='low', as published) or leave threshold='auto'"
             )
 
         alpha = _check_finite("alpha", self.alpha)
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"ITAEConfig.alpha must be in (0, 1]; got {alpha!r}")
+            raise ConfigError(f"ITAEConfig.alpha must be in (0, 1]; got {alpha!r}")
         object.__setattr__(self, "alpha", alpha)
 
     @property
@@ -132,7 +134,7 @@ class ITAEConfig:
     def threshold_for(self, position: int) -> float:
         """The threshold of the ``position``-th engineered layer (position in ``layers``)."""
         if self.threshold == "auto":
-            raise ValueError("threshold is 'auto': calibrate first (itae.calibrate) or pass a number")
+            raise ConfigError("threshold is 'auto': calibrate first (itae.calibrate) or pass a number")
         if isinstance(self.threshold, tuple):
             return self.threshold[position]
         return float(self.threshold)
@@ -152,7 +154,7 @@ class ITAEConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown ITAEConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown ITAEConfig field(s): {', '.join(unknown)}")
         if "layers" in known and isinstance(known["layers"], list):
             known["layers"] = tuple(known["layers"])
         if "threshold" in known and isinstance(known["threshold"], list):

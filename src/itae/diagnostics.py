@@ -20,6 +20,7 @@ from itae.data.decode import DecodeError, build_transform, load_rgb
 from itae.data.sources import ImageSource, display_name
 from itae.engine.detect import LayerDiagnostics, detect_artifacts
 from itae.engine.selfcheck import attention_share, check_split
+from itae.errors import InputError
 from itae.models.base import Backbone
 from itae.report.figures import images_from_pixel_values, write_inspection, write_unmodified_grid
 
@@ -50,7 +51,7 @@ def read_images(
     read (all when None); one that cannot be read is listed in ``failed`` and the next one is tried.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of images or None; got {limit!r}")
+        raise InputError(f"limit must be a positive number of images or None; got {limit!r}")
     if isinstance(images, (str, os.PathLike)):
         images = [images]  # one file
     transform = build_transform(backbone.preprocess)
@@ -135,10 +136,10 @@ def write_diagnostics(
     batch = read_images(backbone, images, limit=max_images)
     if batch.pixels is None:
         if not batch.failed:
-            raise ValueError("no images to inspect")
+            raise InputError("no images to inspect")
         shown, reason = batch.failed[0]
         more = f" (and {len(batch.failed) - 1} more image(s) could not be inspected)" if len(batch.failed) > 1 else ""
-        raise ValueError(f"cannot inspect {shown!r}: {reason}{more}")
+        raise InputError(f"cannot inspect {shown!r}: {reason}{more}")
     drawn = images_from_pixel_values(batch.pixels, backbone.preprocess.mean, backbone.preprocess.std)
     if itae is None:
         blocks = detect_artifacts(backbone, batch.pixels, itae=False)

@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from itae.errors import ConfigError, ConfigTypeError
+
 from .config import ITAEConfig
 
 Method = Literal["none", "itae", "ttr", "itae+ttr"]
@@ -27,7 +29,7 @@ METHODS: tuple[str, ...] = ("none", "itae", "ttr", "itae+ttr")
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     return method
 
 
@@ -50,9 +52,9 @@ def resolve_method(
     """The (ITAE, TTR) configs a call runs with. ``method`` None keeps the configs as given (None: off);
     a method name turns each fix on (with the given config, or its defaults) or off."""
     if itae is not None and not isinstance(itae, ITAEConfig):
-        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+        raise ConfigTypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
     if ttr is not None and not isinstance(ttr, TTRConfig):
-        raise TypeError(f"ttr must be a TTRConfig or None; got {type(ttr).__name__}")
+        raise ConfigTypeError(f"ttr must be a TTRConfig or None; got {type(ttr).__name__}")
     if method is None:
         return itae, ttr
     use_itae, use_ttr = method_uses(method)
@@ -99,28 +101,28 @@ class TTRConfig:
         for name in ("outlier_layer", "max_layer", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"TTRConfig.{name} must be an int; got {value!r}")
+                raise ConfigTypeError(f"TTRConfig.{name} must be an int; got {value!r}")
         if self.top_k < 0:
-            raise ValueError(f"TTRConfig.top_k must be >= 0; got {self.top_k}")
+            raise ConfigError(f"TTRConfig.top_k must be >= 0; got {self.top_k}")
         if not isinstance(self.zero_prefix, bool):
-            raise TypeError(f"TTRConfig.zero_prefix must be True or False; got {self.zero_prefix!r}")
+            raise ConfigTypeError(f"TTRConfig.zero_prefix must be True or False; got {self.zero_prefix!r}")
         t = self.norm_threshold
         if isinstance(t, str):
             if t != "auto":
-                raise ValueError(f"TTRConfig.norm_threshold must be a positive number or 'auto'; got {t!r}")
+                raise ConfigError(f"TTRConfig.norm_threshold must be a positive number or 'auto'; got {t!r}")
         else:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-                raise ValueError(f"TTRConfig.norm_threshold must be a positive number or 'auto'; got {t!r}")
+                raise ConfigError(f"TTRConfig.norm_threshold must be a positive number or 'auto'; got {t!r}")
             object.__setattr__(self, "norm_threshold", float(t))
         if self.neurons is not None:
             try:
                 pairs = tuple((int(b), int(n)) for b, n in self.neurons)
             except (TypeError, ValueError):
-                raise TypeError(f"TTRConfig.neurons must be (block, neuron) pairs; got {self.neurons!r}") from None
+                raise ConfigTypeError(f"TTRConfig.neurons must be (block, neuron) pairs; got {self.neurons!r}") from None
             if any(b < 0 or n < 0 for b, n in pairs):
-                raise ValueError(f"TTRConfig.neurons holds non-negative (block, neuron) pairs; got {pairs!r}")
+                raise ConfigError(f"TTRConfig.neurons holds non-negative (block, neuron) pairs; got {pairs!r}")
             if len(set(pairs)) != len(pairs):
-                raise ValueError(f"TTRConfig.neurons has duplicates: {pairs!r}")
+                raise ConfigError(f"TTRConfig.neurons has duplicates: {pairs!r}")
             object.__setattr__(self, "neurons", pairs)
 
     @property
@@ -146,7 +148,7 @@ class TTRConfig:
     def from_dict(cls, d: dict[str, Any]) -> TTRConfig:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown TTRConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown TTRConfig field(s): {', '.join(unknown)}")
         known = dict(d)
         if known.get("neurons") is not None:
             known["neurons"] = tuple(tuple(p) for p in known["neurons"])

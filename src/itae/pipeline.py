@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from itae.errors import InputError
+
 from ._io import ID_ERRORS, atomic_write, atomic_write_text
 from ._lock import folder_lock
 from .config import ITAEConfig
@@ -75,11 +77,11 @@ def check_k(k: int | None, n: int | None = None) -> None:
     if k is None:
         return
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"k must be an integer; got {k!r}")
+        raise InputError(f"k must be an integer; got {k!r}")
     if k < 1:
-        raise ValueError(f"k must be at least 1; got {k}")
+        raise InputError(f"k must be at least 1; got {k}")
     if n is not None and k > n:
-        raise ValueError(f"k={k} is larger than the number of images ({n})")
+        raise InputError(f"k={k} is larger than the number of images ({n})")
 
 
 # --------------------------------------------------------------------------------------- cluster
@@ -145,12 +147,19 @@ def read_assignments(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, newline="", encoding="utf-8", errors=ID_ERRORS) as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"{str(path)!r} holds no assignments")
-    seeds = {int(c[len("cluster_seed"):]): [int(r[c]) for r in rows] for c in rows[0] if c.startswith("cluster_seed")}
+        raise InputError(f"{str(path)!r} holds no assignments")
+    missing = [c for c in ("path", "cluster", "label") if c not in rows[0]]
+    if missing:
+        raise InputError(f"{str(path)!r} is not an assignments file: no column {', '.join(missing)}")
+    try:
+        seeds = {int(c[len("cluster_seed"):]): [int(r[c]) for r in rows] for c in rows[0] if c.startswith("cluster_seed")}
+        clusters = np.array([int(r["cluster"]) for r in rows])
+    except (TypeError, ValueError) as e:  # a short row (None) or a cluster that is no integer
+        raise InputError(f"{str(path)!r} holds a cluster that is not an integer ({e})") from None
     labels = [r["label"] for r in rows]
     return {
         "ids": [r["path"] for r in rows],
-        "clusters": np.array([int(r["cluster"]) for r in rows]),
+        "clusters": clusters,
         "labels": None if all(v == "" for v in labels) else labels,
         "per_seed": {s: np.array(v) for s, v in seeds.items()},
     }
@@ -167,10 +176,10 @@ def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLi
     path = Path(assignments)
     data = read_assignments(path)
     if data["labels"] is None:
-        raise ValueError("the assignments have no labels to score against (embed with labels, e.g. --labels from-folders)")
+        raise InputError("the assignments have no labels to score against (embed with labels, e.g. labels='from-folders')")
     missing = sum(1 for v in data["labels"] if v == "")
     if missing:
-        raise ValueError(f"{missing} of {len(data['labels'])} images have no label; scores need every label")
+        raise InputError(f"{missing} of {len(data['labels'])} images have no label; scores need every label")
     metrics: dict[str, Any] = dict(evaluate(data["labels"], data["clusters"]))
     if data["per_seed"]:
         runs = [dict(evaluate(data["labels"], labels), seed=s) for s, labels in data["per_seed"].items()]
@@ -238,7 +247,7 @@ def self_check_line(check: dict[str, Any]) -> str:
 def _warn_self_check(check: dict[str, Any]) -> None:
     if check["status"] == "nothing flagged" and not check.get("calibrated", True):
         log.warning("itae: the threshold(s) given flag no patch on %d sample images: ITAE changes nothing "
-                    "(use --no-itae for the baseline)", check.get("images", 0))
+                    "(method='none' gives the baseline)", check.get("images", 0))
     elif check["status"] == "nothing flagged":
         log.info("itae: %s", check["summary"])
 
@@ -314,7 +323,7 @@ def run(
     )
     check_save_interval(save_interval)
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise ValueError(f"resolution must be a positive integer or None; got {resolution!r}")
+        raise InputError(f"resolution must be a positive integer or None; got {resolution!r}")
     dev = resolve_device(device)
     out = check_output_dir(out)
     with folder_lock(out, "itae run"):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from itae.errors import InputError
 from itae.models.checkpoints import write_checkpoint
 from itae.models.dinov2_arch import build_dinov2
 
@@ -106,13 +107,13 @@ def save_tiny(
 
 def _check(family: str, registers: int, embed_dim: int, num_heads: int, img_size: int, patch_size: int) -> None:
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+        raise InputError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
     if registers < 0:
-        raise ValueError(f"registers must be >= 0; got {registers}")
+        raise InputError(f"registers must be >= 0; got {registers}")
     if embed_dim % num_heads:
-        raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        raise InputError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
     if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        raise InputError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
 
 
 def _hub_kwargs(registers: int, depth: int, embed_dim: int, num_heads: int, patch_size: int, img_size: int) -> dict:
@@ -225,7 +226,7 @@ def tiny_vit(kind: str, *, depth: int = 2, embed_dim: int = 32, num_heads: int =
     ``nn.MultiheadAttention``; needs ``itae[openclip]``).
     """
     if kind not in TINY_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}; got {kind!r}")
+        raise InputError(f"kind must be one of {', '.join(TINY_KINDS)}; got {kind!r}")
     common = {"hidden_size": embed_dim, "intermediate_size": 2 * embed_dim, "num_hidden_layers": depth,
               "num_attention_heads": num_heads, "image_size": 64, "patch_size": 16}
     with torch.random.fork_rng(devices=[]):

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from itae.data.sources import ImageSource, open_source
+from itae.errors import DatasetLoadError
 
 from .spec import DatasetSpec
-
-
-class DatasetLoadError(ValueError):
-    """A benchmark data set could not be opened; the message is one line saying what to do."""
 
 
 class SubsetSource(ImageSource):
@@ -39,7 +36,7 @@ class SubsetSource(ImageSource):
 def local_copy_hint(ds: DatasetSpec, split: str | None) -> str:
     """How to point a grid at a local copy of ``ds`` (said when the hub copy cannot be loaded)."""
     config = "" if ds.hf_config is None else repr(ds.hf_config) + ", "
-    return (f"point the grid at a local copy: --data-root DIR with DIR/{ds.name} a save_to_disk folder "
+    return (f"point the grid at a local copy: data_root=DIR with DIR/{ds.name} a save_to_disk folder "
             f"(datasets.load_dataset({ds.source!r}, {config}split={split!r}).save_to_disk('DIR/{ds.name}')), "
             "or set this data set's 'source' to such a folder in a spec")
 

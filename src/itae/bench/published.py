@@ -14,6 +14,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from itae.errors import InputError
+
 SCORES = ("acc", "nmi", "ari")
 TOLERANCE_POINTS = 1.0
 
@@ -53,7 +55,7 @@ def reference_sets() -> dict[str, ReferenceSet]:
 def reference_set(name: str) -> ReferenceSet:
     sets = reference_sets()
     if name not in sets:
-        raise ValueError(f"unknown reference {name!r}; known: {', '.join(sets)}")
+        raise InputError(f"unknown reference {name!r}; known: {', '.join(sets)}")
     return sets[name]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from itae.config import ITAEConfig
 from itae.diagnostics import REPORT_IMAGES, write_diagnostics
+from itae.errors import InputError
 from itae.report.figures import embedding_map
 
 from .cache import embedding_dir
@@ -101,7 +102,7 @@ def write_bench_report(results, *, diagnostics: bool = True, title: str | None =
     spec, out = results.spec, Path(results.out_dir)
     rows = results.rows
     if not rows:
-        raise ValueError("no finished runs to report")
+        raise InputError("no finished runs to report")
     ds = next(d for d in spec.datasets if any(r["dataset"] == d.name for r in rows))  # the first with runs
     first = [r for r in rows if r["dataset"] == ds.name and r["protocol"] == spec.protocol]
     engineered = [r for r in first if r["method"] != "baseline" and r.get("flagged_fraction") not in (None, "")]

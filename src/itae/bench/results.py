@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from itae._io import atomic_write_text
+from itae.errors import InputError
 
 from .published import verdict
 
@@ -33,7 +34,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         missing = [c for c in KEY_COLUMNS + SCORES if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{str(path)!r} is not a bench results file (no column {missing[0]!r}); use another out_dir")
+            raise InputError(f"{str(path)!r} is not a bench results file (no column {missing[0]!r}); use another out_dir")
         return list(reader)
 
 

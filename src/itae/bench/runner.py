@@ -17,6 +17,7 @@ at a local copy, or, with ``keep_going``, is reported and its cells are marked m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from itae._io import atomic_write_text
 from itae.config import ITAEConfig
 from itae.data.extract import spread_indices
 from itae.data.sources import ImageSource
+from itae.errors import InputError
 from itae.methods import TTRConfig
 from itae.models.loading import ModelLoadError
 
@@ -40,6 +42,8 @@ from .published import compare, comparison_note, reference_set
 from .report import write_bench_report
 from .results import KEY_COLUMNS, markdown, read_rows, run_key, summarize_rows, write_rows
 from .spec import BenchSpec, DatasetSpec, MethodSpec, _digest, load_spec, quick_spec, registers_counterpart
+
+logger = logging.getLogger("itae.bench")
 
 __all__ = ["BenchResults", "DatasetLoadError", "SubsetSource", "open_dataset", "run_bench"]
 
@@ -114,7 +118,7 @@ class _Lazy:
                 leaf = self.name.rstrip("/").split("/")[-1]
                 raise ModelLoadError(
                     f"model {self.name!r} cannot be loaded ({first_line(e)}); point the grid at a local copy: "
-                    f"--model-root DIR with DIR/{leaf} a save_pretrained folder (or the model's 'model_root' in a spec)"
+                    f"model_root=DIR with DIR/{leaf} a save_pretrained folder (or the model's 'model_root' in a spec)"
                 ) from None
         return self._bb
 
@@ -215,13 +219,13 @@ def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, 
         if (made_from.get("fingerprint"), made_from.get("num_records"), made_from.get("spec")) != (
                 src.fingerprint(), len(src), src.spec):
             # the cache is keyed by data set name and split: another source under the same name lands here
-            raise ValueError(
+            raise InputError(
                 f"the cached embeddings in {str(folder)!r} were made from other images than {src.spec!r} "
                 "(the data set's source, configuration or max_images changed); use another out_dir or delete that folder"
             )
         made_by, expected = store.manifest.get("model"), expected_model_label(lazy.location)
         if made_by is not None and made_by != expected:
-            raise ValueError(
+            raise InputError(
                 f"the cached embeddings in {str(folder)!r} were made by model {made_by!r}, not {expected!r} (the "
                 "model's local copy or model_root changed); use another out_dir or delete that folder"
             )
@@ -335,10 +339,10 @@ def run_bench(
 
     if quick:
         if spec is None or not isinstance(spec, (str, os.PathLike)):
-            raise ValueError("quick=True runs the offline preset on a folder of labelled images; pass its path as spec")
+            raise InputError("quick=True runs the offline preset on a folder of labelled images; pass its path as spec")
         spec = quick_spec(spec)
     elif spec is None:
-        raise ValueError("give a bench spec (a BenchSpec, a dict or a JSON file), or quick=True with a folder")
+        raise InputError("give a bench spec (a BenchSpec, a dict or a JSON file), or quick=True with a folder")
     spec = load_spec(spec)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -359,18 +363,18 @@ def run_bench(
         if row is None:
             continue
         if row.get("settings") != settings:
-            raise ValueError(
+            raise InputError(
                 f"{str(csv_path)!r} already has run {keys[id(g)]} made with other settings (k, feature, normalize, "
                 "clustering or calibration); use another out_dir or delete that file"
             )
         if row.get("data") and row["data"] != _data_key(g[0], spec):
-            raise ValueError(
+            raise InputError(
                 f"{str(csv_path)!r} already has run {keys[id(g)]} made on other data (the data set's source, "
                 "splits, columns, configuration or max_images); use another out_dir or delete that file"
             )
         location = model_location(_backbone_of(g), spec.model_root)
         if row.get("weights") and row["weights"] != location:
-            raise ValueError(
+            raise InputError(
                 f"{str(csv_path)!r} already has run {keys[id(g)]} made with the weights of {row['weights']!r}, not "
                 f"{location!r} (model_root changed); use another out_dir or delete that file"
             )
@@ -385,7 +389,7 @@ def run_bench(
         atomic_write_text(md_path, _render(spec, summary, _comparison(spec, summary, missing), missing))
 
     def give_up(cells: list, why: str, line: str) -> None:
-        log.always(f"itae bench: {line}")
+        logger.warning("itae bench: %s", line)  # a warning, so that the command line words it in its flags
         for g in cells:
             missing.setdefault((g[0].name, g[1], g[2].name), why)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from itae.config import ITAEConfig
+from itae.errors import ConfigError, ConfigTypeError
 from itae.methods import METHODS, TTRConfig
 
 from .published import reference_set
@@ -50,14 +51,14 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError("a data set needs a non-empty 'name'")
+            raise ConfigError("a data set needs a non-empty 'name'")
         if not isinstance(self.source, (str, os.PathLike)) or not str(self.source):
-            raise ValueError(f"data set {self.name!r} needs a 'source' (a HF id or a local path)")
+            raise ConfigError(f"data set {self.name!r} needs a 'source' (a HF id or a local path)")
         object.__setattr__(self, "source", os.fspath(self.source))
         if self.max_images is not None and (isinstance(self.max_images, bool) or int(self.max_images) < 1):
-            raise ValueError(f"data set {self.name!r}: max_images must be a positive integer; got {self.max_images!r}")
+            raise ConfigError(f"data set {self.name!r}: max_images must be a positive integer; got {self.max_images!r}")
         if self.hf_config is not None and (not isinstance(self.hf_config, str) or not self.hf_config):
-            raise ValueError(f"data set {self.name!r}: hf_config must be a configuration name; got {self.hf_config!r}")
+            raise ConfigError(f"data set {self.name!r}: hf_config must be a configuration name; got {self.hf_config!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -103,7 +104,7 @@ class MethodSpec:
 
     def __post_init__(self) -> None:
         if self.registers and (self.itae is not None or self.ttr is not None):
-            raise ValueError(f"method {self.name!r}: the registers method takes no ITAE or TTR configuration")
+            raise ConfigError(f"method {self.name!r}: the registers method takes no ITAE or TTR configuration")
 
     def to_value(self) -> Any:
         if self.registers:
@@ -123,8 +124,8 @@ def method_from_value(name: str, value: Any) -> MethodSpec:
         if value == REGISTERS:
             return MethodSpec(name, registers=True)
         if value not in METHODS:
-            raise ValueError(f"method {name!r}: a string value must be one of "
-                             f"{', '.join(map(repr, METHODS + (REGISTERS,)))}; got {value!r}")
+            raise ConfigError(f"method {name!r}: a string value must be one of "
+                              f"{', '.join(map(repr, METHODS + (REGISTERS,)))}; got {value!r}")
         return MethodSpec(name, ITAEConfig() if "itae" in value else None, ttr=TTRConfig() if "ttr" in value else None)
     if isinstance(value, ITAEConfig):
         return MethodSpec(name, value)
@@ -136,8 +137,8 @@ def method_from_value(name: str, value: Any) -> MethodSpec:
             return MethodSpec(name, None if itae is None else ITAEConfig.from_dict(itae),
                               ttr=None if ttr is None else TTRConfig.from_dict(ttr))
         return MethodSpec(name, ITAEConfig.from_dict(value))
-    raise TypeError(f"method {name!r}: give None (baseline), a method name ('itae', 'ttr', 'itae+ttr', 'registers'), "
-                    f"an ITAEConfig dict or {{'itae': ..., 'ttr': ...}}; got {value!r}")
+    raise ConfigTypeError(f"method {name!r}: give None (baseline), a method name ('itae', 'ttr', 'itae+ttr', 'registers'), "
+                          f"an ITAEConfig dict or {{'itae': ..., 'ttr': ...}}; got {value!r}")
 
 
 DEFAULT_METHODS = (MethodSpec("baseline"), MethodSpec("itae", ITAEConfig()))
@@ -183,26 +184,26 @@ class BenchSpec:
         for name in ("datasets", "models", "methods", "seeds"):
             value = tuple(getattr(self, name))
             if not value:
-                raise ValueError(f"the bench spec needs at least one entry in {name!r}")
+                raise ConfigError(f"the bench spec needs at least one entry in {name!r}")
             object.__setattr__(self, name, value)
         for name, values in (("data set", [d.name for d in self.datasets]), ("model", list(self.models)),
                              ("method", [m.name for m in self.methods])):
             dup = sorted({v for v in values if values.count(v) > 1})
             if dup:
-                raise ValueError(f"duplicate {name} name(s) in the bench spec: {', '.join(dup)}")
+                raise ConfigError(f"duplicate {name} name(s) in the bench spec: {', '.join(dup)}")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise ValueError(f"seeds must be integers; got {list(self.seeds)!r}")
+            raise ConfigError(f"seeds must be integers; got {list(self.seeds)!r}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}; got {self.protocol!r}")
+            raise ConfigError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}; got {self.protocol!r}")
         if self.feature not in FEATURES:
-            raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {self.feature!r}")
+            raise ConfigError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {self.feature!r}")
         if self.cluster_method not in CLUSTER_METHODS:
-            raise ValueError(f"cluster_method must be one of {', '.join(map(repr, CLUSTER_METHODS))}; got "
-                             f"{self.cluster_method!r}")
+            raise ConfigError(f"cluster_method must be one of {', '.join(map(repr, CLUSTER_METHODS))}; got "
+                              f"{self.cluster_method!r}")
         if self.protocol == "train-test" and self.cluster_method != "kmeans":
-            raise ValueError("the train-test protocol assigns test images to k-means centroids; use cluster_method='kmeans'")
+            raise ConfigError("the train-test protocol assigns test images to k-means centroids; use cluster_method='kmeans'")
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) < 2):
-            raise ValueError(f"k must be at least 2 (or None for the number of classes); got {self.k!r}")
+            raise ConfigError(f"k must be at least 2 (or None for the number of classes); got {self.k!r}")
         if self.reference is not None:
             reference_set(self.reference)  # unknown names are refused here
         if self.model_root is not None:
@@ -210,7 +211,7 @@ class BenchSpec:
         for name in ("n_init", "batch_size", "calibration_images", "minibatch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -226,13 +227,13 @@ class BenchSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchSpec:
         if not isinstance(d, dict):
-            raise TypeError(f"a bench spec must be a dict; got {type(d).__name__}")
+            raise ConfigTypeError(f"a bench spec must be a dict; got {type(d).__name__}")
         known = set(cls.__dataclass_fields__) - {"extra"}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown bench spec field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown bench spec field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "datasets" not in d or "models" not in d:
-            raise ValueError("a bench spec needs 'datasets' and 'models'")
+            raise ConfigError("a bench spec needs 'datasets' and 'models'")
         kw = dict(d)
         datasets = kw["datasets"]
         kw["datasets"] = tuple(dataset_from_value(v) for v in ([datasets] if isinstance(datasets, (str, dict)) else datasets))
@@ -241,7 +242,7 @@ class BenchSpec:
         if "methods" in kw:
             methods = kw["methods"]
             if not isinstance(methods, dict):
-                raise TypeError("'methods' must map method names to None (baseline), 'registers' or an ITAEConfig dict")
+                raise ConfigTypeError("'methods' must map method names to None (baseline), 'registers' or an ITAEConfig dict")
             kw["methods"] = tuple(method_from_value(name, value) for name, value in methods.items())
         if "seeds" in kw:
             kw["seeds"] = (kw["seeds"],) if isinstance(kw["seeds"], int) else tuple(kw["seeds"])
@@ -271,21 +272,21 @@ def dataset_from_value(value: str | dict[str, Any] | DatasetSpec) -> DatasetSpec
         path = Path(text).expanduser()
         if path.exists():
             return DatasetSpec(path.resolve().name or text, str(path))
-        raise ValueError(
+        raise ConfigError(
             f"unknown data set {text!r}: use a known name ({', '.join(KNOWN_DATASETS)}), a local folder, or a "
             "dict with 'name' and 'source'"
         )
     if isinstance(value, dict):
         if "name" not in value:
-            raise ValueError(f"a data set dict needs a 'name'; got {value!r}")
+            raise ConfigError(f"a data set dict needs a 'name'; got {value!r}")
         unknown = sorted(set(value) - set(DatasetSpec.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown data set field(s) {', '.join(unknown)} in {value['name']!r}")
+            raise ConfigError(f"unknown data set field(s) {', '.join(unknown)} in {value['name']!r}")
         base = KNOWN_DATASETS.get(value["name"])
         if base is not None:
             return replace(base, **{k: v for k, v in value.items() if k != "name"})
         return DatasetSpec(**value)
-    raise TypeError(f"a data set must be a name, a path or a dict; got {type(value).__name__}")
+    raise ConfigTypeError(f"a data set must be a name, a path or a dict; got {type(value).__name__}")
 
 
 def load_spec(spec: BenchSpec | dict[str, Any] | str | os.PathLike) -> BenchSpec:
@@ -301,9 +302,9 @@ def load_spec(spec: BenchSpec | dict[str, Any] | str | os.PathLike) -> BenchSpec
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"bench spec {str(path)!r} is not valid JSON: {e}") from None
+            raise ConfigError(f"bench spec {str(path)!r} is not valid JSON: {e}") from None
         return BenchSpec.from_dict(data)
-    raise TypeError(f"spec must be a BenchSpec, a dict or a JSON path; got {type(spec).__name__}")
+    raise ConfigTypeError(f"spec must be a BenchSpec, a dict or a JSON path; got {type(spec).__name__}")
 
 
 def registers_counterpart(model: str) -> str:
@@ -331,11 +332,11 @@ def registers_counterpart(model: str) -> str:
     if family == "DINOv3":
         return name  # trained with 4 registers: the model is its own registers counterpart
     if family is not None:
-        raise ValueError(
+        raise ConfigError(
             f"no registers counterpart exists for {model!r}: no {family} model trained with registers has been "
             "released, so the 'registers' method does not apply to it (ITAE and the other methods do)"
         )
-    raise ValueError(
+    raise ConfigError(
         f"no known registers counterpart for model {model!r}; the 'registers' method covers the DINOv2 "
         "S/B/L/g names (HF, timm, torch.hub), DINOv3 (its own counterpart) and the demo models"
     )
@@ -446,9 +447,9 @@ def model_names(values: str | Sequence[str] | None) -> tuple[str, ...]:
         elif "/" in v or ":" in v or Path(v).exists():
             names.append(v.strip())
         else:
-            raise ValueError(f"unknown model {v!r}; give sizes s, b, l, g (or small, base, large, giant) or model names")
+            raise ConfigError(f"unknown model {v!r}; give sizes s, b, l, g (or small, base, large, giant) or model names")
     if not names:
-        raise ValueError("no model given; give sizes such as 'b' or 's,b,l,g'")
+        raise ConfigError("no model given; give sizes such as 'b' or 's,b,l,g'")
     return tuple(dict.fromkeys(names))
 
 
@@ -473,7 +474,7 @@ def preset_spec(
     overrides: other ``BenchSpec`` fields (device, batch_size, num_workers, calibration_images, ...).
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     if datasets is None:
         names = list(p.datasets)
@@ -481,9 +482,9 @@ def preset_spec(
         names = [d for d in (datasets.replace(" ", "").split(",") if isinstance(datasets, str) else datasets) if d]
         unknown = [d for d in names if d not in KNOWN_DATASETS]
         if unknown or not names:
-            raise ValueError(f"unknown data set(s) {', '.join(unknown) or '(none given)'}; the {preset} preset "
-                             f"has {', '.join(p.datasets)} (other known names: "
-                             f"{', '.join(d for d in KNOWN_DATASETS if d not in p.datasets)})")
+            raise ConfigError(f"unknown data set(s) {', '.join(unknown) or '(none given)'}; the {preset} preset "
+                              f"has {', '.join(p.datasets)} (other known names: "
+                              f"{', '.join(d for d in KNOWN_DATASETS if d not in p.datasets)})")
     specs = []
     for name in dict.fromkeys(names):
         ds = KNOWN_DATASETS[name] if max_images is None else replace(KNOWN_DATASETS[name], max_images=max_images)

@@ -10,7 +10,9 @@
   itae compare OUT_A OUT_B -o OUT two runs side by side (e.g. ITAE against --no-itae)
   itae bench --paper -o OUT       the paper's benchmark grid (--quick: the offline demo; --spec: your own)
 
-Errors are one readable line on stderr and a non-zero exit code.
+A user's error (an ``ItaeError`` or an ``OSError``) is one readable line on stderr and exit code 2, with
+the library's parameter names written as this command line's flags. Anything else is a bug: its traceback
+and a line asking to report it, exit code 1.
 """
 
 from __future__ import annotations
@@ -21,11 +23,63 @@ import logging
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
+from itae.errors import ConfigError, ItaeError
+
+EXIT_BUG = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+# The one table from the library's parameter names to the flags that set them. Library messages name
+# parameters ("lower batch_size", "pass overwrite=True"); errors and warnings are printed with the flags
+# instead ("lower --batch-size", "pass --overwrite"): see with_flags().
+PARAMETER_FLAGS = {
+    "arch": "--arch",
+    "batch_size": "--batch-size",
+    "clusters": "--clusters",
+    "common": "--common",
+    "data": "--data",
+    "data_root": "--data-root",
+    "device": "--device",
+    "dup_threshold": "--dup-threshold",
+    "hf_config": "--hf-config",
+    "k_range": "--k-range",
+    "labels": "--labels",
+    "max_samples": "--max-samples",
+    "model": "--model",
+    "model_root": "--model-root",
+    "neighbours": "--neighbours",
+    "out": "-o",
+    "outlier_z": "--outlier-z",
+    "overwrite": "--overwrite",
+    "precision": "--precision",
+    "split": "--split",
+}
+_QUOTES = "'\""
+# name=True -> the flag alone; name=None -> "no" and the flag; name='value', name=value or name=... -> the flag
+# and the value; a bare name that has an underscore (batch_size) -> the flag. Never inside a word, a path, a
+# quote or an attribute (ITAEConfig.x), nor a keyword argument of a Python call shown in a message ("f(a, x=1)").
+_PARAMETER = re.compile(
+    r"(?<![\w./\\'\"-])(?<!\()(?<!, )(" + "|".join(sorted(PARAMETER_FLAGS, key=len, reverse=True)) + r")"
+    r"(?:=(True\b|None\b|'[^']*'|\"[^\"]*\"|[^\s,;)]+)|(?![\w(=/\\'\"-]))"
+)
+
+
+def with_flags(text: str) -> str:
+    """``text`` with the library's parameter names replaced by the flags of PARAMETER_FLAGS."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        if value is None:
+            return PARAMETER_FLAGS[name] if "_" in name else name
+        if value in ("True", "None"):
+            return PARAMETER_FLAGS[name] if value == "True" else f"no {PARAMETER_FLAGS[name]}"
+        return f"{PARAMETER_FLAGS[name]} {value.strip(_QUOTES)}"
+
+    return _PARAMETER.sub(flag, text)
 
 # Options whose value may be a comma list of negative numbers ("--layers -2,-1"): argparse would take
 # "-2,-1" for an option, so main() joins such pairs into "--layers=-2,-1" before parsing.
@@ -128,20 +182,20 @@ def _resolve_method(args: argparse.Namespace) -> None:
     method = getattr(args, "method", None)
     if method in ALGORITHMS:
         if "algorithm" not in args:
-            raise ValueError(f"--method {method} names a clustering algorithm; this command does not cluster")
+            raise ConfigError(f"--method {method} names a clustering algorithm; this command does not cluster")
         logging.getLogger("itae").warning(
             "itae: warning: --method %s for the clustering algorithm is deprecated; use --algorithm %s", method, method)
         if args.algorithm not in (None, method):
-            raise ValueError(f"--method {method} and --algorithm {args.algorithm} disagree")
+            raise ConfigError(f"--method {method} and --algorithm {args.algorithm} disagree")
         args.algorithm, method = method, None
     if "algorithm" in args and args.algorithm is None:
         args.algorithm = "kmeans"
     if method is not None and method not in FIXES:
         choices = FIXES + (ALGORITHMS if "algorithm" in args else ())
-        raise ValueError(f"--method must be one of {', '.join(choices)}; got {method!r}")
+        raise ConfigError(f"--method must be one of {', '.join(choices)}; got {method!r}")
     if getattr(args, "no_itae", False):
         if method not in (None, "none"):
-            raise ValueError(f"--no-itae and --method {method} disagree (--no-itae means --method none)")
+            raise ConfigError(f"--no-itae and --method {method} disagree (--no-itae means --method none)")
         method = "none"
     if "no_itae" in args:
         args.fix = method or "itae"
@@ -184,6 +238,15 @@ def _add_data(p: argparse.ArgumentParser, *, labels_default: str = "none") -> No
     g.add_argument("--label-column", default="label", help="label column of a HF data set or CSV list")
 
 
+def _add_embedding(p: argparse.ArgumentParser, *, clustering_too: bool) -> None:
+    """Everything a command that embeds takes (run, embed): model, method, ITAE, data source, embedding."""
+    _add_model(p)
+    _add_method(p, clustering_too=clustering_too)
+    _add_itae(p)
+    _add_data(p)
+    _add_embed(p)
+
+
 def _add_embed(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding")
     g.add_argument("--feature", choices=["cls", "mean", "cls+mean"], default="cls", help="what to keep per image")
@@ -218,22 +281,24 @@ def _add_cluster(p: argparse.ArgumentParser, *, k_required: bool = False) -> Non
 
 
 def _cluster_options(args: argparse.Namespace) -> dict:
+    if args.k is not None and args.algorithm == "hdbscan":
+        raise ConfigError("--algorithm hdbscan chooses the number of clusters itself; omit -k")
     options: dict = {"k_range": args.k_range} if args.k is None else {}
     if args.max_samples is not None:
         if args.algorithm == "kmeans":
-            raise ValueError("--max-samples applies to --algorithm agglomerative and hdbscan; k-means has no size limit")
+            raise ConfigError("--max-samples applies to --algorithm agglomerative and hdbscan; k-means has no size limit")
         options["max_samples"] = args.max_samples
     if args.backend is not None:
         if args.algorithm != "kmeans":
-            raise ValueError(f"--backend applies to --algorithm kmeans, not {args.algorithm}")
+            raise ConfigError(f"--backend applies to --algorithm kmeans, not {args.algorithm}")
         from itae.clustering import resolve_backend
 
         resolve_backend(args.backend, 0)  # refuses faiss when it is not installed, before any image is read
         options["backend"] = args.backend
     if args.criterion is not None:
         if args.k is not None or args.algorithm == "hdbscan":
-            raise ValueError("--criterion chooses k when -k is omitted; it does not apply with -k or "
-                             "--algorithm hdbscan")
+            raise ConfigError("--criterion chooses k when -k is omitted; it does not apply with -k or "
+                              "--algorithm hdbscan")
         options["criterion"] = args.criterion
     return options
 
@@ -244,8 +309,8 @@ def _itae_config(args: argparse.Namespace):
     if getattr(args, "fix", "itae") in ("none", "ttr"):
         return None
     if args.threshold != "auto" and "auto" in (args.source, args.side):
-        raise ValueError("a numeric --threshold needs a fixed --source and --side (e.g. --source v --side low, as "
-                         "published); or leave --threshold auto")
+        raise ConfigError("a numeric --threshold needs a fixed --source and --side (e.g. --source v --side low, as "
+                          "published); or leave --threshold auto")
     return ITAEConfig(
         source=args.source, threshold=args.threshold, side=args.side, layers=tuple(args.layers), rows=args.rows,
         mode=args.mode, alpha=args.alpha, granularity=args.granularity, calibration=args.calibration,
@@ -292,7 +357,7 @@ def _embed(args: argparse.Namespace, cfg):
         from itae.distributed import embed_ray
 
         if args.fix in ("ttr", "itae+ttr"):
-            raise ValueError(f"--method {args.fix}: test-time registers run with --engine local only")
+            raise ConfigError(f"--method {args.fix}: test-time registers run with --engine local only")
 
         store = embed_ray(
             args.data, args.model, out=args.out, arch=args.arch, itae=cfg, feature=args.feature,
@@ -489,7 +554,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     chosen = [name for name, on in (("--spec", args.spec), ("--quick", args.quick),
                                     ("--paper/--preset", args.paper or args.preset)) if on]
     if len(chosen) > 1:
-        raise ValueError(f"give one of --spec, --quick and --paper/--preset; got {' and '.join(chosen)}")
+        raise ConfigError(f"give one of --spec, --quick and --paper/--preset; got {' and '.join(chosen)}")
     run = {"progress": not args.no_progress, "keep_going": args.keep_going, "report": not args.no_report,
            "title": args.title}
     if args.quick:
@@ -510,7 +575,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            **({"seeds": args.seeds} if args.seeds else {}), **overrides)
         results = run_bench(spec, args.out, **run)
     else:
-        raise ValueError("give --paper (the paper's grid), --preset mteb, a grid spec (--spec grid.json) or --quick")
+        raise ConfigError("give --paper (the paper's grid), --preset mteb, a grid spec (--spec grid.json) or --quick")
     print(results.markdown())
     missing = f", {len(results.missing)} cell(s) missing" if results.missing else ""
     print(f"{results.ran} runs done, {results.skipped} already there{missing}; results in {results.md_path}")
@@ -552,11 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--title", help="title of report.html (default: 'itae run: ' and the data's name)")
     _add_cluster(p)
-    _add_model(p)
-    _add_method(p, clustering_too=True)
-    _add_itae(p)
-    _add_data(p)
-    _add_embed(p)
+    _add_embedding(p, clustering_too=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("embed", help="embed images into a resumable store", parents=[common])
@@ -570,11 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-decoders", type=int,
                    help="CPU decoding actors (0: decode inside the model actors; default: autoscale with GPU "
                         "replicas, 0 with CPU ones)")
-    _add_model(p)
-    _add_method(p, clustering_too=False)
-    _add_itae(p)
-    _add_data(p)
-    _add_embed(p)
+    _add_embedding(p, clustering_too=False)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("cluster", help="cluster a finished embedding store", parents=[common])
@@ -694,15 +751,15 @@ def _load_config_file(path: str) -> dict[str, Any]:
         try:
             import tomllib
         except ImportError:  # Python 3.10
-            raise ValueError("TOML config files need Python 3.11+; use JSON") from None
+            raise ConfigError("TOML config files need Python 3.11+; use JSON") from None
         data = tomllib.loads(text)
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+            raise ConfigError(f"config file {path!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of option names to values")
+        raise ConfigError(f"config file {path!r} must hold a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -715,7 +772,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     known = {a.dest for a in sub._actions} - {"config", "help"}
     unknown = sorted(set(defaults) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
     for key in ("layers", "seeds"):
         if isinstance(defaults.get(key), list):
             defaults[key] = tuple(defaults[key])
@@ -729,9 +786,22 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        text = str(e.args[0])
-    return " ".join(text.split())
+    return with_flags(" ".join(text.split()))
+
+
+class _FlagNames(logging.Filter):
+    """Writes the library's warnings with this command line's flags (PARAMETER_FLAGS)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = with_flags(record.getMessage()), None
+        return True
+
+
+def _report_bug() -> None:
+    """An exception that is no user error: its traceback, and where to take it."""
+    traceback.print_exc()
+    print(f"itae: internal error: this is a bug in itae {__import__('itae').__version__}; please report it with "
+          "the traceback above and the command that gave it", file=sys.stderr)
 
 
 def _missing_top(path: str | os.PathLike) -> Path | None:
@@ -781,13 +851,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = join_number_lists(sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         args = _apply_config(parser, argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ItaeError, OSError) as e:
         print(f"itae: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     _configure_logging(args.verbose, args.command in ("run", "embed", "inspect", "bench", "assign"))
+    # the library's warnings in this command line's words, while the command runs
+    flag_names, handlers = _FlagNames(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(flag_names)
     # An output folder that this command creates and then leaves empty because it failed is removed again.
     out = getattr(args, "out", None)
     created = _missing_top(out) if out else None
@@ -799,12 +873,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("itae: interrupted (an embedding run resumes where it stopped when started again)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, RuntimeError, IndexError, KeyError, ImportError) as e:
+    except (ItaeError, OSError) as e:
         if args.traceback:
             raise
         print(f"itae: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception:
+        if args.traceback:
+            raise
+        _report_bug()
+        return EXIT_BUG
     finally:
+        for handler in handlers:
+            handler.removeFilter(flag_names)
         if created is not None and not ok:
             _remove_failed_output(created, out if args.command == "run" else None)
 

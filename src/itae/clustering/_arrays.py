@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from itae.errors import InputError, InputTypeError
+
 log = logging.getLogger("itae")
 
 # Bytes of input read per chunk when validating or copying rows (~64 MiB).
@@ -27,11 +29,11 @@ def as_embeddings(x: object, *, name: str = "embeddings") -> np.ndarray:
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n_samples, dim), got shape {x.shape}")
+        raise InputError(f"{name} must be a 2-D array (n_samples, dim), got shape {x.shape}")
     if x.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        raise InputTypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one vector of dimension >= 1")
+        raise InputError(f"{name} is empty (shape {x.shape}); pass at least one vector of dimension >= 1")
     return x
 
 
@@ -47,16 +49,16 @@ def validate(estimator: object, X: object, *, reset: bool = True) -> np.ndarray:
         X = X.detach().cpu().numpy()
     if isinstance(X, np.ndarray):  # our own wording for the common mistakes
         if X.dtype.kind in "USV":
-            raise TypeError(f"embeddings must hold real numbers, got dtype {X.dtype}")
+            raise InputTypeError(f"embeddings must hold real numbers, got dtype {X.dtype}")
         if X.ndim != 2:
-            raise ValueError(
+            raise InputError(
                 f"embeddings must be a 2-D array (n_samples, dim), got shape {X.shape}. Reshape your data, "
                 "e.g. with x.reshape(1, -1) for one vector"
             )
     x = validate_data(estimator, X, reset=reset, accept_sparse=False, dtype="numeric", ensure_all_finite=False,
                       copy=False)
     if x.dtype.kind not in "fiub":
-        raise TypeError(f"embeddings must hold real numbers, got dtype {x.dtype}")
+        raise InputTypeError(f"embeddings must hold real numbers, got dtype {x.dtype}")
     return x
 
 
@@ -74,9 +76,9 @@ def check_int(value: object, name: str, *, low: int = 1, none: bool = False) -> 
     if none and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer{' or None' if none else ''}, got {value!r}")
+        raise InputTypeError(f"{name} must be an integer{' or None' if none else ''}, got {value!r}")
     if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        raise InputError(f"{name} must be >= {low}, got {value!r}")
 
 
 def row_chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -98,14 +100,14 @@ def check_embeddings(x: np.ndarray, *, spherical: bool = False, name: str = "emb
             finite = np.isfinite(block).all(axis=1)
             if not finite.all():
                 row = start + int(np.argmin(finite))
-                raise ValueError(
+                raise InputError(
                     f"{name} contain NaN or inf (first at row {row}); drop or repair those rows before clustering"
                 )
         if spherical:
             nonzero = np.any(block != 0, axis=1)
             if not nonzero.all():
                 row = start + int(np.argmin(nonzero))
-                raise ValueError(
+                raise InputError(
                     f"{name} row {row} is all zeros, which has no direction for spherical (cosine) clustering; "
                     "drop it or use spherical=False"
                 )
@@ -113,12 +115,12 @@ def check_embeddings(x: np.ndarray, *, spherical: bool = False, name: str = "emb
 
 def check_n_clusters(k: object, n_samples: int, *, name: str = "n_clusters") -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {k!r}")
+        raise InputTypeError(f"{name} must be an integer, got {k!r}")
     k = int(k)
     if k < 1:
-        raise ValueError(f"{name} must be >= 1, got {k}")
+        raise InputError(f"{name} must be >= 1, got {k}")
     if k > n_samples:
-        raise ValueError(
+        raise InputError(
             f"{name}={k} exceeds the number of samples (n_samples={n_samples}); pass a smaller {name}"
         )
     return k

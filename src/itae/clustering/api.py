@@ -13,6 +13,7 @@ from itae.clustering import _arrays
 from itae.clustering.autok import AutoK
 from itae.clustering.hierarchical import AgglomerativeClusterer, HDBSCANClusterer
 from itae.clustering.kmeans import KMeansClusterer
+from itae.errors import InputError, InputTypeError
 
 METHODS = ("kmeans", "agglomerative", "hdbscan")
 
@@ -53,20 +54,20 @@ def check_cluster_arguments(
     """Every check of `cluster`'s arguments that needs no data, so that a caller can make them before long
     work (``itae run`` makes them before it reads an image). Returns the seeds as a tuple of ints."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        raise InputError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if isinstance(seeds, numbers.Integral):
         seeds = (seeds,)
     seeds = tuple(seeds)
     if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of integers; got {seeds!r}")
+        raise InputError(f"seeds must be a non-empty sequence of integers; got {seeds!r}")
     seeds = tuple(int(s) for s in seeds)
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct; got {seeds!r}")
+        raise InputError(f"seeds must be distinct; got {seeds!r}")
     if not isinstance(spherical, bool):
-        raise TypeError(f"spherical must be True or False; got {spherical!r}")
+        raise InputTypeError(f"spherical must be True or False; got {spherical!r}")
     if method == "hdbscan" and k is not None:
-        raise ValueError(
-            "method='hdbscan' chooses the number of clusters itself; pass k=None (on the command line, omit -k)"
+        raise InputError(
+            "method='hdbscan' chooses the number of clusters itself; pass k=None"
         )
     options = {key: v for key, v in kw.items() if key != "sample_size"}
     try:
@@ -84,7 +85,7 @@ def check_cluster_arguments(
         if "unexpected keyword argument" not in str(e):
             raise
         name = str(e).rsplit(" ", 1)[-1]
-        raise ValueError(f"method={method!r} takes no option {name}") from None
+        raise InputError(f"method={method!r} takes no option {name}") from None
     return seeds
 
 
@@ -117,8 +118,8 @@ def cluster(
     first = None
     if method == "hdbscan":
         if k is not None:
-            raise ValueError(
-                "method='hdbscan' chooses the number of clusters itself; pass k=None (on the command line, omit -k)"
+            raise InputError(
+                "method='hdbscan' chooses the number of clusters itself; pass k=None"
             )
         first = HDBSCANClusterer(spherical=spherical, **kw).fit(x)
     elif k is None:

@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from itae.clustering import _arrays
 from itae.clustering.hierarchical import AgglomerativeClusterer
 from itae.clustering.kmeans import KMeansClusterer
+from itae.errors import InputError, InputTypeError
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +84,24 @@ class AutoK(ClusterMixin, BaseEstimator):
     def check_params(self) -> tuple[int, int]:
         """Check the parameters that need no data (``fit`` does it first); returns (k_min, k_max)."""
         if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
+            raise InputError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
         if self.method not in ("kmeans", "agglomerative"):
-            raise ValueError(f"method must be 'kmeans' or 'agglomerative' to choose k; got {self.method!r}")
+            raise InputError(f"method must be 'kmeans' or 'agglomerative' to choose k; got {self.method!r}")
         try:
             k_min, k_max = (int(v) for v in self.k_range)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise InputError(
                 f"k_range must be a pair of integers (k_min, k_max); got {self.k_range!r}"
             ) from None
         if k_min < 2 or k_max < k_min:
-            raise ValueError(f"k_range must satisfy 2 <= k_min <= k_max; got {self.k_range!r}")
+            raise InputError(f"k_range must satisfy 2 <= k_min <= k_max; got {self.k_range!r}")
         _arrays.check_int(self.sample_size, "sample_size", low=3)
         if self.params is not None and not isinstance(self.params, dict):
-            raise TypeError(f"params must be a dict of clusterer options or None; got {self.params!r}")
+            raise InputTypeError(f"params must be a dict of clusterer options or None; got {self.params!r}")
         try:
             self._make(k_min).check_params()
         except TypeError as e:  # an option the clusterer does not take
-            raise TypeError(f"method={self.method!r}: {e}") from None
+            raise InputTypeError(f"method={self.method!r}: {e}") from None
         return k_min, k_max
 
     def fit(self, X: np.ndarray, y: object = None) -> AutoK:
@@ -111,7 +112,7 @@ class AutoK(ClusterMixin, BaseEstimator):
         x = _arrays.validate(self, X)
         n = x.shape[0]
         if n < 3:
-            raise ValueError(f"choosing k needs at least 3 samples; got n_samples={n}")
+            raise InputError(f"choosing k needs at least 3 samples; got n_samples={n}")
         _arrays.check_embeddings(x, spherical=self.spherical)
         seed = _arrays.seed_of(self.random_state if self.seed is None else self.seed)
 
@@ -121,9 +122,9 @@ class AutoK(ClusterMixin, BaseEstimator):
         m = sample.shape[0]
         if k_max > m - 1:  # the silhouette is defined for 2 <= k <= m - 1
             if k_min > m - 1:
-                raise ValueError(
-                    f"k_range {self.k_range!r} needs more than {m} samples; pass a smaller k_min "
-                    f"(on the command line: --k-range 2:{m - 1})"
+                raise InputError(
+                    f"k_range {self.k_range!r} needs more than {m} samples; give a k_range "
+                    f"within 2 to {m - 1}"
                 )
             log.warning(
                 "k range %d:%d capped to %d:%d: choosing k on %d %s allows at most %d clusters",
@@ -153,7 +154,7 @@ class AutoK(ClusterMixin, BaseEstimator):
                 fits[k] = est
         finite = {k: s for k, s in scores.items() if np.isfinite(s)}
         if not finite:
-            raise ValueError(
+            raise InputError(
                 f"no k in {self.k_range!r} gave two or more non-empty clusters; the data may be degenerate"
             )
         best = max(finite, key=lambda k: (sign * finite[k], -k))
@@ -170,6 +171,6 @@ class AutoK(ClusterMixin, BaseEstimator):
         """Nearest centroid of each row (k-means only)."""
         check_is_fitted(self, "estimator_")
         if not hasattr(self.estimator_, "predict"):
-            raise ValueError(f"predict is not available for method={self.method!r}; use fit_predict")
+            raise InputError(f"predict is not available for method={self.method!r}; use fit_predict")
         _arrays.validate(self, X, reset=False)
         return self.estimator_.predict(X)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from itae.clustering import _arrays
+from itae.errors import InputError
 
 
 def centroids_from_labels(
@@ -19,10 +20,10 @@ def centroids_from_labels(
     x = _arrays.as_embeddings(embeddings)
     labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != x.shape[0]:
-        raise ValueError(f"{labels.shape[0]} cluster labels for {x.shape[0]} embeddings")
+        raise InputError(f"{labels.shape[0]} cluster labels for {x.shape[0]} embeddings")
     ids = np.unique(labels[labels >= 0]).astype(np.int64)
     if ids.size == 0:
-        raise ValueError("no cluster to take a centroid of: every row is noise (-1)")
+        raise InputError("no cluster to take a centroid of: every row is noise (-1)")
     dense = np.searchsorted(ids, labels).astype(np.int64)
     dense[labels < 0] = -1
     return ids, _arrays.member_means(x, dense, len(ids), spherical=spherical)
@@ -38,7 +39,7 @@ def centroid_distances(embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray
     x = _arrays.as_embeddings(embeddings)
     labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != x.shape[0]:
-        raise ValueError(f"{labels.shape[0]} cluster labels for {x.shape[0]} embeddings")
+        raise InputError(f"{labels.shape[0]} cluster labels for {x.shape[0]} embeddings")
     ids, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     if labels.dtype.kind in "iuf":
@@ -58,9 +59,9 @@ def nearest_centroid(
     x = _arrays.as_embeddings(embeddings)
     centers = np.asarray(centers, dtype=np.float32)
     if centers.ndim != 2 or centers.shape[0] == 0:
-        raise ValueError(f"centers must be a non-empty (k, d) array; got shape {centers.shape}")
+        raise InputError(f"centers must be a non-empty (k, d) array; got shape {centers.shape}")
     if centers.shape[1] != x.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"the embeddings have {x.shape[1]} dimensions but the centroids {centers.shape[1]}: they come from "
             "different models or features"
         )

@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from itae.clustering import _arrays
+from itae.errors import InputError
 
 # scikit-learn's HDBSCAN on high-dimensional embeddings (384-1536 dims, where tree indexes do not prune)
 # does about n^2 distance work: at this many 768-dim rows it takes a minute or two on a 2-core machine,
@@ -60,11 +61,11 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
         _arrays.check_int(self.n_clusters, "n_clusters")
         _arrays.check_int(self.max_samples, "max_samples")
         if self.linkage not in ("ward", "complete", "average", "single"):
-            raise ValueError(
+            raise InputError(
                 f"linkage must be 'ward', 'complete', 'average' or 'single'; got {self.linkage!r}"
             )
         if self.linkage == "ward" and self.metric != "euclidean":
-            raise ValueError(
+            raise InputError(
                 f"ward linkage needs metric='euclidean', got {self.metric!r}; use spherical=True for cosine"
             )
 
@@ -77,9 +78,9 @@ class AgglomerativeClusterer(ClusterMixin, BaseEstimator):
         n = x.shape[0]
         k = _arrays.check_n_clusters(self.n_clusters, n)
         if n > self.max_samples:
-            raise ValueError(
+            raise InputError(
                 f"agglomerative clustering of {n} samples needs O(n^2) memory (limit max_samples={self.max_samples}); "
-                "use KMeansClusterer (method='kmeans') for large inputs, or raise max_samples (itae cluster --max-samples)"
+                "use KMeansClusterer (method='kmeans') for large inputs, or raise max_samples"
             )
         _arrays.check_embeddings(x, spherical=self.spherical)
         data = _arrays.as_float32(x, spherical=self.spherical)
@@ -156,14 +157,14 @@ class HDBSCANClusterer(ClusterMixin, BaseEstimator):
         x = _arrays.validate(self, X)
         n = x.shape[0]
         if not 2 <= self.min_cluster_size <= n:
-            raise ValueError(
+            raise InputError(
                 f"min_cluster_size must be between 2 and the number of samples (n_samples={n}); got {self.min_cluster_size}"
             )
         if n > self.max_samples:
-            raise ValueError(
+            raise InputError(
                 f"HDBSCAN of {n} samples does O(n^2) distance work on embeddings and would run for a long time "
                 f"(limit max_samples={self.max_samples}); use KMeansClusterer (method='kmeans') for large "
-                "inputs, or raise max_samples (itae cluster --max-samples)"
+                "inputs, or raise max_samples"
             )
         _arrays.check_embeddings(x, spherical=self.spherical)
         data = _arrays.as_float32(x, spherical=self.spherical)

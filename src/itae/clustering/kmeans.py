@@ -22,6 +22,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from itae.clustering import _arrays
+from itae.errors import InputError
 
 SKLEARN_MAX_SAMPLES = 50_000
 """Largest n that ``backend="auto"`` gives to full scikit-learn k-means."""
@@ -39,9 +40,9 @@ def faiss_available() -> bool:
 def resolve_backend(backend: str, n_samples: int) -> str:
     """The concrete backend that `backend` means for `n_samples` rows."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "faiss" and not faiss_available():
-        raise ValueError(
+        raise InputError(
             "backend='faiss' needs faiss; install it with `pip install itae[faiss]` or use 'auto'"
         )
     if backend != "auto":
@@ -134,11 +135,11 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         _arrays.check_int(self.max_iter, "max_iter", none=True)
         _arrays.check_int(self.train_size, "train_size", none=True)
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+            raise InputError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.init not in INITS + ("afk-mc2",):
-            raise ValueError(f"init must be one of {', '.join(INITS + ('afk-mc2',))}; got {self.init!r}")
+            raise InputError(f"init must be one of {', '.join(INITS + ('afk-mc2',))}; got {self.init!r}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or self.tol < 0:
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+            raise InputError(f"tol must be a number >= 0, got {self.tol!r}")
 
     def _seed(self) -> int:
         return _arrays.seed_of(self.random_state if self.seed is None else self.seed)
@@ -155,7 +156,7 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
         if init == "auto":
             init = "afk-mc2" if backend == "faiss" else "k-means++"
         if self.init not in inits:
-            raise ValueError(
+            raise InputError(
                 f"init must be one of {', '.join(inits)} for backend {backend!r}; got {self.init!r}"
             )
         _arrays.check_embeddings(x, spherical=self.spherical)
@@ -259,7 +260,7 @@ class KMeansClusterer(ClusterMixin, BaseEstimator):
             if hasattr(faiss, init_methods[init]):
                 km.cp.init_method = getattr(faiss, init_methods[init])
             elif self.init != "auto":
-                raise ValueError(f"init={init!r} needs a newer faiss; upgrade it or pass init='random'")
+                raise InputError(f"init={init!r} needs a newer faiss; upgrade it or pass init='random'")
             # else: an older faiss under init="auto" keeps its own random initialisation
         km.train(np.ascontiguousarray(sample, dtype=np.float32))
         return np.array(km.centroids, dtype=np.float32), max_iter  # faiss runs its iterations in full

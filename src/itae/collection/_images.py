@@ -28,7 +28,7 @@ def store_images(
     try:
         source = open_source(spec)
     except (OSError, ValueError, ImportError) as e:
-        log.warning("itae: no thumbnails: the images at %r cannot be opened (%s); pass --data", spec, e)
+        log.warning("itae: no thumbnails: the images at %r cannot be opened (%s); pass data=FOLDER", spec, e)
         return None
     index = {ident: i for i, ident in enumerate(source.ids)}
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from itae.errors import InputError
+
 from .._io import atomic_write, atomic_write_text
 from ..clustering.centroids import centroids_from_labels, nearest_centroid
 from ..data.store import EmbeddingStore, StoreError, library_versions, prepare_output
@@ -69,14 +71,14 @@ def _read_clustering(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(p)!r}: {e}") from None
+        raise InputError(f"cannot read {str(p)!r}: {e}") from None
 
 
 def load_reference(clusters: str | os.PathLike) -> Reference:
     """Open the reference clusters (see the module docstring) and their centroids."""
     folder = Path(clusters)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--clusters {str(folder)!r} is not a folder; give the output folder of itae run "
+        raise FileNotFoundError(f"clusters={str(folder)!r} is not a folder; give the output folder of itae run "
                                 "or itae cluster")
     if not (folder / ASSIGNMENTS).is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no {ASSIGNMENTS}; give the output folder of itae run or "
@@ -147,13 +149,13 @@ def assign(
     ref = load_reference(clusters)
     manifest = ref.store.manifest
     if model is not None and not same_model(str(model), ref.store.model):
-        raise ValueError(
+        raise InputError(
             f"the clusters in {str(ref.folder)!r} were made with model {ref.store.model!r}, not {str(model)!r}; "
-            "new images must be embedded with the same model: omit --model"
+            "new images must be embedded with the same model: pass model=None"
         )
     out = Path(out)
     if out.resolve() == ref.folder.resolve():
-        raise ValueError(f"the output folder {str(out)!r} is the reference folder; give another -o (the "
+        raise InputError(f"the output folder {str(out)!r} is the reference folder; give another -o (the "
                          "reference's assignments.csv would be replaced)")
     source = open_source(data, labels=labels, image_column=image_column, label_column=label_column, split=split,
                          hf_config=hf_config)
@@ -170,7 +172,7 @@ def assign(
     loaded = json.loads(json.dumps(backbone.preprocess.to_dict()))
     if loaded != preprocess:
         diffs = sorted(k for k in {**loaded, **preprocess} if loaded.get(k) != preprocess.get(k))
-        raise ValueError(
+        raise InputError(
             f"the model {ref.store.model!r} now prepares images differently from when the reference store was "
             f"made ({', '.join(f'{k}: store {preprocess.get(k)!r}, now {loaded.get(k)!r}' for k in diffs)})"
         )
@@ -188,7 +190,7 @@ def assign(
     t_embed = time.perf_counter() - t0
     if new_store.manifest.get("itae") != manifest.get("itae"):  # e.g. a resumed store made otherwise
         raise StoreError(f"{str(new_store.path)!r} was embedded with ITAE settings other than the reference's; "
-                         "use another -o or --overwrite")
+                         "use another out folder or overwrite=True")
 
     emb = new_store.embeddings(mmap=True)
     cluster_of, distance = nearest_centroid(emb, ref.centers, spherical=ref.spherical, cluster_ids=ref.cluster_ids)

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from itae.errors import InputError
+
 from .._io import atomic_write_text
 from ..data.store import EmbeddingStore, StoreError, prepare_output
 from ..pipeline import ASSIGNMENTS, STORE_DIR, read_assignments
@@ -131,17 +133,17 @@ def check(
     data: where the images are, for thumbnails (default: the source recorded in the store).
     """
     if not (0.0 <= float(dup_threshold) <= 2.0):
-        raise ValueError(f"--dup-threshold is a cosine distance in [0, 2]; got {dup_threshold}")
+        raise InputError(f"dup_threshold is a cosine distance in [0, 2]; got {dup_threshold}")
     if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
-        raise ValueError(f"--neighbours must be a positive integer; got {neighbours!r}")
+        raise InputError(f"neighbours={neighbours!r} is not a positive integer")
     if not float(outlier_z) > 0:
-        raise ValueError(f"--outlier-z must be positive; got {outlier_z}")
+        raise InputError(f"outlier_z must be positive; got {outlier_z}")
     which = knn_backend(backend)
     st, run_assignments = open_store(store)
     emb = st.embeddings(mmap=True)
     n = emb.shape[0]
     if n < 3:
-        raise ValueError(f"the store {str(st.path)!r} holds {n} images; checks need at least 3")
+        raise InputError(f"the store {str(st.path)!r} holds {n} images; checks need at least 3")
     assign_path = Path(assignments) if assignments is not None else run_assignments
     clusters = None
     labels = st.labels

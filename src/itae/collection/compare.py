@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from itae.errors import InputError
+
 from .._io import atomic_write_text
 from ..data.store import prepare_output
 from ..pipeline import ASSIGNMENTS, RUN, read_assignments
@@ -46,7 +48,7 @@ def _load_run(path: str | os.PathLike, name: str) -> dict[str, Any]:
                                 "itae cluster")
     data = read_assignments(assignments)
     if len(set(data["ids"])) != len(data["ids"]):
-        raise ValueError(f"{str(assignments)!r} lists some images twice")
+        raise InputError(f"{str(assignments)!r} lists some images twice")
     record: dict[str, Any] = {}
     if (folder / RUN).is_file():
         try:
@@ -104,10 +106,10 @@ def compare(
         detail = (f"{len(only_a)} images only in A" + (f" (e.g. {only_a[0]!r})" if only_a else "")
                   + f", {len(only_b)} only in B" + (f" (e.g. {only_b[0]!r})" if only_b else ""))
         if not shared:
-            raise ValueError(f"the runs share no image ({detail}); compare runs over the same images")
+            raise InputError(f"the runs share no image ({detail}); compare runs over the same images")
         if not common:
-            raise ValueError(f"the runs cover different images: {detail}, {len(shared)} shared; compare runs over "
-                             "the same images, or pass common=True (--common) to compare on the shared ones")
+            raise InputError(f"the runs cover different images: {detail}, {len(shared)} shared; compare runs over "
+                             "the same images, or pass common=True to compare on the shared ones")
         notes.append(f"The runs cover different images ({detail}): compared on the {len(shared)} they share.")
     ids = [i for i in ids_a if i in set_b]
     pos_a = {ident: i for i, ident in enumerate(ids_a)}
@@ -122,7 +124,7 @@ def compare(
         if lb is not None:
             differ = sum(1 for i, lab in zip(ids, labels) if lb[pos_b[i]] != lab)
             if differ:
-                raise ValueError(f"the runs give different labels to {differ} of the {len(ids)} shared images; "
+                raise InputError(f"the runs give different labels to {differ} of the {len(ids)} shared images; "
                                  "compare runs made from the same labelled data")
     elif lb is not None:
         labels = [lb[pos_b[i]] for i in ids]

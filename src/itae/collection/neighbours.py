@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from itae.errors import InputError, MissingDependencyError
+
 DUP_THRESHOLD = 0.04
 OUTLIER_Z = 3.5
 NEIGHBOURS = 10
@@ -48,13 +50,13 @@ def _unit_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
 def knn_backend(backend: str = "auto") -> str:
     """"faiss" or "sklearn": the one ``backend`` means here ("auto": scikit-learn, see the module docstring)."""
     if backend not in ("auto", "faiss", "sklearn"):
-        raise ValueError(f"backend must be 'auto', 'faiss' or 'sklearn'; got {backend!r}")
+        raise InputError(f"backend must be 'auto', 'faiss' or 'sklearn'; got {backend!r}")
     if backend in ("auto", "sklearn"):
         return "sklearn"
     try:
         import faiss  # noqa: F401
     except ImportError:
-        raise ImportError("the faiss kNN backend needs faiss; install it with `pip install itae[faiss]`") from None
+        raise MissingDependencyError("the faiss kNN backend needs faiss; install it with `pip install itae[faiss]`") from None
     return "faiss"
 
 
@@ -69,10 +71,10 @@ def cosine_knn(
     x = _unit_rows(np.asarray(embeddings))
     n = x.shape[0]
     if n < 2:
-        raise ValueError(f"neighbour checks need at least 2 images; got {n}")
+        raise InputError(f"neighbour checks need at least 2 images; got {n}")
     k = min(int(k), n - 1)
     if k < 1:
-        raise ValueError(f"the number of neighbours must be at least 1; got {k}")
+        raise InputError(f"the number of neighbours must be at least 1; got {k}")
     which = knn_backend(backend)
     # k + 1: a row finds itself (or an identical row, which ties with it) among its nearest.
     if which == "faiss":
@@ -125,7 +127,7 @@ def duplicate_groups(knn_idx: np.ndarray, knn_dist: np.ndarray, threshold: float
     from scipy.sparse.csgraph import connected_components
 
     if not (0.0 <= threshold <= 2.0):
-        raise ValueError(f"the duplicate threshold is a cosine distance in [0, 2]; got {threshold}")
+        raise InputError(f"the duplicate threshold is a cosine distance in [0, 2]; got {threshold}")
     n = knn_idx.shape[0]
     close = knn_dist <= threshold
     rows = np.repeat(np.arange(n), knn_idx.shape[1])[close.ravel()]
@@ -199,7 +201,7 @@ def label_disagreement(
     if clusters is not None:
         clusters = np.asarray(clusters).reshape(-1)
         if clusters.shape[0] != n:
-            raise ValueError(f"{clusters.shape[0]} clusters for {n} images")
+            raise InputError(f"{clusters.shape[0]} clusters for {n} images")
         ids, c_inv = np.unique(clusters, return_inverse=True)
         table = np.zeros((len(ids), n_lab), dtype=np.int64)
         np.add.at(table, (c_inv[known], lab[known]), 1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from itae.errors import InputError
 from itae.metrics import hungarian
 
 
@@ -48,7 +49,7 @@ def match_runs(a: np.ndarray, b: np.ndarray) -> RunMatching:
     """Match the clusters of ``b`` to those of ``a`` (two (n,) labellings of the same images)."""
     a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
     if a.shape != b.shape:
-        raise ValueError(f"the runs label {a.shape[0]} and {b.shape[0]} images; they must label the same ones")
+        raise InputError(f"the runs label {a.shape[0]} and {b.shape[0]} images; they must label the same ones")
     a_ids, a_inv, b_ids, b_inv, table = _table(a, b)
     pairs = _hungarian(table, a_ids >= 0, b_ids >= 0)  # noise is never matched to a cluster
     b_to_a = {int(b_ids[c]): int(a_ids[r]) for r, c in pairs.items()}

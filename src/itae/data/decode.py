@@ -24,18 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from itae.errors import DecodeError, InputError
 from itae.models.base import Preprocess
 
 WHITE = (255, 255, 255)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class DecodeError(Exception):
-    """An image that cannot be used; ``reason`` is a short phrase for ``errors.csv``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def load_rgb(
@@ -47,7 +40,7 @@ def load_rgb(
     side the image will be resized to). None decodes every pixel.
     """
     if draft_size is not None and (isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size < 1):
-        raise ValueError(f"draft_size must be a positive integer or None; got {draft_size!r}")
+        raise InputError(f"draft_size must be a positive integer or None; got {draft_size!r}")
     if isinstance(src, Image.Image):
         return _to_rgb(_apply_exif(src))
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -170,11 +163,11 @@ class PreprocessTransform:
 
     def __init__(self, preprocess: Preprocess) -> None:
         if preprocess.interpolation not in _INTERPOLATION:
-            raise ValueError(
+            raise InputError(
                 f"unknown interpolation {preprocess.interpolation!r}; use one of {', '.join(_INTERPOLATION)}"
             )
         if preprocess.resize_size < preprocess.image_size:
-            raise ValueError(
+            raise InputError(
                 f"resize_size {preprocess.resize_size} is smaller than the crop {preprocess.image_size}"
             )
         self.preprocess = preprocess

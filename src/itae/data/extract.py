@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from itae.config import ITAEConfig
+from itae.errors import InputError, InputTypeError, ResourceError
 from itae.methods import TTRConfig, resolve_method
 from itae.models.base import Backbone, Features, Preprocess
 
@@ -75,17 +76,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='auto' or 'cpu' (--device auto or cpu)")
+        raise InputError("device 'cuda' was asked for but CUDA is not available; use device='auto' or device='cpu'")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' was asked for but MPS is not available; use device='auto' or 'cpu' (--device auto or cpu)")
+        raise InputError("device 'mps' was asked for but MPS is not available; use device='auto' or device='cpu'")
     return dev
 
 
 def resolve_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
     return PRECISIONS[precision]
 
 
@@ -99,24 +100,24 @@ def check_embed_arguments(
     Returns the precision's dtype.
     """
     if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
+        raise InputError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
     dtype = resolve_precision(precision)
     for name, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            raise InputError(f"{name} must be a positive integer; got {value!r}")
     for name, value in counts.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an integer >= 0 or None; got {value!r}")
+            raise InputError(f"{name} must be an integer >= 0 or None; got {value!r}")
     if not isinstance(fast_decode, bool):
-        raise TypeError(f"fast_decode must be True or False; got {fast_decode!r}")
+        raise InputTypeError(f"fast_decode must be True or False; got {fast_decode!r}")
     if itae is not None and not isinstance(itae, ITAEConfig):
-        raise TypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
+        raise InputTypeError(f"itae must be an ITAEConfig or None; got {type(itae).__name__}")
     return dtype
 
 
 def check_save_interval(save_interval: float) -> None:
     if isinstance(save_interval, bool) or not isinstance(save_interval, (int, float)) or not save_interval > 0:
-        raise ValueError(f"save_interval must be a positive number of seconds; got {save_interval!r}")
+        raise InputError(f"save_interval must be a positive number of seconds; got {save_interval!r}")
 
 
 def default_num_workers(device: str | torch.device | None = None) -> int:
@@ -134,13 +135,13 @@ def default_num_workers(device: str | torch.device | None = None) -> int:
 def pool_features(features: Features, feature: Feature = "cls", normalize: bool = False) -> torch.Tensor:
     """(B, D) float32 image embeddings from a forward's normed tokens; (B, 2D) for ``cls+mean``."""
     if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
+        raise InputError(f"feature must be one of {', '.join(map(repr, FEATURES))}; got {feature!r}")
     parts = []
     if feature in ("cls", "cls+mean"):
         parts.append(features.cls.float())
     if feature in ("mean", "cls+mean"):
         if features.patches is None or features.patches.shape[1] == 0:
-            raise ValueError(f"feature={feature!r} needs patch tokens, but the model returned none")
+            raise InputError(f"feature={feature!r} needs patch tokens, but the model returned none")
         parts.append(features.patches.float().mean(dim=1))  # (B, N, D) -> (B, D)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if normalize:
@@ -167,7 +168,7 @@ def embed_batches(
 def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.device, precision: str,
           resolution: int | None) -> tuple[Backbone, Preprocess]:
     """The backbone on ``device`` in ``precision`` and the preprocessing at the asked resolution."""
-    from itae.models.fp8 import apply_precision
+    from itae.models.fp8 import apply_precision, cast_weights
 
     dtype = resolve_precision(precision)
     if isinstance(backbone, (str, os.PathLike)):
@@ -179,7 +180,7 @@ def _load(backbone: str | os.PathLike | Backbone | nn.Module, device: torch.devi
 
     bb = adapt(backbone)
     # Real low-precision weights, not autocast: half the memory traffic on GPU.
-    bb.model.to(device=device, dtype=dtype)
+    cast_weights(bb.model, device, dtype)
     bb.model.eval()
     preprocess = bb.preprocess.with_resolution(resolution) if resolution else bb.preprocess
     return apply_precision(bb, precision), preprocess
@@ -315,7 +316,7 @@ def embed(
         write_errors_csv(out_dir, errors)
         remove_chunks(out_dir)
         (out_dir / MANIFEST).unlink()
-        raise ValueError(_all_failed_message(src, out_dir, errors[0]))
+        raise InputError(_all_failed_message(src, out_dir, errors[0]))
     store = writer.finalize()
     logger.info("embedded %d of %d images into %s (%d failed, see %s)", len(store), len(src), out_dir,
                 num_failed, ERRORS)
@@ -379,7 +380,7 @@ def open_output(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> tup
     if existing is not None and not overwrite and not resume:
         raise StoreError(
             f"{str(out_dir)!r} already holds an embedding store; pass resume=True to continue it or "
-            "overwrite=True (--overwrite) to replace it"
+            "overwrite=True to replace it"
         )
     return out_dir, existing
 
@@ -468,7 +469,7 @@ def open_writer(
             detail = describe_setting_differences(existing, manifest, diffs)
             raise StoreError(
                 f"{str(out_dir)!r} holds a store made with other settings ({detail}); use another folder, the "
-                "same settings, or overwrite=True (--overwrite)"
+                "same settings, or overwrite=True"
             )
         if existing.get("versions") != manifest["versions"]:
             logger.warning("resuming a store written with other library versions: %s", existing.get("versions"))
@@ -578,7 +579,7 @@ def _calibrate(
         if first is None:  # nothing decodes: say so, list why, write nothing else
             rows = [(i, src.ids[i], r) for i, r in failures]
             write_errors_csv(out_dir, rows)
-            raise ValueError(_all_failed_message(src, out_dir, rows[0] if rows else None))
+            raise InputError(_all_failed_message(src, out_dir, rows[0] if rows else None))
 
         def chained() -> Iterator[torch.Tensor]:
             yield first
@@ -622,7 +623,7 @@ def _find_neurons(
                      fast_decode=fast_decode)
     batches = [batch["pixels"] for batch in loader if batch["pixels"] is not None]
     if not batches:
-        raise ValueError(f"none of the {len(order)} sample images of {src.spec!r} could be decoded")
+        raise InputError(f"none of the {len(order)} sample images of {src.spec!r} could be decoded")
     batches = [_to_device(x, transform, device, bb.dtype) for x in batches]
     found = find_register_neurons(bb, batches, ttr)
     check = registers_check(bb, torch.cat(batches)[:16], found.config, found.threshold)
@@ -908,11 +909,11 @@ def embed_kept(bb: Backbone, kept: KeptBatches, cfg: ITAEConfig | None, feature:
             yield batch, emb
 
 
-def _out_of_memory(err: BaseException, device: torch.device, batch: int, writer: StoreWriter) -> RuntimeError:
+def _out_of_memory(err: BaseException, device: torch.device, batch: int, writer: StoreWriter) -> ResourceError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return RuntimeError(
+    return ResourceError(
         f"out of {device.type} memory with a batch of {batch} images ({first[:160]}); use a smaller batch_size "
-        f"(--batch-size), or precision 'bf16'. The {len(writer.committed_chunks())} committed chunk(s) are kept "
+        f"or precision='bf16'. The {len(writer.committed_chunks())} committed chunk(s) are kept "
         "and a rerun resumes from them"
     )
 
@@ -923,9 +924,9 @@ def _check_finite(emb: torch.Tensor, indices: torch.Tensor, src: ImageSource) ->
         return
     bad = [int(i) for i in indices[~ok.cpu()].tolist()]
     names = ", ".join(repr(src.ids[i]) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    raise ValueError(
+    raise InputError(
         f"non-finite (NaN or inf) embedding for image {names}; refusing to write it. Committed chunks are "
-        "kept and a rerun resumes; with fp16 this is usually an overflow, so try precision='bf16' or 'fp32' (--precision)"
+        "kept and a rerun resumes; with fp16 this is usually an overflow, so try precision='bf16' or precision='fp32'"
     )
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from itae.errors import InputError, MissingDependencyError
+
 logger = logging.getLogger("itae.data")
 
 LabelMode = Literal["none", "from-folders", "column"]
@@ -55,7 +57,7 @@ class ImageSource:
 
     def __init__(self, spec: str, ids: list[str], labels: list[str] | None) -> None:
         if labels is not None and len(labels) != len(ids):
-            raise ValueError(f"{len(labels)} labels for {len(ids)} images")
+            raise InputError(f"{len(labels)} labels for {len(ids)} images")
         self.spec = spec
         self.ids = ids
         self.labels = labels
@@ -118,7 +120,7 @@ class FolderSource(ImageSource):
         self.root = Path(root)
         rel = _scan_images(self.root, exclude)
         if not rel:
-            raise ValueError(
+            raise InputError(
                 f"no images found in folder {str(self.root)!r} (looked recursively for "
                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point to a folder that holds images"
             )
@@ -126,15 +128,15 @@ class FolderSource(ImageSource):
         if labels == "from-folders":
             top = [r for r in rel if "/" not in r]
             if top:
-                raise ValueError(
+                raise InputError(
                     f"labels='from-folders' takes each image's label from its immediate subfolder, but "
                     f"{len(top)} image(s) lie directly in {str(self.root)!r} (e.g. {top[0]!r}); "
-                    "move them into class folders or use labels='none' (--labels none)"
+                    "move them into class folders or use labels='none'"
                 )
             label_list = [r.split("/", 1)[0] for r in rel]
         elif labels == "column":
-            raise ValueError(
-                "labels='column' needs a CSV list or a data set; for a folder use labels='from-folders' (--labels from-folders)"
+            raise InputError(
+                "labels='column' needs a CSV list or a data set; for a folder use labels='from-folders'"
             )
         super().__init__(spec or str(root), rel, label_list)
 
@@ -209,13 +211,13 @@ class ListSource(ImageSource):
             paths, label_list = self._read_csv(labels, label_column)
         else:
             if labels != "none":
-                raise ValueError(
+                raise InputError(
                     f"labels={labels!r} needs a label column: use a .csv list with a header "
-                    f"'path,{label_column}', or labels='none' (--labels none)"
+                    f"'path,{label_column}', or labels='none'"
                 )
             paths, label_list = self._read_text(), None
         if not paths:
-            raise ValueError(f"the list {str(self.list_path)!r} names no images; give one path per line")
+            raise InputError(f"the list {str(self.list_path)!r} names no images; give one path per line")
         super().__init__(spec or str(list_path), paths, label_list)
 
     def _read_text(self) -> list[str]:
@@ -227,25 +229,25 @@ class ListSource(ImageSource):
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if "path" not in header:
-                raise ValueError(
+                raise InputError(
                     f"the CSV list {str(self.list_path)!r} needs a header row with a 'path' column "
                     f"(and optionally '{label_column}'); found columns {header}"
                 )
             if labels == "column" and label_column not in header:
-                raise ValueError(
+                raise InputError(
                     f"labels='column' but the CSV list {str(self.list_path)!r} has no {label_column!r} column; "
                     f"columns are {header}"
                 )
             if labels == "from-folders":
-                raise ValueError(
-                    "labels='from-folders' applies to folders; for a CSV list use labels='column' (--labels column)"
+                raise InputError(
+                    "labels='from-folders' applies to folders; for a CSV list use labels='column'"
                 )
             paths: list[str] = []
             label_list: list[str] | None = [] if labels == "column" else None
             for line_no, row in enumerate(reader, start=2):
                 path = (row.get("path") or "").strip()
                 if not path:
-                    raise ValueError(f"{str(self.list_path)!r} line {line_no}: empty path")
+                    raise InputError(f"{str(self.list_path)!r} line {line_no}: empty path")
                 paths.append(path)
                 if label_list is not None:
                     label_list.append((row.get(label_column) or "").strip())
@@ -265,7 +267,7 @@ def _list_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the list as UTF-8 "
             "(e.g. Excel's \"CSV UTF-8\")"
         ) from None
@@ -295,13 +297,13 @@ class WebDatasetSource(ImageSource):
         self, shards: list[Path], *, labels: LabelMode = "none", label_column: str = "label", spec: str | None = None
     ) -> None:
         if labels == "from-folders":
-            raise ValueError(
-                "labels='from-folders' applies to folders; for WebDataset shards use labels='column' (--labels column)"
+            raise InputError(
+                "labels='from-folders' applies to folders; for WebDataset shards use labels='column'"
             )
         self.shards = [Path(s) for s in shards]
         names = [s.name for s in self.shards]
         if len(set(names)) != len(names):
-            raise ValueError("WebDataset shards must have distinct file names (ids are '<shard>#<key>')")
+            raise InputError("WebDataset shards must have distinct file names (ids are '<shard>#<key>')")
         ids: list[str] = []
         members: list[_TarMember] = []
         label_list: list[str] | None = [] if labels == "column" else None
@@ -315,14 +317,14 @@ class WebDatasetSource(ImageSource):
                         missing_label = ids[-1]
                     label_list.append(label or "")
         if not ids:
-            raise ValueError(
+            raise InputError(
                 f"no images found in the WebDataset shard(s) {spec or names}; each sample needs a member "
                 f"with extension {', '.join(WDS_IMAGE_EXTENSIONS)}"
             )
         if missing_label is not None:
-            raise ValueError(
+            raise InputError(
                 f"labels='column' but sample {missing_label!r} has no .cls/.txt/.json member "
-                f"(or its JSON has no {label_column!r} key); use labels='none' (--labels none)"
+                f"(or its JSON has no {label_column!r} key); use labels='none'"
             )
         self._members = members
         super().__init__(spec or ",".join(map(str, self.shards)), ids, label_list)
@@ -350,7 +352,7 @@ def _scan_shard(shard: Path, label_column: str | None):
     try:
         tar = tarfile.open(shard, "r:")  # plain tar only: random access needs uncompressed members
     except (OSError, tarfile.TarError) as e:
-        raise ValueError(f"cannot read WebDataset shard {str(shard)!r}: {e} (an uncompressed .tar is needed)") from e
+        raise InputError(f"cannot read WebDataset shard {str(shard)!r}: {e} (an uncompressed .tar is needed)") from e
     with tar:
         order: dict[str, None] = {}  # keys in order of first appearance
         images: dict[str, tarfile.TarInfo] = {}
@@ -436,19 +438,19 @@ def parse_hf_spec(spec: str, hf_config: str | None = None) -> tuple[str, str | N
     """
     body = spec[3:] if spec.startswith("hf:") else spec
     if hf_config is not None and (not isinstance(hf_config, str) or not _HF_CONFIG.fullmatch(hf_config)):
-        raise ValueError(
+        raise InputError(
             f"hf_config must be a configuration name such as '320px' (no spaces, ':' or '/'); got {hf_config!r}"
         )
     head, colon, tail = body.partition(":")
     if not colon or not _HUB_ID.fullmatch(head):
         return body, hf_config
     if not _HF_CONFIG.fullmatch(tail):
-        raise ValueError(
+        raise InputError(
             f"cannot read the data set spec {spec!r}: write a hub data set as hf:owner/name or, to choose "
             "one of its configurations, hf:owner/name:config (e.g. hf:frgfm/imagenette:320px)"
         )
     if hf_config is not None and hf_config != tail:
-        raise ValueError(
+        raise InputError(
             f"the data set spec {spec!r} names configuration {tail!r} but hf_config={hf_config!r}; give one"
         )
     return head, tail
@@ -480,18 +482,18 @@ class HFDatasetSource(ImageSource):
         try:
             import datasets
         except ImportError as e:
-            raise ImportError(
+            raise MissingDependencyError(
                 "reading a HF data set needs the 'datasets' package: pip install 'itae[datasets]'"
             ) from e
         if labels == "from-folders":
-            raise ValueError(
-                "labels='from-folders' applies to folders; for a HF data set use labels='column' (--labels column)"
+            raise InputError(
+                "labels='from-folders' applies to folders; for a HF data set use labels='column'"
             )
         name = spec[3:] if spec.startswith("hf:") else spec
         local = Path(name)
         if local.is_dir():
             if hf_config is not None:
-                raise ValueError(
+                raise InputError(
                     f"{spec!r} is a folder written by save_to_disk, which holds one configuration; "
                     f"hf_config={hf_config!r} applies to hub data sets only"
                 )
@@ -504,8 +506,8 @@ class HFDatasetSource(ImageSource):
             except Exception as e:  # the library raises many types; the user needs one clear line
                 hint = ""
                 if hf_config is None and "config" in str(e).lower():  # e.g. "Config name is missing"
-                    hint = f" (to choose a configuration, write hf:{name}:CONFIG, or pass hf_config=... / --hf-config)"
-                raise ValueError(
+                    hint = f" (to choose a configuration, write hf:{name}:CONFIG, or pass hf_config=...)"
+                raise InputError(
                     f"{spec!r} is neither an image folder, a list, WebDataset shards nor a loadable HF data set: "
                     f"{e}{hint}"
                 ) from e
@@ -514,19 +516,19 @@ class HFDatasetSource(ImageSource):
             splits = list(data)
             if split is None:
                 if len(splits) != 1:
-                    raise ValueError(f"the data set {spec!r} has splits {splits}; choose one with split=... (--split)")
+                    raise InputError(f"the data set {spec!r} has splits {splits}; choose one with split=...")
                 split = splits[0]
             if split not in data:
-                raise ValueError(f"the data set {spec!r} has no split {split!r}; splits are {splits}")
+                raise InputError(f"the data set {spec!r} has no split {split!r}; splits are {splits}")
             data = data[split]
         split = split or (str(data.split) if getattr(data, "split", None) else "train")
         columns = list(data.column_names)
         if image_column not in columns:
-            raise ValueError(f"the data set {spec!r} has no image column {image_column!r}; columns are {columns}")
+            raise InputError(f"the data set {spec!r} has no image column {image_column!r}; columns are {columns}")
         label_list = None
         if labels == "column":
             if label_column not in columns:
-                raise ValueError(f"the data set {spec!r} has no label column {label_column!r}; columns are {columns}")
+                raise InputError(f"the data set {spec!r} has no label column {label_column!r}; columns are {columns}")
             feature = data.features[label_column]
             raw = data[label_column] if len(data) else []
             if isinstance(feature, datasets.ClassLabel):
@@ -534,7 +536,7 @@ class HFDatasetSource(ImageSource):
             else:
                 label_list = ["" if v is None else str(v) for v in raw]
         if len(data) == 0:
-            raise ValueError(f"the data set {spec!r} (split {split!r}) is empty")
+            raise InputError(f"the data set {spec!r} (split {split!r}) is empty")
         images = data.select_columns([image_column])
         if isinstance(images.features[image_column], datasets.Image):
             images = images.cast_column(image_column, datasets.Image(decode=False))
@@ -587,10 +589,10 @@ def open_source(
     if isinstance(spec, ImageSource):
         return spec
     if labels not in LABEL_MODES:
-        raise ValueError(f"labels must be one of {', '.join(map(repr, LABEL_MODES))}; got {labels!r}")
+        raise InputError(f"labels must be one of {', '.join(map(repr, LABEL_MODES))}; got {labels!r}")
     text = os.fspath(spec)
     if not text:
-        raise ValueError("empty image source; give a folder, a list file, tar shards or a data set")
+        raise InputError("empty image source; give a folder, a list file, tar shards or a data set")
     hf_kw: dict[str, Any] = dict(
         labels=labels, image_column=image_column, label_column=label_column, split=split, hf_config=hf_config
     )
@@ -613,7 +615,7 @@ def open_source(
             return WebDatasetSource([path], labels=labels, label_column=label_column, spec=text)
         if suffix in (".txt", ".csv", ".lst"):
             return ListSource(path, labels=labels, label_column=label_column, spec=text)
-        raise ValueError(
+        raise InputError(
             f"{text!r} is a file of unknown kind; give a folder, a .txt/.csv list of paths or a .tar shard"
         )
     if any(c in text for c in "{*?["):
@@ -634,7 +636,7 @@ def open_source(
 
 def _no_hf_config(hf_config: str | None, text: str, what: str) -> None:
     if hf_config is not None:
-        raise ValueError(
+        raise InputError(
             f"hf_config={hf_config!r} chooses a configuration of a hub data set, but {text!r} is {what}"
         )
 

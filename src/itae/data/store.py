@@ -44,6 +44,7 @@ from typing import IO, Any
 import numpy as np
 
 from itae._io import ID_ERRORS, TMP_PREFIX, atomic_write, atomic_write_text, fsync_dir, temp_path
+from itae.errors import StoreError
 
 FORMAT = "itae-embeddings"
 FORMAT_VERSION = 1
@@ -59,10 +60,6 @@ _CHUNK_KEYS = (
 SETTING_KEYS = ("format_version", "model", "feature", "normalize", "precision", "preprocess", "itae_requested",
                 "calibration_images", "chunk_size", "dim", "ttr_requested")
 SOURCE_SETTING_KEYS = ("kind", "num_records", "fingerprint", "has_labels")
-
-
-class StoreError(ValueError):
-    """An output folder or store that cannot be used as asked."""
 
 
 # ------------------------------------------------------------------------------------- atomic I/O
@@ -127,9 +124,12 @@ class EmbeddingStore:
             raise FileNotFoundError(
                 f"no embedding store at {str(self.path)!r} (no {MANIFEST}); run itae embed (itae.embed in Python) first"
             )
-        with open(manifest, encoding="utf-8") as f:
-            self.manifest: dict[str, Any] = json.load(f)
-        if self.manifest.get("format") != FORMAT:
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                self.manifest: dict[str, Any] = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise StoreError(f"{str(manifest)!r} is not an itae embedding store manifest ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise StoreError(f"{str(manifest)!r} is not an itae embedding store manifest")
         if int(self.manifest.get("format_version", 0)) > FORMAT_VERSION:
             raise StoreError(
@@ -302,7 +302,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise StoreError(
-            f"cannot read {str(p)!r}: {e}; pass overwrite=True (--overwrite) to start this store again"
+            f"cannot read {str(p)!r}: {e}; pass overwrite=True to start this store again"
         ) from None
 
 
@@ -467,7 +467,7 @@ class StoreWriter:
         """
         lo, hi = self.chunk_bounds(k)
         if not lo <= start < stop <= hi or len(index) + len(failed_index) != stop - start:
-            raise ValueError(f"records [{start}, {stop}) are not a part of chunk {k} [{lo}, {hi})")
+            raise StoreError(f"records [{start}, {stop}) are not a part of chunk {k} [{lo}, {hi})")
         arrays = {
             "start": np.asarray(start, dtype=np.int64),
             "stop": np.asarray(stop, dtype=np.int64),

@@ -34,6 +34,7 @@ from itae.config import ITAEConfig
 from itae.data.extract import Feature, Precision, resolve_precision
 from itae.data.sources import ImageSource, LabelMode
 from itae.data.store import EmbeddingStore, StoreWriter
+from itae.errors import InputError, InputTypeError, MissingDependencyError
 from itae.models.base import Preprocess
 
 logger = logging.getLogger("itae.distributed")
@@ -48,7 +49,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401  (Ray without the data extra lacks it)
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             'the Ray engine needs Ray Data, which is not installed: pip install "itae[ray]"'
         ) from None
     return ray
@@ -229,7 +230,7 @@ def embed_ray(
     from itae.data import extract as local
 
     if not isinstance(backbone_name, (str, os.PathLike)):
-        raise TypeError(
+        raise InputTypeError(
             f"the Ray engine loads the model by name in each actor; pass a model name or path, not a "
             f"{type(backbone_name).__name__} (for an in-memory model use itae.embed)"
         )
@@ -239,9 +240,9 @@ def embed_ray(
         batch_size=batch_size, chunk_size=chunk_size, calibration_images=calibration_images, num_actors=num_actors,
     )
     if num_gpus_per_actor is not None and not num_gpus_per_actor >= 0:
-        raise ValueError(f"num_gpus_per_actor must be >= 0 or None; got {num_gpus_per_actor!r}")
+        raise InputError(f"num_gpus_per_actor must be >= 0 or None; got {num_gpus_per_actor!r}")
     if address is not None and not isinstance(address, str):
-        raise TypeError(f"address must be None, 'auto' or 'ray://host:port'; got {type(address).__name__}")
+        raise InputTypeError(f"address must be None, 'auto' or 'ray://host:port'; got {type(address).__name__}")
 
     prepared = _prepare_store(
         local, source, os.fspath(backbone_name), arch=arch, out=out, itae=itae, feature=feature,
@@ -275,7 +276,7 @@ def embed_ray(
         write_errors_csv(writer.out, errors)
         remove_chunks(writer.out)
         (writer.out / MANIFEST).unlink()
-        raise ValueError(local._all_failed_message(src, writer.out, errors[0]))
+        raise InputError(local._all_failed_message(src, writer.out, errors[0]))
     store = writer.finalize()
     logger.info("embedded %d of %d images into %s with Ray (%d failed)", len(store), len(src), writer.out,
                 len(errors))

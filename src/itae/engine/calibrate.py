@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
@@ -101,14 +103,14 @@ class Calibration:
 def _batches(images: torch.Tensor | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
-            raise ValueError(f"images must be a (B, 3, H, W) tensor or an iterable of them; got shape {tuple(images.shape)}")
+            raise InputError(f"images must be a (B, 3, H, W) tensor or an iterable of them; got shape {tuple(images.shape)}")
         yield images
         return
     for batch in images:
         if isinstance(batch, (tuple, list)):  # (pixel_values, ...) from a DataLoader
             batch = batch[0]
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise ValueError("images must yield (B, 3, H, W) tensors")
+            raise InputError("images must yield (B, 3, H, W) tensors")
         yield batch
 
 
@@ -185,7 +187,7 @@ def collect_norms(
                 keep(layer, "attention", patches if per_head else patches.mean(1))
             count += batch.shape[0]
     if count == 0:
-        raise ValueError("calibration got no images")
+        raise InputError("calibration got no images")
     stats = {}
     for layer, p in parts.items():
         joined = {name: np.concatenate(arrays) for name, arrays in p.items()}
@@ -326,7 +328,7 @@ def check_thresholds(
     """
 
     if not config.is_calibrated:
-        raise ValueError("check_thresholds needs numeric thresholds; use itae.calibrate for 'auto'")
+        raise InputError("check_thresholds needs numeric thresholds; use itae.calibrate for 'auto'")
     backbone = adapt(model)
     layers = backbone.resolve_layers(config.layers)
     stats, count = collect_norms(backbone, images, config, layers, max_batches)

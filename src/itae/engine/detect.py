@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import Backbone
@@ -72,7 +74,7 @@ def detect_artifacts(
     backbone = adapt(model)
     layers = backbone.resolve_layers(config.layers)
     if pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")
+        raise InputError(f"pixel_values must be (B, 3, H, W); got shape {tuple(pixel_values.shape)}")
     num_prefix = backbone.num_prefix_tokens
     # the prefix keys of the engineered row: none for a pooling probe, whose keys are the output tokens
     # (all patches: an extra token of test-time registers is taken out before them)
@@ -111,7 +113,7 @@ def detect_artifacts(
         if backbone.cls_token:
             return q, k, backbone.sites[layer].scale
         if not probe_qk:
-            raise ValueError(f"{backbone.name} has neither a CLS token nor an attention-pooling probe")
+            raise InputError(f"{backbone.name} has neither a CLS token nor an attention-pooling probe")
         return probe_qk["q"], probe_qk["k"], backbone.probe.head_dim**-0.5
 
     norms = {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from itae.errors import InputError, InputIndexError
+
 from ..config import ITAEConfig
 from ..models.base import AttentionSite, Backbone, Features
 from .functional import _engineer_logits, _key_mask, artifact_mask, cls_row_weights, patch_norms, split_heads
@@ -90,7 +92,7 @@ def cls_attention_absorbed(
 
 def _check_fast(backbone: Backbone, config: ITAEConfig | None) -> None:
     if not supports_fast_cls(backbone, config):
-        raise ValueError(
+        raise InputError(
             "forward_cls serves a calibrated config that engineers only the last block's CLS row; "
             "use itae.attenuate for other configs"
         )
@@ -156,7 +158,7 @@ def forward_cls_from(
     """
     _check_fast(backbone, config)
     if not 0 <= start < backbone.num_blocks:
-        raise IndexError(f"start block {start} is out of range for a model with {backbone.num_blocks} blocks")
+        raise InputIndexError(f"start block {start} is out of range for a model with {backbone.num_blocks} blocks")
     block_kwargs = block_kwargs or {}
     h = _run_blocks(backbone.blocks[start:-1], hidden, backbone.block_args, block_kwargs)
     site, parts = backbone.sites[-1], backbone.parts[-1]

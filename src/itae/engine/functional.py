@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from itae.errors import InputError
+
 __all__ = [
     "patch_norms",
     "artifact_mask",
@@ -55,7 +57,7 @@ def artifact_mask(norms: torch.Tensor, threshold: float, side: str = "low") -> t
         return norms <= threshold
     if side == "high":
         return norms >= threshold
-    raise ValueError(f"side must be 'low' or 'high'; got {side!r}")
+    raise InputError(f"side must be 'low' or 'high'; got {side!r}")
 
 
 def _key_mask(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -64,9 +66,9 @@ def _key_mask(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
         return mask[:, None, None, :]
     if mask.dim() == 3:
         if mask.shape[1] not in (1, num_heads):
-            raise ValueError(f"per-head mask has {mask.shape[1]} heads, attention has {num_heads}")
+            raise InputError(f"per-head mask has {mask.shape[1]} heads, attention has {num_heads}")
         return mask[:, :, None, :]
-    raise ValueError(f"artifact mask must be (B, N) or (B, H, N); got shape {tuple(mask.shape)}")
+    raise InputError(f"artifact mask must be (B, N) or (B, H, N); got shape {tuple(mask.shape)}")
 
 
 def _engineer_logits(
@@ -82,7 +84,7 @@ def _engineer_logits(
     elif mode == "scale":
         patches = patches + mask.to(patches.dtype) * math.log(alpha)
     else:
-        raise ValueError(f"mode must be 'min', 'mask' or 'scale'; got {mode!r}")
+        raise InputError(f"mode must be 'min', 'mask' or 'scale'; got {mode!r}")
     return torch.cat([prefix, patches], dim=-1)
 
 
@@ -91,7 +93,7 @@ def attention_bias(
 ) -> torch.Tensor:
     """Additive key bias (B, 1 or H, 1, T) for modes "mask" (-inf) and "scale" (log alpha)."""
     if mode not in ("mask", "scale"):
-        raise ValueError(f"an additive bias exists only for modes 'mask' and 'scale'; got {mode!r}")
+        raise InputError(f"an additive bias exists only for modes 'mask' and 'scale'; got {mode!r}")
     km = _key_mask(mask, num_heads)
     value = float("-inf") if mode == "mask" else math.log(alpha)
     patch_bias = torch.zeros(km.shape, dtype=dtype, device=mask.device).masked_fill(km, value)

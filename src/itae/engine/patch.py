@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from itae.errors import InputError, InputTypeError
+
 from ..config import ITAEConfig
 from ..models.adapters import adapt
 from ..models.base import AttentionSite, Backbone
@@ -105,9 +107,9 @@ class attenuate(HookedContext):  # noqa: N801 - used as a context manager, named
     def __init__(self, model: nn.Module | Backbone, config: ITAEConfig | None = None) -> None:
         config = ITAEConfig() if config is None else config
         if not isinstance(config, ITAEConfig):
-            raise TypeError(f"config must be an ITAEConfig; got {type(config).__name__}")
+            raise InputTypeError(f"config must be an ITAEConfig; got {type(config).__name__}")
         if config.is_auto:
-            raise ValueError(
+            raise InputError(
                 f"ITAEConfig(source={config.source!r}, side={config.side!r}): 'auto' is chosen from a sample of the "
                 "data by itae.calibrate(model, images, config); pass its .config to attenuate, or fix source and side"
             )
@@ -216,17 +218,17 @@ def check_applies(backbone: Backbone, config: ITAEConfig, layers: list[int]) -> 
     if backbone.cls_token:
         return
     if backbone.probe is None:
-        raise ValueError(
+        raise InputError(
             f"ITAE engineers the CLS row or an attention-pooling probe; {backbone.name} has neither (no CLS token, no "
             "pooling head): use the method 'none' for this model"
         )
     if config.rows != "cls" or layers != [backbone.num_blocks - 1]:
-        raise ValueError(
+        raise InputError(
             f"{backbone.name} has no CLS token: ITAE engineers its pooling probe's row with artifacts detected in the "
             "last block, so rows must be 'cls' and layers (-1,)"
         )
     if config.granularity == "head" and backbone.probe.num_heads != backbone.sites[-1].num_heads:
-        raise ValueError(
+        raise InputError(
             f"per-head detection needs as many probe heads as block heads ({backbone.probe.num_heads} vs "
             f"{backbone.sites[-1].num_heads}); use granularity 'token'"
         )

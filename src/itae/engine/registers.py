@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from itae.errors import InputError, InputTypeError
+
 from ..config import ITAEConfig
 from ..methods import TTRConfig
 from ..models.adapters import adapt
@@ -51,12 +53,12 @@ def _first(x):
 def check_registers_apply(backbone: Backbone) -> None:
     """Refuse, with the reason, a model test-time registers cannot be applied to."""
     if len(backbone.mlp_sites) != backbone.num_blocks:
-        raise ValueError(
+        raise InputError(
             f"test-time registers need each block's MLP described (Backbone.mlp_sites); {backbone.name!r} "
             "does not describe them"
         )
     if backbone.final_norm is None:
-        raise ValueError(f"test-time registers need the model's final norm; {backbone.name!r} has none described")
+        raise InputError(f"test-time registers need the model's final norm; {backbone.name!r} has none described")
 
 
 def _max_layer(backbone: Backbone, value: int) -> int:
@@ -115,7 +117,7 @@ def find_register_neurons(
     """
     config = TTRConfig() if config is None else config
     if not isinstance(config, TTRConfig):
-        raise TypeError(f"config must be a TTRConfig; got {type(config).__name__}")
+        raise InputTypeError(f"config must be a TTRConfig; got {type(config).__name__}")
     backbone = adapt(model)
     check_registers_apply(backbone)
     outlier_block = backbone.resolve_layer(config.outlier_layer)
@@ -124,7 +126,7 @@ def find_register_neurons(
     device, dtype = backbone.device, backbone.dtype
     kept = [x.detach().to("cpu") for x in batches]
     if not kept or sum(len(x) for x in kept) == 0:
-        raise ValueError("find_register_neurons needs at least one image")
+        raise InputError("find_register_neurons needs at least one image")
 
     # pass 1: residual norms of the patch tokens at the outlier block (the forward stops there)
     norms: list[torch.Tensor] = []
@@ -222,17 +224,17 @@ class test_time_registers(HookedContext):  # noqa: N801 - used as a context mana
 
     def __init__(self, model: nn.Module | Backbone, config: TTRConfig) -> None:
         if not isinstance(config, TTRConfig):
-            raise TypeError(f"config must be a TTRConfig; got {type(config).__name__}")
+            raise InputTypeError(f"config must be a TTRConfig; got {type(config).__name__}")
         if not config.is_resolved:
-            raise ValueError("TTRConfig.neurons is None: find them first (itae.find_register_neurons)")
+            raise InputError("TTRConfig.neurons is None: find them first (itae.find_register_neurons)")
         self.backbone = adapt(model)
         check_registers_apply(self.backbone)
         for b, n in config.neurons:
             if b >= self.backbone.num_blocks:
-                raise ValueError(f"register neuron ({b}, {n}): block {b} is out of range for a "
+                raise InputError(f"register neuron ({b}, {n}): block {b} is out of range for a "
                                  f"{self.backbone.num_blocks}-block model")
             if n >= self.backbone.mlp_sites[b].hidden_dim:
-                raise ValueError(f"register neuron ({b}, {n}): the MLP of block {b} has "
+                raise InputError(f"register neuron ({b}, {n}): the MLP of block {b} has "
                                  f"{self.backbone.mlp_sites[b].hidden_dim} neurons")
         self.config = config
         self.state = TTRState(self.backbone, config)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from itae.errors import InputError
+
 from ..config import ITAEConfig
 
 log = logging.getLogger(__name__)
@@ -273,7 +275,7 @@ def find_threshold(norms: np.ndarray, config: ITAEConfig) -> Split:
     ``config.side`` must be fixed ("low" or "high"): ``itae.calibrate`` chooses an "auto" side.
     """
     if config.side not in ("low", "high"):
-        raise ValueError(f"find_threshold needs a fixed side, 'low' or 'high'; got {config.side!r} "
+        raise InputError(f"find_threshold needs a fixed side, 'low' or 'high'; got {config.side!r} "
                          "(an 'auto' side is chosen by itae.calibrate)")
     norms = np.asarray(norms, dtype=np.float64).ravel()
     finite = np.isfinite(norms)

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
+from itae.errors import InputError
+
 NOISE = -1
 """The predicted label of a point in no cluster (HDBSCAN); see the module docstring for how it is scored."""
 
@@ -57,11 +59,11 @@ def noise_index(labels: Sequence[object] | np.ndarray) -> int | None:
 def _as_labels(y: object, name: str) -> np.ndarray:
     if y is None:
         if name == "y_true":
-            raise ValueError("no labels to score against (embed with labels=..., e.g. labels='from-folders')")
-        raise ValueError(f"{name} is None; give one cluster label per image")
+            raise InputError("no labels to score against (embed with labels=..., e.g. labels='from-folders')")
+        raise InputError(f"{name} is None; give one cluster label per image")
     arr = np.asarray(y)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of labels, got shape {arr.shape}")
+        raise InputError(f"{name} must be a 1-D sequence of labels, got shape {arr.shape}")
     return arr
 
 
@@ -70,7 +72,7 @@ def check_pair(y_true: object, y_pred: object) -> tuple[np.ndarray, np.ndarray]:
     t = _as_labels(y_true, "y_true")
     p = _as_labels(y_pred, "y_pred")
     if t.shape[0] != p.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"y_true has {t.shape[0]} labels but y_pred has {p.shape[0]}; they must match one to one"
         )
     return t, p
@@ -128,10 +130,10 @@ def scores_from_table(
     csr = sparse.csr_array(table, dtype=np.int64)
     n = int(csr.sum())
     if n == 0:
-        raise ValueError("the contingency table is empty; there are no labels to score")
+        raise InputError("the contingency table is empty; there are no labels to score")
     n_classes, n_groups = csr.shape
     if noise_column is not None and not -n_groups <= noise_column < n_groups:
-        raise ValueError(f"noise_column {noise_column} is out of range for a table of {n_groups} clusters")
+        raise InputError(f"noise_column {noise_column} is out of range for a table of {n_groups} clusters")
     rows = np.asarray(csr.sum(axis=1)).ravel().astype(np.int64)  # class sizes
     cols = np.asarray(csr.sum(axis=0)).ravel().astype(np.int64)  # cluster sizes (noise group included)
     coo = csr.tocoo()
@@ -250,5 +252,5 @@ class ContingencyAccumulator:
         """acc, nmi, ari, purity, n_images, n_clusters, n_classes (and n_noise, noise_fraction when some
         prediction is -1) of everything added so far."""
         if self.n_samples == 0:
-            raise ValueError("no labels were added; call update(y_true, y_pred) before result()")
+            raise InputError("no labels were added; call update(y_true, y_pred) before result()")
         return scores_from_table(self._table, noise_column=self.noise_column)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from itae.errors import InputError
 from itae.metrics.contingency import (
     NOISE,
     ContingencyAccumulator,
@@ -31,7 +32,7 @@ SCORE_KEYS = ("acc", "nmi", "ari", "purity")
 def _check_nonempty(y_true: object, y_pred: object) -> tuple[np.ndarray, np.ndarray]:
     t, p = check_pair(y_true, y_pred)
     if t.size == 0:
-        raise ValueError("y_true and y_pred are empty; there is nothing to score")
+        raise InputError("y_true and y_pred are empty; there is nothing to score")
     return t, p
 
 
@@ -108,7 +109,7 @@ def summarize(runs: Sequence[Mapping[str, object]], *, ddof: int = 1) -> dict[st
     """
     runs = list(runs)
     if not runs:
-        raise ValueError("summarize needs at least one run")
+        raise InputError("summarize needs at least one run")
     keys = [
         key
         for key in runs[0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from itae.errors import UnsupportedModelError
+
 from . import families
 from .base import AttentionSite, Backbone, BlockParts, Features, MLPSite, Preprocess, mlp_sites
 
@@ -26,10 +28,6 @@ SUPPORTED = (
 )
 
 _HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-
-
-class UnsupportedModelError(TypeError):
-    """Raised for a model that no adapter recognises."""
 
 
 def adapt(model: nn.Module | Backbone, name: str | None = None) -> Backbone:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from itae.errors import InputError, InputIndexError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,7 +37,7 @@ class Preprocess:
     def with_resolution(self, size: int) -> Preprocess:
         """The same recipe at another resolution, rounded to the nearest multiple of the patch size."""
         if size < 1:
-            raise ValueError(f"resolution must be positive; got {size}")
+            raise InputError(f"resolution must be positive; got {size}")
         rounded = max(self.patch_size, int(round(size / self.patch_size)) * self.patch_size)
         ratio = self.resize_size / self.image_size
         return Preprocess(
@@ -102,7 +104,7 @@ class AttentionSite:
         fused = self.qkv is not None
         split = all(m is not None for m in (self.q, self.k, self.v))
         if fused + split + (self.mha is not None) != 1:
-            raise ValueError("an AttentionSite needs exactly one of a fused qkv linear, all of q, k, v, or an mha")
+            raise InputError("an AttentionSite needs exactly one of a fused qkv linear, all of q, k, v, or an mha")
 
 
 @dataclass
@@ -211,14 +213,14 @@ class Backbone:
         """A block index (negative counts from the end) as a non-negative index, or a clear error."""
         n = self.num_blocks
         if not -n <= index < n:
-            raise IndexError(f"block index {index} is out of range for a model with {n} blocks")
+            raise InputIndexError(f"block index {index} is out of range for a model with {n} blocks")
         return index % n
 
     def resolve_layers(self, indices: Sequence[int], what: str = "ITAEConfig.layers") -> list[int]:
         """Block indices as non-negative ones, each block at most once; ``what`` names them in errors."""
         layers = [self.resolve_layer(i) for i in indices]
         if len(set(layers)) != len(layers):
-            raise ValueError(f"{what} {indices} name the same block twice for a {self.num_blocks}-block model")
+            raise InputError(f"{what} {indices} name the same block twice for a {self.num_blocks}-block model")
         return layers
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
+from itae.errors import ModelLoadError
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _METADATA_KEY = "itae"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line saying what to do."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -68,7 +66,7 @@ def write_checkpoint(
     A ``.safetensors`` path keeps the description in its metadata; a ``.pth`` path gets a ``<file>.json``.
     """
     if family not in ("hub", "timm"):
-        raise ValueError(f"family must be 'hub' or 'timm' for a checkpoint file; got {family!r}")
+        raise ModelLoadError(f"family must be 'hub' or 'timm' for a checkpoint file; got {family!r}")
     path = Path(path)
     spec = {"family": family, "arch": arch, "model_kwargs": dict(model_kwargs or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -81,7 +79,7 @@ def write_checkpoint(
         torch.save(tensors, path)
         _sidecar(path).write_text(json.dumps(spec, indent=2) + "\n")
     else:
-        raise ValueError(f"checkpoint path must end in .safetensors or .pth; got {path.name}")
+        raise ModelLoadError(f"checkpoint path must end in .safetensors or .pth; got {path.name}")
     return path
 
 

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from .adapters import adapt
 from .base import Backbone, Preprocess
 
@@ -105,10 +107,10 @@ def demo_model(
     from timm.models.vision_transformer import VisionTransformer
 
     if kind not in DEMO_KINDS:
-        raise ValueError(f"demo model kind must be one of {', '.join(map(repr, DEMO_KINDS))}; got {kind!r}")
+        raise InputError(f"demo model kind must be one of {', '.join(map(repr, DEMO_KINDS))}; got {kind!r}")
     positions = sorted({int(p) for p in sink_positions})
     if kind.startswith("planted") and (not positions or not all(0 <= p < GRID * GRID for p in positions)):
-        raise ValueError(f"sink_positions must be patch indices in [0, {GRID * GRID}); got {list(sink_positions)!r}")
+        raise InputError(f"sink_positions must be patch indices in [0, {GRID * GRID}); got {list(sink_positions)!r}")
 
     dim = EMBED_DIM
     registers = NUM_REGISTERS if kind == "registers" else 0
@@ -238,7 +240,7 @@ def load_demo(
 ) -> Backbone:
     """``load_backbone`` for the names ``demo:clean``, ``demo:planted`` and ``demo:registers``."""
     if not is_demo_name(name):
-        raise ValueError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
+        raise InputError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
     if resolution is not None and int(resolution) != IMAGE_SIZE:
-        raise ValueError(f"the demo models take {IMAGE_SIZE} x {IMAGE_SIZE} images; drop resolution={resolution}")
+        raise InputError(f"the demo models take {IMAGE_SIZE} x {IMAGE_SIZE} images; drop resolution={resolution}")
     return demo_backbone(name.strip().lower()[len(DEMO_PREFIX):], device=device, dtype=dtype)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itae.errors import InputError, InputIndexError, InputTypeError
+
 from .checkpoints import read_state_dict
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
@@ -82,7 +84,7 @@ class PatchEmbed(nn.Module):
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
         if height % ph or width % pw:
-            raise ValueError(
+            raise InputError(
                 f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
                 "resize or crop the images to a multiple of the patch size"
             )
@@ -201,7 +203,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise InputError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -229,8 +231,8 @@ class MemEffAttention(Attention):
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
         if attn_bias is not None and not isinstance(attn_bias, Tensor):
-            raise TypeError("attn_bias must be an additive tensor broadcastable to (B, H, N, N); "
-                            "xFormers block-diagonal masks (nested tensors) are not supported")
+            raise InputTypeError("attn_bias must be an additive tensor broadcastable to (B, H, N, N); "
+                                 "xFormers block-diagonal masks (nested tensors) are not supported")
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)  # (B, N, 3, H, d)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, N, d)
@@ -318,12 +320,12 @@ class DinoVisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if block_chunks:
-            raise ValueError(
+            raise InputError(
                 f"block_chunks={block_chunks} is not supported: only the flat block list (block_chunks=0) "
                 "that the torch.hub factories build"
             )
         if num_register_tokens < 0:
-            raise ValueError(f"num_register_tokens must be >= 0; got {num_register_tokens}")
+            raise InputError(f"num_register_tokens must be >= 0; got {num_register_tokens}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         self.num_features = self.embed_dim = embed_dim
@@ -398,7 +400,7 @@ class DinoVisionTransformer(nn.Module):
         w0 = width // self.patch_size
         m = int(math.sqrt(n))  # side of the square grid the embeddings were trained on
         if m * m != n:
-            raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
+            raise InputError(f"pos_embed holds {n} patch positions, not a square grid")
         if self.interpolate_offset:
             # Upstream passes a scale factor nudged by the offset (a historical floating-point work-around);
             # the interpolation weights depend on it, so checkpoints trained this way need it kept.
@@ -463,7 +465,7 @@ class DinoVisionTransformer(nn.Module):
             if i in take:
                 output.append(x)
         if len(output) != len(take):
-            raise IndexError(f"only {len(output)} of the {len(take)} requested blocks exist")
+            raise InputIndexError(f"only {len(output)} of the {len(take)} requested blocks exist")
         return output
 
     def get_intermediate_layers(
@@ -508,13 +510,13 @@ def _ffn_class(ffn_layer: str) -> Callable[..., nn.Module]:
         return SwiGLUFFNFused
     if ffn_layer == "identity":
         return lambda *args, **kwargs: nn.Identity()
-    raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp', 'swiglu', 'swiglufused' or 'identity'")
+    raise InputError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp', 'swiglu', 'swiglufused' or 'identity'")
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(x, tuple):
         if len(x) != 2:
-            raise ValueError(f"expected an int or a pair; got {x}")
+            raise InputError(f"expected an int or a pair; got {x}")
         return x
     return (int(x), int(x))
 
@@ -542,7 +544,7 @@ def _hub_spec(hub_name: str) -> tuple[str, int]:
     try:
         return HUB_MODELS[hub_name]
     except KeyError:
-        raise ValueError(f"unknown DINOv2 hub model {hub_name!r}; expected one of {', '.join(HUB_MODELS)}") from None
+        raise InputError(f"unknown DINOv2 hub model {hub_name!r}; expected one of {', '.join(HUB_MODELS)}") from None
 
 
 def build_dinov2(
@@ -570,7 +572,7 @@ def build_dinov2(
     ``.safetensors`` state dict, loaded with ``strict=True``. The model is returned in eval mode.
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown DINOv2 architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+        raise InputError(f"unknown DINOv2 architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     default_dim, default_depth, default_heads = ARCHITECTURES[arch]
     registers = int(num_register_tokens)
     model = DinoVisionTransformer(
@@ -598,14 +600,14 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     state_dict = read_state_dict(path)
     missing, unexpected = _key_mismatch(model, state_dict)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{path}: the checkpoint does not match {type(model).__name__} "
             f"(missing {_few(missing)}; unexpected {_few(unexpected)}); check the architecture name"
         )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:  # shape mismatch: same names, another size
-        raise ValueError(f"{path}: the checkpoint's tensor shapes do not match the model; "
+        raise InputError(f"{path}: the checkpoint's tensor shapes do not match the model; "
                          f"check the architecture name ({str(err).splitlines()[-1].strip()})") from None
     return model
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from itae.errors import UnsupportedModelError
+
 from .base import AttentionSite, Backbone, BlockParts, Features, Preprocess, ProbeSite, Rotary, mlp_sites
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,7 +89,7 @@ def _adapt_hf_dinov3(model: nn.Module, name: str | None) -> Backbone:
     # DINOv3ViTModel keeps its encoder in ``.model``, which is also its base_model_prefix
     base = model if hasattr(model, "rope_embeddings") else getattr(model, "base_model", model)
     if not all(hasattr(base, a) for a in ("embeddings", "rope_embeddings", "model")):
-        raise TypeError(f"{type(model).__name__} has no DINOv3 encoder")
+        raise UnsupportedModelError(f"{type(model).__name__} has no DINOv3 encoder")
     cfg = base.config
     layers = list(base.model.layer)
     registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
@@ -145,7 +147,7 @@ def _square_preprocess(image_size: int, patch: int, mean, std) -> Preprocess:
 def _adapt_hf_clip(model: nn.Module, name: str | None) -> Backbone:
     vision = getattr(model, "vision_model", model)  # CLIPModel / CLIPVisionModelWithProjection wrap the tower
     if not all(hasattr(vision, a) for a in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")):
-        raise TypeError(f"{type(model).__name__} has no CLIP vision tower")
+        raise UnsupportedModelError(f"{type(model).__name__} has no CLIP vision tower")
     cfg = vision.config
     cfg = getattr(cfg, "vision_config", cfg)
     layers = list(vision.encoder.layers)
@@ -185,7 +187,7 @@ def _siglip_probe(head: nn.Module | None) -> ProbeSite | None:
 def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
     vision = getattr(model, "vision_model", model)
     if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
-        raise TypeError(f"{type(model).__name__} has no SigLIP vision tower")
+        raise UnsupportedModelError(f"{type(model).__name__} has no SigLIP vision tower")
     cfg = vision.config
     cfg = getattr(cfg, "vision_config", cfg)
     layers = list(vision.encoder.layers)
@@ -226,7 +228,7 @@ def _adapt_hf_siglip2(model: nn.Module, name: str | None) -> Backbone:
     feeds whole images (no padding); a padded batch run under ITAE is refused by the probe hook."""
     vision = getattr(model, "vision_model", model)
     if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
-        raise TypeError(f"{type(model).__name__} has no SigLIP2 vision tower")
+        raise UnsupportedModelError(f"{type(model).__name__} has no SigLIP2 vision tower")
     cfg = vision.config
     cfg = getattr(cfg, "vision_config", cfg)
     layers = list(vision.encoder.layers)
@@ -269,14 +271,14 @@ def adapt_open_clip(model: nn.Module, name: str | None) -> Backbone:
     """An OpenCLIP ViT with a class token and the default blocks (``nn.MultiheadAttention``)."""
     visual = getattr(model, "visual", model)
     if not all(hasattr(visual, a) for a in ("conv1", "class_embedding", "transformer", "ln_post")):
-        raise TypeError(f"{type(visual).__name__} is not an OpenCLIP ViT (no class-token vision transformer)")
+        raise UnsupportedModelError(f"{type(visual).__name__} is not an OpenCLIP ViT (no class-token vision transformer)")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise TypeError("OpenCLIP ViTs that pool otherwise than by the class token are not supported")
+        raise UnsupportedModelError("OpenCLIP ViTs that pool otherwise than by the class token are not supported")
     blocks = list(visual.transformer.resblocks)
     if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
-        raise TypeError("OpenCLIP ViT with custom attention blocks (block_type='custom') is not supported")
+        raise UnsupportedModelError("OpenCLIP ViT with custom attention blocks (block_type='custom') is not supported")
     if not getattr(visual.transformer, "batch_first", True):
-        raise TypeError("OpenCLIP ViT built with batch_first=False is not supported")
+        raise UnsupportedModelError("OpenCLIP ViT built with batch_first=False is not supported")
     patch = _patch(visual.patch_size)
     size = _patch(visual.image_size)
     cfg = getattr(visual, "preprocess_cfg", None) or {}
@@ -339,20 +341,20 @@ def adapt_timm_eva(model: nn.Module, name: str | None) -> Backbone:
     rotary embeddings, fused qkv without bias. The ``_qkvb`` entries add the q/v biases outside the qkv
     linear (``F.linear`` on its weight), where no hook sees them: they are refused."""
     if getattr(model, "cls_token", None) is None:
-        raise TypeError("timm Eva model without a class token")
+        raise UnsupportedModelError("timm Eva model without a class token")
     if getattr(model, "rope_mixed", False):
-        raise TypeError("timm Eva with depth-dependent (mixed) rotary embeddings is not supported")
+        raise UnsupportedModelError("timm Eva with depth-dependent (mixed) rotary embeddings is not supported")
     blocks = list(model.blocks)
     sites = []
     for i, block in enumerate(blocks):
         attn = block.attn
         if type(block).__name__ != "EvaBlock" or getattr(attn, "qkv", None) is None:
-            raise TypeError(f"timm Eva block {i}: only pre-norm blocks with a fused qkv are supported")
+            raise UnsupportedModelError(f"timm Eva block {i}: only pre-norm blocks with a fused qkv are supported")
         if getattr(attn, "q_bias", None) is not None:
-            raise TypeError(f"timm Eva block {i}: qkv biases applied outside the qkv linear (*_qkvb models) "
-                            "are not supported")
+            raise UnsupportedModelError(f"timm Eva block {i}: qkv biases applied outside the qkv linear (*_qkvb models) "
+                                        "are not supported")
         if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
-            raise TypeError(f"timm Eva block {i}: attention with an output norm or gate is not supported")
+            raise UnsupportedModelError(f"timm Eva block {i}: attention with an output norm or gate is not supported")
         heads = int(attn.num_heads)
         head_dim = attn.qkv.out_features // 3 // heads
         sites.append(AttentionSite(

@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from .adapters import adapt
 from .base import Backbone
 
@@ -64,7 +66,7 @@ class Float8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16) -> Float8Linear:
         if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(
+            raise InputError(
                 f"FP8 matrix products need feature counts divisible by 16; got {linear.in_features} -> "
                 f"{linear.out_features}"
             )
@@ -97,12 +99,12 @@ def check_fp8_device(device: torch.device) -> None:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ValueError(
+            raise InputError(
                 f"precision 'fp8' needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, "
                 f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use 'bf16'"
             )
     elif device.type != "cpu":  # CPU: a slow reference, for tests and checks
-        raise ValueError(f"precision 'fp8' runs on NVIDIA GPUs (and slowly on CPU), not on {device.type!r}")
+        raise InputError(f"precision 'fp8' runs on NVIDIA GPUs (and slowly on CPU), not on {device.type!r}")
 
 
 def quantize_fp8(backbone: Backbone) -> Backbone:
@@ -112,7 +114,7 @@ def quantize_fp8(backbone: Backbone) -> Backbone:
     """
     check_fp8_device(backbone.device)
     if backbone.dtype != torch.bfloat16:
-        raise ValueError(f"quantize_fp8 expects a bf16 model; this one is {backbone.dtype}")
+        raise InputError(f"quantize_fp8 expects a bf16 model; this one is {backbone.dtype}")
     replaced = 0
     for block in backbone.blocks[:-1]:
         for parent in list(block.modules()):
@@ -134,9 +136,23 @@ def is_fp8(backbone: Backbone) -> bool:
     return any(isinstance(m, Float8Linear) for m in backbone.model.modules())
 
 
+def cast_weights(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """``model.to(device=device, dtype=dtype)``, in place, except that FP8 linears keep their dtypes.
+
+    ``Module.to(dtype)`` would round a ``Float8Linear``'s float32 scales (and its bias) to ``dtype``, so a
+    model quantized by an earlier fp8 extraction would give other numbers the next time.
+    """
+    kept = {m: dict(m.named_buffers(recurse=False)) for m in model.modules() if isinstance(m, Float8Linear)}
+    model.to(device=device, dtype=dtype)
+    for module, buffers in kept.items():  # .to() put new tensors in place of these; the originals are intact
+        for name, buf in buffers.items():
+            setattr(module, name, buf.to(device))
+    return model
+
+
 def apply_precision(backbone: Backbone, precision: str) -> Backbone:
     """The backbone for an extraction precision: FP8 linears for "fp8", unchanged otherwise."""
     return quantize_fp8(backbone) if precision == "fp8" else backbone
 
 
-__all__ = ["Float8Linear", "apply_precision", "check_fp8_device", "is_fp8", "quantize_fp8"]
+__all__ = ["Float8Linear", "apply_precision", "cast_weights", "check_fp8_device", "is_fp8", "quantize_fp8"]

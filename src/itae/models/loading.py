@@ -218,11 +218,11 @@ def _not_available(name: str, arch: str | None) -> ModelLoadError:
     if arch is None:  # no checkpoint-file route: only a save_pretrained folder
         return ModelLoadError(
             f"{name} is not available offline (not cached and could not be downloaded); download it once with "
-            "network, or pass a local save_pretrained folder: itae --model /path/to/folder"
+            "network, or pass a local save_pretrained folder: model=FOLDER"
         )
     return ModelLoadError(
         f"{name} is not available offline (not cached and could not be downloaded); download it once with "
-        f"network, or pass a local path: itae --model /path/to/folder or --model weights.safetensors --arch {arch}"
+        f"network, or pass a local path: model=FOLDER, or model=WEIGHTS.safetensors with arch={arch}"
     )
 
 
@@ -311,7 +311,7 @@ def _load_timm_by_name(name: str, *, hint_arch: str) -> nn.Module:
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not hub_id:
         raise ModelLoadError(f"timm model {model_name!r} has no pretrained weights on the Hugging Face Hub; "
-                             "pass a local checkpoint with --arch")
+                             "pass a local checkpoint and its arch")
     weights = _hf_file(hub_id, ("model.safetensors", "pytorch_model.bin"))
     if weights is None:
         raise _not_available(name, hint_arch)
@@ -433,7 +433,7 @@ def _spec_for(path: Path, arch: str | None) -> dict:
         if spec is None:
             raise ModelLoadError(
                 f"{path}: checkpoint without an architecture name; pass one, e.g. "
-                "itae --model weights.pth --arch dinov2_vitb14 (or load_backbone(path, arch='dinov2_vitb14'))"
+                "arch=dinov2_vitb14"
             )
         return spec
     arch = arch.strip()

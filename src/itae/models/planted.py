@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from itae.errors import InputError
+
 from .adapters import adapt
 from .base import Backbone
 
@@ -113,7 +115,7 @@ def plant_artifacts(
     The model instance is edited in place (weights change) and returned.
     """
     if signature not in SIGNATURES:
-        raise ValueError(f"signature must be one of {', '.join(map(repr, SIGNATURES))}; got {signature!r}")
+        raise InputError(f"signature must be one of {', '.join(map(repr, SIGNATURES))}; got {signature!r}")
     backbone = adapt(model)
     gen = torch.Generator().manual_seed(seed)
     dim = backbone.embed_dim
@@ -121,7 +123,7 @@ def plant_artifacts(
     n_positions = pos.shape[1] - first
     for p in positions or ():
         if not 0 <= p < n_positions:
-            raise ValueError(f"patch position {p} out of range for {n_positions} position embeddings")
+            raise InputError(f"patch position {p} out of range for {n_positions} position embeddings")
     blocks = sorted({backbone.resolve_layer(i) for i in layers})
 
     if signature == "residual":  # one channel: a massive activation, as high-norm tokens show
@@ -149,7 +151,7 @@ def plant_artifacts(
     for block in blocks:
         (wq, bq), (wk, bk), (wv, bv) = _projection_weights(backbone, block)
         if bq is None:
-            raise ValueError("plant_artifacts needs a query bias (qkv_bias=True), as in DINOv2")
+            raise InputError("plant_artifacts needs a query bias (qkv_bias=True), as in DINOv2")
         uw = u.to(wk.dtype)
         if signature == "residual":
             gain = 8.0

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from itae.errors import InputError, InputIndexError, MissingDependencyError
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -78,7 +80,7 @@ def image_array(image: Any) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {arr.shape}")
+        raise InputError(f"image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {arr.shape}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     arr = arr[:, :, :3]
@@ -99,7 +101,7 @@ def images_from_pixel_values(
     """
     x = to_numpy(pixel_values).astype(np.float64)
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"pixel_values must have shape (B, 3, H, W); got {x.shape}")
+        raise InputError(f"pixel_values must have shape (B, 3, H, W); got {x.shape}")
     m = np.asarray(mean, dtype=np.float64).reshape(1, 3, 1, 1)
     s = np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1)
     x = np.clip((x * s + m) * 255.0, 0, 255)
@@ -110,11 +112,11 @@ def _grid_of(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
     if grid is None:
         side = int(round(n**0.5))
         if side * side != n:
-            raise ValueError(f"{n} patch values do not form a square grid; pass grid=(rows, cols)")
+            raise InputError(f"{n} patch values do not form a square grid; pass grid=(rows, cols)")
         return side, side
     rows, cols = int(grid[0]), int(grid[1])
     if rows * cols != n:
-        raise ValueError(f"grid {rows}x{cols} does not match {n} patch values")
+        raise InputError(f"grid {rows}x{cols} does not match {n} patch values")
     return rows, cols
 
 
@@ -123,10 +125,10 @@ def patch_grid(values: Any, grid: tuple[int, int] | None = None) -> np.ndarray:
     arr = to_numpy(values)
     if arr.ndim == 2:
         if grid is not None and tuple(arr.shape) != (int(grid[0]), int(grid[1])):
-            raise ValueError(f"patch map has shape {arr.shape}, expected grid {tuple(grid)}")
+            raise InputError(f"patch map has shape {arr.shape}, expected grid {tuple(grid)}")
         return arr
     if arr.ndim != 1:
-        raise ValueError(f"patch values must be (N,) or (h, w); got shape {arr.shape}")
+        raise InputError(f"patch values must be (N,) or (h, w); got shape {arr.shape}")
     return arr.reshape(_grid_of(arr.shape[0], grid))  # (N,) -> (h, w), row-major like the patch sequence
 
 
@@ -136,9 +138,9 @@ def cls_patch_attention(cls_attention: Any, num_prefix: int, grid: tuple[int, in
     if att.ndim == 1:
         att = att[None]
     if att.ndim != 2:
-        raise ValueError(f"cls_attention must be (H, T) for one image; got shape {att.shape}")
+        raise InputError(f"cls_attention must be (H, T) for one image; got shape {att.shape}")
     if not 0 <= num_prefix < att.shape[1]:
-        raise ValueError(f"num_prefix={num_prefix} is out of range for {att.shape[1]} tokens")
+        raise InputError(f"num_prefix={num_prefix} is out of range for {att.shape[1]} tokens")
     return patch_grid(att.mean(axis=0)[num_prefix:], grid)
 
 
@@ -307,13 +309,13 @@ def _short_number(x: float) -> str:
 def _pick(diag: LayerDiagnosticsLike, name: str, image_index: int) -> np.ndarray:
     arr = to_numpy(getattr(diag, name))
     if image_index >= arr.shape[0] or image_index < -arr.shape[0]:
-        raise IndexError(f"image_index {image_index} is out of range for a batch of {arr.shape[0]}")
+        raise InputIndexError(f"image_index {image_index} is out of range for a batch of {arr.shape[0]}")
     return arr[image_index]
 
 
 def _check_source(source: str) -> None:
     if source not in ("q", "k", "v"):
-        raise ValueError(f"source must be 'q', 'k' or 'v'; got {source!r}")
+        raise InputError(f"source must be 'q', 'k' or 'v'; got {source!r}")
 
 
 def norm_histograms(
@@ -440,14 +442,14 @@ def inspect_grid(
     """
     _check_source(source)
     if not diagnostics:
-        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+        raise InputError("diagnostics is empty; run itae.detect_artifacts first")
     layer = max(diagnostics) if layer is None else layer
     if layer not in diagnostics:
-        raise ValueError(f"block {layer} is not in diagnostics (have {sorted(diagnostics)})")
+        raise InputError(f"block {layer} is not in diagnostics (have {sorted(diagnostics)})")
     diag = diagnostics[layer]
     n = min(len(images), max_images)
     if n == 0:
-        raise ValueError("no images to draw")
+        raise InputError("no images to draw")
     first = image_array(images[0])
     aspect = first.shape[0] / first.shape[1]
     fig = _new_figure(12.5, n * 2.4 * aspect + 0.6)
@@ -514,13 +516,13 @@ def write_inspection(
     """
     _check_source(source)
     if len(images) != len(names):
-        raise ValueError(f"got {len(images)} images but {len(names)} names")
+        raise InputError(f"got {len(images)} images but {len(names)} names")
     if not diagnostics:
-        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+        raise InputError("diagnostics is empty; run itae.detect_artifacts first")
     for layer, diag in diagnostics.items():
         batch = to_numpy(diag.artifact_mask).shape[0]
         if batch != len(images):
-            raise ValueError(f"diagnostics of block {layer} hold {batch} images but {len(images)} were given")
+            raise InputError(f"diagnostics of block {layer} hold {batch} images but {len(images)} were given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -565,12 +567,12 @@ def unmodified_grid(
     residual-stream norms of the patches (where artifacts show as a separate high mode). Nothing flagged,
     no threshold, no "after"."""
     if not diagnostics:
-        raise ValueError("diagnostics is empty; run itae.detect_artifacts first")
+        raise InputError("diagnostics is empty; run itae.detect_artifacts first")
     layer = max(diagnostics) if layer is None else layer
     diag = diagnostics[layer]
     n = min(len(images), max_images)
     if n == 0:
-        raise ValueError("no images to draw")
+        raise InputError("no images to draw")
     first = image_array(images[0])
     fig = _new_figure(7.5, n * 2.4 * first.shape[0] / first.shape[1] + 0.6)
     axes = np.atleast_2d(fig.subplots(n, 3))
@@ -628,7 +630,7 @@ def _available(module: str) -> bool:
 def resolve_method(method: str) -> str:
     """"auto" -> "tsne" with openTSNE installed, else "umap" with umap-learn, else "pca"."""
     if method not in MAP_METHODS:
-        raise ValueError(f"map method must be one of {', '.join(MAP_METHODS)}; got {method!r}")
+        raise InputError(f"map method must be one of {', '.join(MAP_METHODS)}; got {method!r}")
     if method != "auto":
         return method
     if _available("openTSNE"):
@@ -652,9 +654,9 @@ def embedding_map(
     method = resolve_method(method)
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty (n, D) array; got shape {x.shape}")
+        raise InputError(f"embeddings must be a non-empty (n, D) array; got shape {x.shape}")
     if max_points < 1 or fit_points < 1:
-        raise ValueError(f"max_points and fit_points must be >= 1; got {max_points}, {fit_points}")
+        raise InputError(f"max_points and fit_points must be >= 1; got {max_points}, {fit_points}")
     n = x.shape[0]
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
@@ -664,9 +666,9 @@ def embedding_map(
         return EmbeddingMap(x[index].astype(np.float64), index, "precomputed", f"Precomputed 2-D map; {drawn}.")
 
     if method == "tsne" and not _available("openTSNE"):
-        raise ImportError("map method 'tsne' needs openTSNE: pip install 'itae[maps]'")
+        raise MissingDependencyError("map method 'tsne' needs openTSNE: pip install 'itae[maps]'")
     if method == "umap" and not _available("umap"):
-        raise ImportError("map method 'umap' needs umap-learn: pip install 'itae[umap]'")
+        raise MissingDependencyError("map method 'umap' needs umap-learn: pip install 'itae[umap]'")
     if method != "pca" and m < 10:
         method = "pca"  # too few points for a neighbourhood graph
 

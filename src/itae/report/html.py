@@ -29,6 +29,7 @@ import numpy as np
 
 from itae._io import atomic_write_text
 from itae.data.sources import display_name
+from itae.errors import InputError
 from itae.metrics import ClusterMatching, is_noise, match_clusters, noise_index
 from itae.report.figures import EmbeddingMap, embedding_map, thumbnail_jpeg
 from itae.report.mapview import map_payload, map_section_html
@@ -79,7 +80,7 @@ def _data_uri(data: bytes) -> str:
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         mime = "image/webp"
     else:
-        raise ValueError("diagnostic images must be PNG, JPEG or WebP bytes")
+        raise InputError("diagnostic images must be PNG, JPEG or WebP bytes")
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
@@ -489,22 +490,22 @@ def write_report(
     n = len(ids)
     clusters = np.asarray(cluster_labels).reshape(-1)
     if clusters.shape[0] != n:
-        raise ValueError(f"cluster_labels has {clusters.shape[0]} entries but there are {n} ids")
+        raise InputError(f"cluster_labels has {clusters.shape[0]} entries but there are {n} ids")
     if n == 0:
-        raise ValueError("nothing to report: ids is empty")
+        raise InputError("nothing to report: ids is empty")
     labels = None
     if true_labels is not None:
         if len(true_labels) != n:
-            raise ValueError(f"true_labels has {len(true_labels)} entries but there are {n} ids")
+            raise InputError(f"true_labels has {len(true_labels)} entries but there are {n} ids")
         labels = _as_label_array(true_labels)
     if embeddings is not None:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[0] != n:
-            raise ValueError(f"embeddings must be (n, D) with n={n}; got shape {embeddings.shape}")
+            raise InputError(f"embeddings must be (n, D) with n={n}; got shape {embeddings.shape}")
     if centroid_distances is not None:
         centroid_distances = np.asarray(centroid_distances, dtype=np.float64).reshape(-1)
         if centroid_distances.shape[0] != n:
-            raise ValueError(f"centroid_distances has {centroid_distances.shape[0]} entries but there are {n} ids")
+            raise InputError(f"centroid_distances has {centroid_distances.shape[0]} entries but there are {n} ids")
     elif embeddings is not None:
         from itae import clustering  # scikit-learn comes with it: loaded only when needed
 
@@ -546,7 +547,7 @@ def write_report(
         layout = embedding_map(embeddings, max_points=max_points, method=map_method, seed=seed, fit_points=fit_points)
     if layout is not None:
         if layout.index.size and int(layout.index.max()) >= n:
-            raise ValueError(f"layout indexes row {int(layout.index.max())} but there are {n} ids")
+            raise InputError(f"layout indexes row {int(layout.index.max())} but there are {n} ids")
         matched = None
         if matching is not None:
             matched = matching.class_of()
