@@ -11,34 +11,13 @@ share, so that both write the same store.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .chunks import ChunkAssembler
+from .forward import embed_batches, make_forward, pool_features
+from .local import embed
+from .options import EmbedOptions, default_num_workers
+from .sampling import KEEP_BYTES, KeptBatches, SampleBatches
 
-_EXPORTS = {
-    "EmbedOptions": "itae.extraction.options",
-    "FEATURES": "itae.extraction.options",
-    "default_num_workers": "itae.extraction.options",
-    "embed": "itae.extraction.local",
-    "embed_batches": "itae.extraction.forward",
-    "make_forward": "itae.extraction.forward",
-    "pool_features": "itae.extraction.forward",
-    "ChunkAssembler": "itae.extraction.chunks",
-    "SampleBatches": "itae.extraction.sampling",
-    "KeptBatches": "itae.extraction.sampling",
-    "KEEP_BYTES": "itae.extraction.sampling",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'itae.extraction' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = [
+    "KEEP_BYTES", "ChunkAssembler", "EmbedOptions", "KeptBatches", "SampleBatches", "default_num_workers", "embed",
+    "embed_batches", "make_forward", "pool_features",
+]
