@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 
@@ -103,6 +104,19 @@ class Forward:
         return pool_features(features, self.feature, self.normalize)
 
 
+def embed_batch(forward: Forward, batch: dict[str, Any], transform: PreprocessTransform,
+                kept_start: int | None) -> torch.Tensor | None:
+    """A loader batch's (B, D) embeddings: from its kept block inputs when it has them, else from its
+    pixels; None when no image of it decoded."""
+    hidden = batch.get("hidden")
+    if hidden is not None:  # (B, T, D) input of block kept_start
+        return forward.kept(hidden, kept_start)
+    if batch["pixels"] is None:
+        return None
+    bb = forward.backbone
+    return forward.pixels(to_device(batch["pixels"], transform, bb.device, bb.dtype))
+
+
 @contextmanager
 def make_forward(
     backbone: Backbone,
@@ -139,4 +153,4 @@ def make_forward(
         yield Forward(bb, config, fast, feature, normalize)
 
 
-__all__ = ["Forward", "embed_batches", "make_forward", "pool_features", "to_device"]
+__all__ = ["Forward", "embed_batch", "embed_batches", "make_forward", "pool_features", "to_device"]

@@ -34,7 +34,7 @@ from itae.models.loading import DEFAULT_MODEL
 from itae.models.spec import ModelSpec, prepare_model, resolve_device
 
 from . import chunks, sampling
-from .forward import make_forward
+from .forward import embed_batch, make_forward
 from .options import EmbedOptions, build_specs, check_itae, default_num_workers
 from .session import finish_store, new_manifest, open_output, open_writer, ttr_manifest
 
@@ -201,7 +201,7 @@ def _extract(
                         f" ({reused} of them from block {kept.start}, kept by calibration)" if kept is not None else "")
             for batch in batches():
                 try:
-                    emb = sampling.embed_batch(forward, batch, transform, None if kept is None else kept.start)
+                    emb = embed_batch(forward, batch, transform, None if kept is None else kept.start)
                 except torch.OutOfMemoryError as e:
                     raise _out_of_memory(e, bb.device, len(batch["index"]), writer) from None
                 if pending is not None:

@@ -29,7 +29,7 @@ from itae.errors import InputError
 from itae.methods import TTRConfig
 from itae.models.base import Backbone
 
-from .forward import Forward, make_forward, to_device
+from .forward import make_forward, to_device
 from .session import all_failed_message
 
 logger = logging.getLogger("itae.extraction")
@@ -226,19 +226,6 @@ def embed_kept(bb: Backbone, kept: KeptBatches, cfg: ITAEConfig | None, feature:
             batch = kept.batches.pop(key)
             emb = None if batch["hidden"] is None else forward.kept(batch["hidden"], kept.start)
             yield batch, emb
-
-
-def embed_batch(forward: Forward, batch: dict[str, Any], transform: PreprocessTransform,
-                kept_start: int | None) -> torch.Tensor | None:
-    """A loader batch's (B, D) embeddings: from its kept block inputs when it has them, else from its
-    pixels; None when no image of it decoded."""
-    hidden = batch.get("hidden")
-    if hidden is not None:  # (B, T, D) input of block kept_start
-        return forward.kept(hidden, kept_start)
-    if batch["pixels"] is None:
-        return None
-    bb = forward.backbone
-    return forward.pixels(to_device(batch["pixels"], transform, bb.device, bb.dtype))
 
 
 def _batch_key(record: dict[str, Any]) -> int:
