@@ -156,8 +156,8 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
     path = calibration_path(config, src, spec, folder)
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    import itae
     from itae.data.decode import build_transform
+    from itae.engine.calibrate import calibrate
     from itae.extraction.sampling import SampleBatches, spread_batches
 
     backbone = lazy.get()
@@ -168,7 +168,7 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
     batches = list(sample)
     if not batches:
         raise DatasetLoadError(f"no image of {src.spec!r} could be decoded for calibration")
-    cal = itae.calibrate(backbone, batches, config.replace(threshold="auto"))
+    cal = calibrate(backbone, batches, config.replace(threshold="auto"))
     record = {
         "thresholds": [float(t) for t in cal.config.threshold],
         "flagged_fraction": float(np.mean(list(cal.flagged_fraction.values()))),
