@@ -64,7 +64,7 @@ def main() -> None:
     import torch
 
     import itae
-    from itae.data.extract import embed
+    from itae.extraction.local import embed
 
     tmp = Path(tempfile.mkdtemp(prefix="itae-cost-"))
     try:

@@ -273,12 +273,12 @@ def test_siglip_refuses_what_its_probe_cannot_do(pixels):
 
 
 def test_embed_refuses_itae_on_a_model_without_cls_or_probe(tmp_path, monkeypatch):
-    import itae.data.extract
+    import itae.extraction.sampling
 
     def calibration_ran(*_a, **_k):
         raise AssertionError("calibration ran before the refusal")
 
-    monkeypatch.setattr(itae.data.extract, "_calibrate", calibration_ran)
+    monkeypatch.setattr(itae.extraction.sampling, "calibrate_source", calibration_ran)
     model = tiny_vit("hf-siglip")
     model.head, model.use_head = None, False
     (tmp_path / "imgs").mkdir()

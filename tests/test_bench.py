@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import itae.data.extract
+import itae.extraction.local
 import itae.metrics
 from itae.bench import (
     KNOWN_DATASETS,
@@ -163,7 +163,7 @@ def test_restart_after_interruption_skips_finished_runs_and_reuses_embeddings(tm
     assert [(r["method"], r["seed"]) for r in first] == [("baseline", "0"), ("baseline", "1")]
 
     monkeypatch.setattr(itae.metrics, "evaluate", evaluate.real)
-    embed = spy(monkeypatch, itae.data.extract, "embed")
+    embed = spy(monkeypatch, itae.extraction.local, "embed")
     result = run_bench(_spec(folder), out, progress=False)
     assert result.skipped == 2 and result.ran == 2
     assert embed.calls == 0  # both embeddings were finished before the interruption: reused

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import itae.data.extract
+import itae.extraction.local
 import itae.metrics
 from itae.bench import (
     KNOWN_DATASETS,
@@ -96,7 +96,7 @@ def test_paper_grid_costs_first_survives_interruption_and_resumes(standin, hub_o
 
     # resume: the finished row and the finished embedding are reused, the rest of the grid runs
     monkeypatch.setattr(itae.metrics, "evaluate", evaluate.real)
-    embed = spy(monkeypatch, itae.data.extract, "embed")
+    embed = spy(monkeypatch, itae.extraction.local, "embed")
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "bench: 1 of 12 runs already in results.csv, skipped" in captured.err
@@ -300,7 +300,7 @@ def test_paper_grid_killed_mid_run_resumes(standin, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
-        embed = spy(mp, itae.data.extract, "embed")
+        embed = spy(mp, itae.extraction.local, "embed")
         assert main(argv) == 0
     rows = _rows(out / "results.csv")
     assert rows[0] == first[0] and [r["method"] for r in rows] == ["baseline", "itae", "registers"]

@@ -464,7 +464,7 @@ def test_compiled_extraction_equals_the_eager_one_and_restores_the_model(tmp_pat
 
 
 def test_default_decoding_workers_follow_the_cores_and_the_device(monkeypatch):
-    from itae.data.extract import default_num_workers
+    from itae.extraction.options import default_num_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)), raising=False)
     assert default_num_workers("cuda") == 32  # a GPU must be kept fed
@@ -501,7 +501,7 @@ def test_progress_is_committed_by_time_and_count_and_a_kill_keeps_it(tmp_path, m
     """One 4,096-image chunk would commit nothing until it is full. With the time rule (a fake clock that
     moves 10 s per batch, save_interval 25 s) parts are committed as the chunk fills; a run that dies
     after them resumes after the last part, recomputing none of it, and ends with the same store."""
-    from itae.data import extract as extract_mod
+    from itae.extraction import chunks as extract_mod
 
     root = _make_folder(tmp_path / "imgs", per_class=10, corrupt=1)  # 21 records, batches of 4
     now = [0.0]
@@ -619,7 +619,7 @@ def test_calibrated_images_start_at_the_engineered_block_and_match_a_fresh_embed
 
 
 def test_kept_tokens_are_bounded_and_images_beyond_the_bound_come_from_their_pixels(tmp_path, monkeypatch):
-    import itae.data.extract as extract
+    import itae.extraction.sampling as extract
 
     root = _make_folder(tmp_path / "imgs", per_class=8, corrupt=1)  # 17 records, one undecodable
     bb = adapt(_planted("hf"))
@@ -646,7 +646,7 @@ def test_compile_embeds_calibrated_images_again_from_their_pixels(tmp_path, monk
 
 
 def test_a_calibration_with_other_forwards_than_batches_keeps_nothing():
-    from itae.data.extract import KeptBatches, _keep
+    from itae.extraction.sampling import KeptBatches, _keep
 
     def record(start, n):
         return {"index": torch.arange(start, start + n), "failed_index": [], "failed_reason": [], "pixels": None}

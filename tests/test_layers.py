@@ -72,3 +72,10 @@ def test_each_contract_refuses_a_planted_import(options, graph, contract_id):
     planted = deepcopy(graph)
     planted.add_import(importer=importer, imported=imported, line_number=1, line_contents=f"import {imported}")
     assert not _contract(options, contract_id).check(planted, verbose=False).kept
+
+
+def test_data_imports_no_extraction_core(options, graph):
+    planted = deepcopy(graph)
+    planted.add_import(importer="itae.data.store", imported="itae.extraction.session", line_number=1,
+                       line_contents="import itae.extraction.session")
+    assert not _contract(options, "data-no-engine").check(planted, verbose=False).kept

@@ -197,7 +197,7 @@ def test_model_stage_in_process_with_fp8_equals_the_local_fp8_store(data, tmp_pa
 
 
 def test_ray_store_equals_the_local_store_with_itae_auto(data, tmp_path, ray_instance, monkeypatch):
-    import itae.data.extract as local
+    import itae.distributed.ray_embed as local
 
     images, model = data
     ref = _local(images, model, tmp_path / "local")

@@ -281,8 +281,8 @@ def test_embed_finds_records_and_applies_the_neurons(tmp_path):
 
 
 def test_a_resumed_store_uses_its_own_neurons(tmp_path, monkeypatch):
-    import itae.data.extract as extract
     import itae.engine.registers as registers
+    import itae.extraction.chunks as extract
 
     root = _folder(tmp_path / "imgs")
     backbone, _ = _planted_hf()

@@ -22,6 +22,10 @@ ROWS = ("cls", "all")
 MODES = ("min", "mask", "scale")
 GRANULARITIES = ("token", "head")
 CALIBRATION_METHODS = ("mode", "otsu", "gmm")
+# The choices of the extraction specs (``EmbedOptions.feature``, ``ModelSpec.precision``), here so that the
+# CLI lists them without importing torch.
+FEATURES = ("cls", "mean", "cls+mean")
+PRECISION_NAMES = ("fp32", "bf16", "fp16", "fp8")
 
 
 def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:

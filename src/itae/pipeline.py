@@ -31,8 +31,14 @@ from itae.errors import InputError
 from ._io import ID_ERRORS, atomic_write, atomic_write_text
 from ._lock import folder_lock
 from .config import ITAEConfig
+from .data.dataset import spread_indices
+from .data.spec import SourceSpec
 from .data.store import EmbeddingStore, library_versions
+from .extraction.local import embed
+from .extraction.options import EmbedOptions, build_specs, check_itae
 from .methods import TTRConfig
+from .models.loading import DEFAULT_MODEL
+from .models.spec import ModelSpec, resolve_device
 
 log = logging.getLogger("itae")
 
@@ -199,7 +205,6 @@ def evaluate_assignments(assignments: str | os.PathLike, *, out: str | os.PathLi
 
 def _sample_pixels(backbone, source, n_images: int, *, spread: bool = False):
     """Up to ``n_images`` decodable images of ``source`` (the first ones, or spread evenly), preprocessed."""
-    from .data.extract import spread_indices
     from .diagnostics import read_images
 
     first = spread_indices(len(source), n_images) if spread else []
@@ -253,49 +258,35 @@ def _warn_self_check(check: dict[str, Any]) -> None:
 
 
 def run(
-    data: str | os.PathLike,
+    data: str | os.PathLike | SourceSpec,
     k: int | None,
     out: str | os.PathLike,
     *,
-    model: str = "facebook/dinov2-base",
-    arch: str | None = None,
+    model: str | ModelSpec = DEFAULT_MODEL,
     itae: ITAEConfig | None = ITAEConfig(),
-    labels: str = "none",
-    feature: str = "cls",
-    normalize: bool = False,
     method: str | None = None,
     algorithm: str = "kmeans",
     ttr: TTRConfig | None = None,
     seeds: Sequence[int] = (0,),
     spherical: bool = False,
-    device: str = "auto",
-    precision: str = "fp32",
-    resolution: int | None = None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    calibration_images: int = 512,
+    options: EmbedOptions | None = None,
     report: bool = True,
     progress: bool = True,
-    split: str | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-    hf_config: str | None = None,
-    fast_decode: bool = False,
-    compile: bool = False,
     overwrite: bool = False,
     cluster_options: dict[str, Any] | None = None,
-    save_every: int = 4096,
-    save_interval: float = 30.0,
     title: str | None = None,
+    **keywords: Any,
 ) -> dict[str, Any]:
     """Embed ``data``, cluster it into ``k`` groups (None: chosen automatically), score it when labels are
     known, and write everything under ``out``. Returns the run record (also ``out/run.json``).
 
     Every argument is checked before anything is written or any image is read. ``out`` is locked for the
     run (another run into it fails at once, naming its pid); ``run.json`` says ``"running"`` while the run
-    goes on and ends ``"finished"``, or ``"failed"`` with the error. ``save_every`` / ``save_interval``:
-    embedding progress is committed every that many images or seconds, whichever comes first.
+    goes on and ends ``"finished"``, or ``"failed"`` with the error.
 
+    data, model, options: the ``SourceSpec`` (or its path), the ``ModelSpec`` (or its name) and the
+    ``EmbedOptions`` of the embedding step (see ``itae.embed``); ``keywords``: their fields as plain
+    keywords (``labels="from-folders"``, ``precision="bf16"``, ``batch_size=32``, ``save_every=...``, ...).
     method: the artifact fix ("none", "itae", "ttr", "itae+ttr"; see ``itae.embed``); None runs what
     ``itae`` and ``ttr`` say. algorithm: the clustering algorithm ("kmeans", "agglomerative", "hdbscan";
     an algorithm passed as ``method``, as before 0.2, still works, with a DeprecationWarning).
@@ -303,7 +294,6 @@ def run(
     """
     from .clustering import METHODS as CLUSTER_METHODS
     from .clustering import check_cluster_arguments
-    from .data.extract import check_embed_arguments, check_save_interval, resolve_device
     from .methods import resolve_method
 
     if method in CLUSTER_METHODS:
@@ -311,39 +301,29 @@ def run(
                       f"algorithm={method!r}", DeprecationWarning, stacklevel=2)
         algorithm, method = method, None
     itae, ttr = resolve_method(method, itae, ttr)
-    from .data.sources import open_source
 
     # Every flag first: a mistake costs nothing, not an embedding run.
     check_k(k)
     check_cluster_arguments(k, method=algorithm, seeds=seeds, spherical=spherical, **(cluster_options or {}))
-    check_embed_arguments(
-        feature=feature, precision=precision, itae=itae, fast_decode=fast_decode,
-        counts={"num_workers": num_workers}, batch_size=batch_size, calibration_images=calibration_images,
-        save_every=save_every,
-    )
-    check_save_interval(save_interval)
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise InputError(f"resolution must be a positive integer or None; got {resolution!r}")
-    dev = resolve_device(device)
+    source_spec, model_spec, opts = build_specs(data, model, options, keywords, caller="run")
+    check_itae(itae)
+    dev = resolve_device(model_spec.device)
     out = check_output_dir(out)
     with folder_lock(out, "itae run"):
-        source = open_source(data, labels=labels, image_column=image_column, label_column=label_column,
-                             split=split, hf_config=hf_config, exclude=(out,))
+        source = source_spec.open(exclude=(out,))
         check_k(k, len(source))
         _clear_previous_run(out)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        shown = source_spec.path if isinstance(source_spec.path, (str, os.PathLike)) else source.spec
         # Written first and replaced at the end: a run that stops half-way says so.
-        begun = {"status": "running", "started": started, "data": str(data), "out": str(out)}
+        begun = {"status": "running", "started": started, "data": str(shown), "out": str(out)}
         _write_json(out / RUN, begun)
         try:
             record = _run_steps(
-                source, k, out, started=started, data=data, model=model, arch=arch, itae=itae, labels=labels,
-                feature=feature, normalize=normalize, algorithm=algorithm, ttr=ttr, seeds=seeds, spherical=spherical,
-                dev=dev,
-                precision=precision, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
-                calibration_images=calibration_images, report=report, progress=progress, fast_decode=fast_decode,
-                compile=compile, overwrite=overwrite, cluster_options=cluster_options, save_every=save_every,
-                save_interval=save_interval, title=title,
+                source, k, out, started=started, data=shown, model=model_spec.replace(device=dev), opts=opts,
+                itae=itae, labels=source_spec.labels, algorithm=algorithm, ttr=ttr, seeds=seeds,
+                spherical=spherical, report=report, progress=progress, overwrite=overwrite,
+                cluster_options=cluster_options, title=title,
             )
         except BaseException as e:
             error = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
@@ -353,25 +333,17 @@ def run(
     return record
 
 
-def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, labels, feature, normalize, algorithm,
-               ttr, seeds, spherical, dev, precision, resolution, batch_size, num_workers, calibration_images, report,
-               progress, fast_decode, compile, overwrite, cluster_options, save_every, save_interval,
+def _run_steps(source, k, out: Path, *, started: str, data, model: ModelSpec, opts: EmbedOptions, itae, labels,
+               algorithm, ttr, seeds, spherical, report, progress, overwrite, cluster_options,
                title=None) -> dict[str, Any]:
-    from .data.extract import embed, resolve_precision
-    from .models.loading import load_backbone
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    backbone = load_backbone(model, arch=arch, device=dev, dtype=resolve_precision(precision), resolution=resolution)
+    backbone = model.load()  # the device is resolved already
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    store = embed(
-        source, backbone, out=out / STORE_DIR, itae=itae, ttr=ttr, feature=feature, normalize=normalize,
-        batch_size=batch_size, num_workers=num_workers, device=dev, precision=precision,
-        calibration_images=calibration_images, progress=progress, overwrite=overwrite, fast_decode=fast_decode,
-        compile=compile, labels=labels, save_every=save_every, save_interval=save_interval,
-    )
+    store = embed(source, backbone, out=out / STORE_DIR, itae=itae, ttr=ttr, options=opts, labels=labels,
+                  device=model.device, precision=model.precision, progress=progress, overwrite=overwrite)
     timings["embed_s"] = time.perf_counter() - t0
     atomic_write(out / ERRORS, lambda f: f.write((store.path / ERRORS).read_bytes()))
     n = len(store)
@@ -401,8 +373,9 @@ def _run_steps(source, k, out: Path, *, started: str, data, model, arch, itae, l
         "ttr": store.manifest.get("ttr"),
         "ttr_check": (store.manifest.get("ttr_search") or {}).get("check"),
         "self_check": check,
-        "embedding": {"feature": feature, "normalize": normalize, "precision": precision, "device": str(dev),
-                      "batch_size": batch_size, "preprocess": backbone.preprocess.to_dict()},
+        "embedding": {"feature": opts.feature, "normalize": opts.normalize, "precision": model.precision,
+                      "device": str(model.device), "batch_size": opts.batch_size,
+                      "preprocess": backbone.preprocess.to_dict()},
         "clustering": {"method": algorithm, "k": result.k, "k_requested": k, "seeds": list(seeds),
                        "spherical": spherical, "params": result.params, "k_scores": result.k_scores},
         "n_images": n,

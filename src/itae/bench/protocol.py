@@ -25,8 +25,8 @@ def model_location(name: str, model_root: str | os.PathLike | None) -> str:
 def load_model(name: str, device: str, model_root: str | os.PathLike | None = None):
     """A ``Backbone`` by name (anything ``itae.load_backbone`` takes, the demo models included), read from
     ``model_root`` when a local copy is there."""
-    from itae.data.extract import resolve_device
     from itae.models.loading import load_backbone
+    from itae.models.spec import resolve_device
 
     return load_backbone(model_location(name, model_root), device=resolve_device(device))
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from itae._io import atomic_write_text
 from itae.config import ITAEConfig
-from itae.data.extract import spread_indices
 from itae.data.sources import ImageSource
 from itae.errors import InputError
 from itae.methods import TTRConfig
@@ -157,21 +156,19 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
     path = calibration_path(config, src, spec, folder)
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    import itae
-    from itae.data.decode import DecodeError, build_transform, load_rgb
+    from itae.data.decode import build_transform
+    from itae.engine.calibrate import calibrate
+    from itae.extraction.sampling import SampleBatches, spread_batches
 
     backbone = lazy.get()
-    transform = build_transform(backbone.preprocess)
-    pixels = []
-    for i in spread_indices(len(src), spec.calibration_images):
-        try:
-            pixels.append(transform(load_rgb(src.read(i))))
-        except (DecodeError, OSError):
-            continue  # the embedding step lists undecodable images in errors.csv
-    if not pixels:
+    # the extraction's own sampling and loader; undecodable images are left out (errors.csv lists them)
+    sample = SampleBatches(src, build_transform(backbone.preprocess),
+                           spread_batches(len(src), spec.calibration_images, spec.batch_size),
+                           device=backbone.device, dtype=backbone.dtype)
+    batches = list(sample)
+    if not batches:
         raise DatasetLoadError(f"no image of {src.spec!r} could be decoded for calibration")
-    batches = [torch_stack(pixels[b : b + spec.batch_size]) for b in range(0, len(pixels), spec.batch_size)]
-    cal = itae.calibrate(backbone, batches, config.replace(threshold="auto"))
+    cal = calibrate(backbone, batches, config.replace(threshold="auto"))
     record = {
         "thresholds": [float(t) for t in cal.config.threshold],
         "flagged_fraction": float(np.mean(list(cal.flagged_fraction.values()))),
@@ -185,12 +182,6 @@ def calibrate_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig, spec: Be
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))
     return record
-
-
-def torch_stack(tensors: list) -> Any:
-    import torch
-
-    return torch.stack(tensors)
 
 
 def _complete_store(folder: Path):
@@ -211,7 +202,7 @@ def embeddings_cached(lazy: _Lazy, src: ImageSource, config: ITAEConfig | None, 
     """(N, D) embeddings and labels of ``src``, computed once per configuration into ``folder``; a finished
     store is reused only when it was made from the same images by the same model. With test-time
     registers, the store's register neurons are found on ``src`` (the store keeps them: ``ttr_of``)."""
-    from itae.data.extract import embed
+    from itae.extraction.local import embed
 
     store = _complete_store(folder)
     if store is not None:

@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from itae.config import FEATURES, PRECISION_NAMES
+from itae.data.sources import LABEL_MODES
 from itae.errors import ConfigError, ItaeError
 
 EXIT_BUG = 1
@@ -142,7 +144,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="HF id, timm name, hub name (dinov2_vitb14) or local path (default: %(default)s)")
     g.add_argument("--arch", help="architecture of a bare .safetensors/.pth checkpoint (e.g. dinov2_vitb14)")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: %(default)s)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8"], default="fp32",
+    g.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                    help="model weights dtype; fp8: bf16 with FP8 matrix products (Ada/Hopper GPUs, approximate)")
     g.add_argument("--resolution", type=int, help="input size, rounded to the patch size (default: the model's)")
 
@@ -229,7 +231,7 @@ def _add_itae(p: argparse.ArgumentParser, *, baseline: bool = True) -> None:
 
 def _add_data(p: argparse.ArgumentParser, *, labels_default: str = "none") -> None:
     g = p.add_argument_group("images")
-    g.add_argument("--labels", choices=["none", "from-folders", "column"], default=labels_default,
+    g.add_argument("--labels", choices=LABEL_MODES, default=labels_default,
                    help="where labels come from (default: %(default)s)")
     g.add_argument("--split", help="split of a HF data set")
     g.add_argument("--hf-config", help="configuration of a HF hub data set, e.g. 320px for frgfm/imagenette "
@@ -249,7 +251,7 @@ def _add_embedding(p: argparse.ArgumentParser, *, clustering_too: bool) -> None:
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding")
-    g.add_argument("--feature", choices=["cls", "mean", "cls+mean"], default="cls", help="what to keep per image")
+    g.add_argument("--feature", choices=FEATURES, default="cls", help="what to keep per image")
     g.add_argument("--normalize", action="store_true", help="L2-normalise embeddings")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--workers", type=int, help="decoding workers (default: spare cores, at most 32 with a GPU, 8 without)")
@@ -349,39 +351,39 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(args: argparse.Namespace, cfg):
-    from itae.data.extract import embed, resolve_device, resolve_precision
-    from itae.models.loading import load_backbone
+def _specs(args: argparse.Namespace):
+    """The source, model and embedding specs of the command line, built once."""
+    from itae.data.spec import SourceSpec
+    from itae.extraction.options import EmbedOptions
+    from itae.models.spec import ModelSpec
 
+    source = SourceSpec(args.data, split=args.split, image_column=args.image_column,
+                        label_column=args.label_column, config=args.hf_config, labels=args.labels)
+    model = ModelSpec(args.model, arch=args.arch, device=args.device, precision=args.precision,
+                      resolution=args.resolution)
+    options = EmbedOptions(feature=args.feature, normalize=args.normalize, batch_size=args.batch_size,
+                           num_workers=args.workers, calibration_images=args.calibration_images,
+                           fast_decode=args.fast_decode, compile=args.compile, save_every=args.save_every)
+    return source, model, options
+
+
+def _embed(args: argparse.Namespace, cfg):
+    source, model, options = _specs(args)
     if args.engine == "ray":
         from itae.distributed import embed_ray
 
         if args.fix in ("ttr", "itae+ttr"):
             raise ConfigError(f"--method {args.fix}: test-time registers run with --engine local only")
 
-        store = embed_ray(
-            args.data, args.model, out=args.out, arch=args.arch, itae=cfg, feature=args.feature,
-            normalize=args.normalize, batch_size=args.batch_size, precision=args.precision,
-            resolution=args.resolution, labels=args.labels, split=args.split, hf_config=args.hf_config,
-            image_column=args.image_column, label_column=args.label_column, address=args.ray_address,
-            num_actors=args.ray_actors, num_gpus_per_actor=args.ray_gpus_per_actor,
-            num_decoders=args.ray_decoders, fast_decode=args.fast_decode, compile=args.compile,
-            calibration_images=args.calibration_images, overwrite=args.overwrite, progress=not args.no_progress,
+        return embed_ray(
+            source, model, out=args.out, itae=cfg, options=options, address=args.ray_address,
+            num_actors=args.ray_actors, num_gpus_per_actor=args.ray_gpus_per_actor, num_decoders=args.ray_decoders,
+            overwrite=args.overwrite, progress=not args.no_progress,
         )
-    else:
-        device = resolve_device(args.device)
-        backbone = load_backbone(args.model, arch=args.arch, device=device, dtype=resolve_precision(args.precision),
-                                 resolution=args.resolution)
-        store = embed(
-            args.data, backbone, out=args.out, itae=cfg, ttr=_ttr_config(args), feature=args.feature,
-            normalize=args.normalize,
-            batch_size=args.batch_size, num_workers=args.workers, device=device, precision=args.precision,
-            calibration_images=args.calibration_images, labels=args.labels, split=args.split,
-            hf_config=args.hf_config, image_column=args.image_column, label_column=args.label_column,
-            progress=not args.no_progress, overwrite=args.overwrite, fast_decode=args.fast_decode,
-            compile=args.compile, save_every=args.save_every,
-        )
-    return store
+    from itae.extraction.local import embed
+
+    return embed(source, model, out=args.out, itae=cfg, ttr=_ttr_config(args), options=options,
+                 progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def _store_check_line(store) -> str:
@@ -509,15 +511,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from itae.pipeline import run
 
     _resolve_method(args)
+    source, model, options = _specs(args)
     record = run(
-        args.data, args.k, args.out, model=args.model, arch=args.arch, itae=_itae_config(args), labels=args.labels,
-        method=args.fix, ttr=_ttr_config(args),
-        feature=args.feature, normalize=args.normalize, algorithm=args.algorithm, seeds=args.seeds,
-        spherical=args.spherical, device=args.device, precision=args.precision, resolution=args.resolution,
-        batch_size=args.batch_size, num_workers=args.workers, calibration_images=args.calibration_images,
-        report=not args.no_report, progress=not args.no_progress, split=args.split, hf_config=args.hf_config,
-        image_column=args.image_column, label_column=args.label_column, overwrite=args.overwrite,
-        fast_decode=args.fast_decode, compile=args.compile, save_every=args.save_every,
+        source, args.k, args.out, model=model, itae=_itae_config(args), method=args.fix, ttr=_ttr_config(args),
+        options=options, algorithm=args.algorithm, seeds=args.seeds, spherical=args.spherical,
+        report=not args.no_report, progress=not args.no_progress, overwrite=args.overwrite,
         cluster_options=_cluster_options(args), title=args.title,
     )
     print(_run_summary(record))
@@ -529,9 +527,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from itae.data.extract import resolve_device
     from itae.diagnostics import write_diagnostics
     from itae.models.loading import load_backbone
+    from itae.models.spec import resolve_device
 
     cfg = _itae_config(args)
     backbone = load_backbone(args.model, arch=args.arch, device=resolve_device(args.device), resolution=args.resolution)

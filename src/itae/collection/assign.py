@@ -142,9 +142,9 @@ def assign(
     labels and the other source options read ``data`` as ``itae run`` does; labels, when known, are
     copied into assignments.csv.
     """
-    from ..data.extract import embed, resolve_device, resolve_precision
     from ..data.sources import open_source
-    from ..models.loading import load_backbone
+    from ..extraction.local import embed
+    from ..models.spec import ModelSpec, resolve_device
 
     ref = load_reference(clusters)
     manifest = ref.store.manifest
@@ -167,8 +167,8 @@ def assign(
     preprocess = dict(manifest["preprocess"])
     fast_decode = bool(preprocess.pop("fast_decode", False))
     dev = resolve_device(device)
-    backbone = load_backbone(ref.store.model, arch=arch, device=dev, dtype=resolve_precision(precision),
-                             resolution=int(preprocess["image_size"]))
+    backbone = ModelSpec(ref.store.model, arch=arch, device=dev, precision=precision,
+                         resolution=int(preprocess["image_size"])).load()
     loaded = json.loads(json.dumps(backbone.preprocess.to_dict()))
     if loaded != preprocess:
         diffs = sorted(k for k in {**loaded, **preprocess} if loaded.get(k) != preprocess.get(k))

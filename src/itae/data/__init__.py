@@ -1,4 +1,5 @@
-"""Images in, embeddings out: sources, robust decoding, batched extraction and the embedding store."""
+"""Image and store I/O: sources, robust decoding, the dataset and the embedding store (extraction itself
+is ``itae.extraction``)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ _EXPORTS = {
     "ImageDataset": "itae.data.dataset",
     "EmbeddingStore": "itae.data.store",
     "StoreError": "itae.data.store",
-    "embed": "itae.data.extract",
-    "embed_batches": "itae.data.extract",
-    "pool_features": "itae.data.extract",
+    "SourceSpec": "itae.data.spec",
 }
 
 __all__ = sorted(_EXPORTS)
