@@ -428,18 +428,9 @@ class StoreWriter:
     ) -> None:
         """Commit chunk ``k`` atomically, then refresh ``errors.csv`` from all committed chunks."""
         start, stop = self.chunk_bounds(k)
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(index), self.dim)
-        arrays = {
-            "start": np.asarray(start, dtype=np.int64),
-            "stop": np.asarray(stop, dtype=np.int64),
-            "index": np.asarray(index, dtype=np.int64),
-            "ids": _str_array(ids),
-            "labels": _str_array(labels),
-            "embeddings": embeddings,
-            "failed_index": np.asarray(failed_index, dtype=np.int64),
-            "failed_ids": _str_array(failed_ids),
-            "failed_reason": _str_array(failed_reason),
-        }
+        arrays = self._record_arrays(
+            start, stop, index, ids, labels, embeddings, failed_index, failed_ids, failed_reason
+        )
         if self._errors is None:
             self.committed_chunks()
         atomic_write(self.out / chunk_name(k), lambda f: _write_npz(f, arrays))
@@ -468,7 +459,25 @@ class StoreWriter:
         lo, hi = self.chunk_bounds(k)
         if not lo <= start < stop <= hi or len(index) + len(failed_index) != stop - start:
             raise StoreError(f"records [{start}, {stop}) are not a part of chunk {k} [{lo}, {hi})")
-        arrays = {
+        arrays = self._record_arrays(
+            start, stop, index, ids, labels, embeddings, failed_index, failed_ids, failed_reason
+        )
+        atomic_write(self.out / part_name(k, start, stop), lambda f: _write_npz(f, arrays))
+
+    def _record_arrays(
+        self,
+        start: int,
+        stop: int,
+        index: np.ndarray,
+        ids: list[str],
+        labels: list[str],
+        embeddings: np.ndarray,
+        failed_index: list[int],
+        failed_ids: list[str],
+        failed_reason: list[str],
+    ) -> dict[str, np.ndarray]:
+        """The arrays one chunk or part file holds for records [start, stop), in their stored dtypes."""
+        return {
             "start": np.asarray(start, dtype=np.int64),
             "stop": np.asarray(stop, dtype=np.int64),
             "index": np.asarray(index, dtype=np.int64),
@@ -479,7 +488,6 @@ class StoreWriter:
             "failed_ids": _str_array(failed_ids),
             "failed_reason": _str_array(failed_reason),
         }
-        atomic_write(self.out / part_name(k, start, stop), lambda f: _write_npz(f, arrays))
 
     def _part_files(self, k: int) -> list[Path]:
         return sorted(self.out.glob(f"{CHUNK_PREFIX}{k:05d}.part-*.npz"))
