@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from itae._io import atomic_write_text
+from itae._version import __version__ as version
 from itae.data.sources import display_name
 from itae.errors import InputError
 from itae.metrics import ClusterMatching, is_noise, match_clusters, noise_index
@@ -518,10 +519,6 @@ def write_report(
         summary.append(f"{int(noise.sum()):,} noise images ({100.0 * noise.mean():.1f}%, in no cluster)")
     if labels is not None:
         summary.append(f"{len(np.unique(labels)):,} labels")
-    try:
-        from itae import __version__ as version
-    except ImportError:  # pragma: no cover - the package is always importable when this runs
-        version = "?"
     summary.append(f"generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z').strip()}")
     summary.append(f"itae {version}")
 
