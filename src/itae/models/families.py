@@ -15,6 +15,8 @@ What each family's "CLS embedding" is (``Features.cls``, the image embedding ``i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -184,15 +186,19 @@ def _siglip_probe(head: nn.Module | None) -> ProbeSite | None:
                      head_dim=int(head.attention.head_dim))
 
 
-def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
+def _siglip_tower(model: nn.Module, label: str) -> tuple[nn.Module, Any, list[nn.Module], int, nn.Module | None]:
+    """The vision tower of a SigLIP or SigLIP2 model (or the tower itself): the tower, its vision config,
+    its encoder layers, its patch size and its pooling head (None when the tower pools by mean)."""
     vision = getattr(model, "vision_model", model)
     if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
-        raise UnsupportedModelError(f"{type(model).__name__} has no SigLIP vision tower")
-    cfg = vision.config
-    cfg = getattr(cfg, "vision_config", cfg)
-    layers = list(vision.encoder.layers)
-    patch = _patch(cfg.patch_size)
+        raise UnsupportedModelError(f"{type(model).__name__} has no {label} vision tower")
+    cfg = getattr(vision.config, "vision_config", vision.config)
     head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
+    return vision, cfg, list(vision.encoder.layers), _patch(cfg.patch_size), head
+
+
+def _adapt_hf_siglip(model: nn.Module, name: str | None) -> Backbone:
+    vision, cfg, layers, patch, head = _siglip_tower(model, "SigLIP")
     probe = _siglip_probe(head)
 
     def forward_features(pixel_values: torch.Tensor) -> Features:
@@ -226,14 +232,7 @@ def patchify(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
 def _adapt_hf_siglip2(model: nn.Module, name: str | None) -> Backbone:
     """SigLIP2 (NaFlex): the model takes patches, a padding mask and each image's grid. ``forward_features``
     feeds whole images (no padding); a padded batch run under ITAE is refused by the probe hook."""
-    vision = getattr(model, "vision_model", model)
-    if not all(hasattr(vision, a) for a in ("embeddings", "encoder", "post_layernorm")):
-        raise UnsupportedModelError(f"{type(model).__name__} has no SigLIP2 vision tower")
-    cfg = vision.config
-    cfg = getattr(cfg, "vision_config", cfg)
-    layers = list(vision.encoder.layers)
-    patch = _patch(cfg.patch_size)
-    head = getattr(vision, "head", None) if getattr(vision, "use_head", True) else None
+    vision, cfg, layers, patch, head = _siglip_tower(model, "SigLIP2")
     side = int(round(int(cfg.num_patches) ** 0.5)) * patch
 
     def forward_features(pixel_values: torch.Tensor) -> Features:
